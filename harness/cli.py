@@ -1,0 +1,63 @@
+"""`medvqa`: one command-line tool, one module per command under `harness/commands/`.
+
+Each command module defines `add_parser(subparsers)`, which adds its sub-parser and sets
+`func=run`. Command modules import only the standard library and light project modules at top
+level: `medvqa --help`, `medvqa score` and `medvqa data` never import torch or transformers.
+Exit codes: 0 ok, 2 bad input or usage (one clear message), 1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from harness import __version__
+from harness.errors import BadInput
+
+DESCRIPTION = """\
+Benchmark and train medical VQA models (VQA-RAD, SLAKE, PathVQA, Phantom), and measure how
+much labeled medical data they need.
+
+Start here:
+  medvqa demo                       the whole story on Phantom, on a CPU, in minutes
+  medvqa benchmarks                 what can be scored
+  medvqa eval --model hf:DIR --benchmark phantom --root data/phantom
+  medvqa score --gt test.json --pred answers.jsonl
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import harness.commands as commands
+
+    parser = argparse.ArgumentParser(
+        prog="medvqa", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"medvqa-harness {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    modules = [importlib.import_module(f"harness.commands.{m.name}") for m in pkgutil.iter_modules(commands.__path__)]
+    for module in sorted(modules, key=lambda m: getattr(m, "ORDER", 100)):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except BadInput as exc:
+        print(f"medvqa: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medvqa: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

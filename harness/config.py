@@ -1,0 +1,109 @@
+"""Config dataclasses → CLI flags and TOML tables, written once (the trl way).
+
+A trainer, expert or generator declares one dataclass; each field has a type, a default and
+`metadata={"help": ...}`. `add_dataclass_arguments` derives the argparse flags from it,
+`dataclass_from_args` builds the instance back, and `dataclass_from_mapping` validates a TOML
+table against it (unknown keys and wrong types are BadInput naming the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from harness.errors import BadInput
+
+C = TypeVar("C")
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(the scalar type, whether None is allowed) for `int`, `int | None`, `Literal[...]`, `list[str]`..."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner, _ = _base_type(args[0]) if len(args) == 1 else (str, False)
+        return inner, True
+    return tp, False
+
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, cls: type, *, prefix: str = "") -> None:
+    """Add one flag per field of `cls`; defaults are left to the dataclass (argparse default None)."""
+    group = parser.add_argument_group(f"{cls.__name__} ({prefix or 'options'})") if prefix else parser
+    for f, tp in _fields(cls):
+        base, _ = _base_type(tp)
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        )
+        help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
+        dest = prefix + f.name
+        flag = _flag(prefix + f.name)
+        kwargs: dict[str, Any] = {"dest": dest, "default": None, "help": help_text}
+        origin = typing.get_origin(base)
+        if base is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif origin is typing.Literal:
+            choices = typing.get_args(base)
+            group.add_argument(flag, choices=choices, type=type(choices[0]), **kwargs)
+        elif origin in (list, tuple):
+            (item,) = typing.get_args(base)[:1]
+            group.add_argument(flag, type=lambda s, item=item: [item(x) for x in s.split(",") if x], **kwargs)
+        else:
+            group.add_argument(flag, type=base if base in (int, float, str) else str, **kwargs)
+
+
+def dataclass_from_args(cls: type[C], args: argparse.Namespace, *, prefix: str = "", base: C | None = None) -> C:
+    """Instance of `cls` from parsed flags; flags not given keep `base`'s values (or the defaults)."""
+    values = dataclasses.asdict(base) if base is not None else {}  # type: ignore[call-overload]
+    for f, _ in _fields(cls):
+        given = getattr(args, prefix + f.name, None)
+        if given is not None:
+            values[f.name] = given
+    return cls(**values)
+
+
+def dataclass_from_mapping(cls: type[C], data: Mapping[str, Any], *, where: str = "config") -> C:
+    """Instance of `cls` from a TOML/JSON table, checking keys and scalar types."""
+    known = {f.name: tp for f, tp in _fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise BadInput(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    values = {}
+    for key, value in data.items():
+        base, nullable = _base_type(known[key])
+        if value is None and nullable:
+            values[key] = None
+            continue
+        origin = typing.get_origin(base)
+        ok = True
+        if origin is typing.Literal:
+            ok = value in typing.get_args(base)
+        elif origin in (list, tuple):
+            ok = isinstance(value, list)
+            value = tuple(value) if origin is tuple else list(value)
+        elif base is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif base in (int, str, bool):
+            ok = isinstance(value, base) and not (base is int and isinstance(value, bool))
+        if not ok:
+            raise BadInput(f"{where}: key {key!r} must be {base}, got {value!r}")
+        values[key] = value
+    return cls(**values)
+
+
+def dataclass_to_json(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)

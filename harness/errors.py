@@ -1,0 +1,21 @@
+"""The one exception type that means "the user gave us something wrong" (exit code 2)."""
+
+from __future__ import annotations
+
+
+class BadInput(Exception):
+    """Bad input or usage: the CLI prints the message (no traceback) and exits with code 2.
+
+    The message must name what is wrong and where: the file, the record (line or id) and the field.
+    """
+
+    def __init__(self, message: str, *, path: object = None, record: object = None, field: str | None = None):
+        where = []
+        if path is not None:
+            where.append(str(path))
+        if record is not None:
+            where.append(f"record {record}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        self.path, self.record, self.field = path, record, field
+        super().__init__(f"{': '.join([', '.join(where), message]) if where else message}")

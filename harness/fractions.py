@@ -1,0 +1,43 @@
+"""Labeled-data fractions: seeded, nested, stratified by answer type, drawn at the image level.
+
+Every image gets a rank from a seeded hash of its id; images are grouped into strata by the mix
+of answer types they carry, and a fraction f takes the first ceil(f * n) images of each stratum
+in rank order. Because the order never depends on f, f=0.09 ⊂ f=0.25 ⊂ f=1.0 for one seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+from harness.errors import BadInput
+from harness.types import VQASample, stable_hash
+
+
+def _rank(seed: int, image_id: str) -> str:
+    return hashlib.sha256(f"{seed}\x00{image_id}".encode()).hexdigest()
+
+
+def select_fraction(samples: Sequence[VQASample], fraction: float, seed: int) -> list[VQASample]:
+    """The samples of the images in the seeded, nested, stratified `fraction` of images."""
+    if not 0.0 < fraction <= 1.0:
+        raise BadInput(f"fraction must be in (0, 1], got {fraction}")
+    by_image: dict[str, list[VQASample]] = defaultdict(list)
+    for s in samples:
+        by_image[s.image_id].append(s)
+    strata: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for image_id, items in by_image.items():
+        n_closed = sum(s.answer_type == "CLOSED" for s in items)
+        strata[(len(items) - n_closed, n_closed)].append(image_id)
+    chosen: set[str] = set()
+    for images in strata.values():
+        images.sort(key=lambda i: _rank(seed, i))
+        chosen.update(images[: math.ceil(fraction * len(images))])
+    return [s for s in samples if s.image_id in chosen]
+
+
+def manifest_hash(samples: Sequence[VQASample]) -> str:
+    """Identity of a training subset: the hash of its sorted sample ids (and benchmark/split)."""
+    return stable_hash(sorted((s.benchmark, s.split, s.id) for s in samples))

@@ -1,0 +1,134 @@
+"""Files: atomic writes, JSON/JSONL reading with errors that name file and line, append-as-you-go logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from harness.errors import BadInput
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write via a temp file in the same folder + rename: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike[str], rows: Iterable[Any]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Parse a JSON file; a missing, empty or malformed file is a BadInput naming file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInput("file not found", path=path) from None
+    except IsADirectoryError:
+        raise BadInput("is a folder, expected a JSON file", path=path) from None
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"not UTF-8 text ({exc.reason})", path=path) from None
+    if not text.strip():
+        raise BadInput("file is empty", path=path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", path=path) from None
+
+
+def iter_jsonl(path: str | os.PathLike[str], *, allow_truncated_tail: bool = False) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, object) for each non-blank line.
+
+    A malformed line is a BadInput naming file and line, except — with `allow_truncated_tail` — a
+    last line without its newline, which is what a killed writer leaves behind and is dropped.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInput("file not found", path=path) from None
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"not UTF-8 text ({exc.reason})", path=path) from None
+    lines = text.split("\n")
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            is_tail = lineno == len(lines)  # no newline after it
+            if allow_truncated_tail and is_tail:
+                return
+            raise BadInput(f"malformed JSON at line {lineno}: {exc.msg}", path=path) from None
+
+
+def read_jsonl(path: str | os.PathLike[str], **kwargs: Any) -> list[Any]:
+    return [obj for _, obj in iter_jsonl(path, **kwargs)]
+
+
+class JsonlAppender:
+    """Append JSON lines and flush each batch to disk, so a killed run loses at most one batch.
+
+    A half-written last line left by a previous kill is cut off before appending.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                keep = data.rfind(b"\n") + 1
+                with open(self.path, "r+b") as fh:
+                    fh.truncate(keep)
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, rows: Iterable[Any]) -> None:
+        for row in rows:
+            self._fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> JsonlAppender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that can change a number (read from metadata, no heavy imports)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("medvqa-harness", "torch", "transformers", "trl", "peft", "accelerate", "tokenizers", "nltk"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    import platform
+
+    out["python"] = platform.python_version()
+    return out

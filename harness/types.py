@@ -1,0 +1,176 @@
+"""The core types, in one place. Small, frozen, JSON-friendly.
+
+Every other module speaks these: benchmarks produce `VQASample`s, models answer them under
+`GenerationSettings`, scorers turn predictions into `MetricValue`s, trainers turn a
+`TrainRequest` into a `Checkpoint`, experts return scores for answer candidates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+AnswerType = Literal["OPEN", "CLOSED"]
+ANSWER_TYPES: tuple[str, ...] = ("OPEN", "CLOSED")
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Hex digest of a JSON-serialisable object, independent of dict order and process."""
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class VQASample:
+    """One question about one image, with its gold answer.
+
+    `image` is an absolute path resolved inside the benchmark's data root, or the encoded image
+    bytes (parquet layouts). `answer_type` comes from the dataset's own metadata where it has one.
+    `meta` carries what else the dataset knows: modality, organ, content type, `image_id`, ...
+    """
+
+    id: str
+    image: str | bytes
+    question: str
+    answer: str
+    answer_type: AnswerType
+    benchmark: str
+    split: str
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_id(self) -> str:
+        """The identity of the image (for clustering CIs and image-level fractions)."""
+        if "image_id" in self.meta:
+            return str(self.meta["image_id"])
+        if isinstance(self.image, bytes):
+            return hashlib.sha256(self.image).hexdigest()[:16]
+        return str(self.image)
+
+    def to_json(self) -> dict[str, Any]:
+        if isinstance(self.image, bytes):
+            raise TypeError("samples holding image bytes cannot be written to JSONL; export the image first")
+        return {
+            "id": self.id,
+            "image": self.image,
+            "question": self.question,
+            "answer": self.answer,
+            "answer_type": self.answer_type,
+            "benchmark": self.benchmark,
+            "split": self.split,
+            "meta": dict(self.meta),
+        }
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How a model is asked to answer. Part of every cache key and every score record."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def fingerprint(self) -> str:
+        return stable_hash(self.to_json())
+
+
+@dataclass(frozen=True)
+class MetricValue:
+    """One number of a score, in percent, with how many items it averages and its 95% CI."""
+
+    value: float
+    n: int
+    ci_low: float | None = None
+    ci_high: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A trained model folder (loadable by the `hf:` adapter) and what produced it.
+
+    `meta` is the content of `checkpoint.json`: trainer, fraction, seed, data-manifest hash,
+    n_labeled (QA samples), n_pairs (preference pairs), versions, config.
+    """
+
+    path: Path
+    meta: Mapping[str, Any]
+
+    @property
+    def model_spec(self) -> str:
+        return f"hf:{self.path}"
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """Everything a trainer needs: a base model, labeled samples at some fraction, unlabeled images."""
+
+    base_model: str
+    train_samples: Sequence[VQASample]
+    out_dir: Path
+    seed: int = 0
+    fraction: float = 1.0
+    manifest_hash: str = ""
+    unlabeled_images: Sequence[str] = ()
+    config: Any = None  # the trainer's own config dataclass
+    # Samples the policy did not train on (for the `reference` expert); never test data.
+    heldout_samples: Sequence[VQASample] = ()
+
+
+@runtime_checkable
+class VQAModel(Protocol):
+    """A model that answers (image, prompt) pairs. Adapters: `hf`, `openai`."""
+
+    spec: str
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the weights (or endpoint + model name): part of every prediction cache key."""
+        ...
+
+    def generate(self, requests: Sequence[Any], settings: GenerationSettings) -> list[str]: ...
+
+
+@runtime_checkable
+class Expert(Protocol):
+    """A judge: scores each answer to a question about an image, or returns None (unjudgeable)."""
+
+    name: ClassVar[str]
+
+    def judge(self, image: str | bytes, question: str, answers: Sequence[str]) -> list[float] | None: ...
+
+
+class Benchmark:
+    """Base class of a benchmark: a name, a version, splits, and a loader.
+
+    Subclasses register themselves with `@benchmarks.register("name")` and implement `load`.
+    `closed_rule` says how CLOSED is defined ("dataset answer_type" or "gold answer is yes/no"),
+    because it changes the split and every report must say which was used.
+    """
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "0"
+    splits: ClassVar[tuple[str, ...]] = ("train", "test")
+    description: ClassVar[str] = ""
+
+    def detect_layout(self, root: Path) -> str:
+        """Which of the known on-disk layouts `root` holds (raise BadInput if none)."""
+        raise NotImplementedError
+
+    def closed_rule(self, root: Path) -> str:
+        return "dataset answer_type"
+
+    def load(self, split: str, root: Path, *, skip_bad: bool = False) -> list[VQASample]:
+        raise NotImplementedError
