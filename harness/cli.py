@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"medvqa-harness {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    modules = [importlib.import_module(f"harness.commands.{m.name}") for m in pkgutil.iter_modules(commands.__path__)]
+    modules = [
+        importlib.import_module(f"harness.commands.{m.name}") for m in pkgutil.iter_modules(commands.__path__)
+    ]
     for module in sorted(modules, key=lambda m: getattr(m, "ORDER", 100)):
         module.add_parser(sub)
     return parser

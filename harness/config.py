@@ -45,8 +45,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, cls: type, *,
     for f, tp in _fields(cls):
         base, _ = _base_type(tp)
         help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+            )
         )
         help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
         dest = prefix + f.name
@@ -65,7 +69,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, cls: type, *,
             group.add_argument(flag, type=base if base in (int, float, str) else str, **kwargs)
 
 
-def dataclass_from_args(cls: type[C], args: argparse.Namespace, *, prefix: str = "", base: C | None = None) -> C:
+def dataclass_from_args(
+    cls: type[C], args: argparse.Namespace, *, prefix: str = "", base: C | None = None
+) -> C:
     """Instance of `cls` from parsed flags; flags not given keep `base`'s values (or the defaults)."""
     values = dataclasses.asdict(base) if base is not None else {}  # type: ignore[call-overload]
     for f, _ in _fields(cls):

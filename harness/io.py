@@ -52,10 +52,14 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise BadInput(f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", path=path) from None
+        raise BadInput(
+            f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", path=path
+        ) from None
 
 
-def iter_jsonl(path: str | os.PathLike[str], *, allow_truncated_tail: bool = False) -> Iterator[tuple[int, Any]]:
+def iter_jsonl(
+    path: str | os.PathLike[str], *, allow_truncated_tail: bool = False
+) -> Iterator[tuple[int, Any]]:
     """Yield (line number, object) for each non-blank line.
 
     A malformed line is a BadInput naming file and line, except — with `allow_truncated_tail` — a
@@ -123,7 +127,16 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("medvqa-harness", "torch", "transformers", "trl", "peft", "accelerate", "tokenizers", "nltk"):
+    for name in (
+        "medvqa-harness",
+        "torch",
+        "transformers",
+        "trl",
+        "peft",
+        "accelerate",
+        "tokenizers",
+        "nltk",
+    ):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

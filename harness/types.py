@@ -85,6 +85,29 @@ class GenerationSettings:
 
 
 @dataclass(frozen=True)
+class Prompt:
+    """What a model is shown for one sample, as chosen by a prompt policy (never from the gold answer).
+
+    Either chat `messages` in the transformers/OpenAI shape, the image as a `{"type": "image"}` part
+    (each adapter renders them its own way: a chat template, a data URL), or, for a published
+    raw-text convention, `text` with one `<image>` placeholder, used verbatim.
+    """
+
+    messages: tuple[Mapping[str, Any], ...] = ()
+    text: str | None = None
+    policy: str = ""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One thing to answer: an image (path or bytes) and the prompt about it."""
+
+    image: str | bytes
+    prompt: Prompt
+    id: str = ""
+
+
+@dataclass(frozen=True)
 class MetricValue:
     """One number of a score, in percent, with how many items it averages and its 95% CI."""
 
@@ -140,7 +163,7 @@ class VQAModel(Protocol):
         """Identity of the weights (or endpoint + model name): part of every prediction cache key."""
         ...
 
-    def generate(self, requests: Sequence[Any], settings: GenerationSettings) -> list[str]: ...
+    def generate(self, requests: Sequence[GenerationRequest], settings: GenerationSettings) -> list[str]: ...
 
 
 @runtime_checkable

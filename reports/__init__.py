@@ -1,0 +1,1 @@
+"""Tables and plots from stored scores. Knows nothing about models: never reruns one."""

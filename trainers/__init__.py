@@ -1,0 +1,1 @@
+"""One module per trainer; each registers itself in `harness.registry.trainers`."""
