@@ -1,0 +1,169 @@
+"""The core: registry, config dataclasses, fractions, atomic files, the CLI's exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from harness import registry
+from harness.cli import main
+from harness.config import add_dataclass_arguments, dataclass_from_args, dataclass_from_mapping
+from harness.errors import BadInput
+from harness.fractions import manifest_hash, select_fraction
+from harness.io import JsonlAppender, atomic_write_json, iter_jsonl, read_json, read_jsonl
+from harness.registry import Registry
+from harness.types import VQASample
+
+
+def test_registry_register_get_list_and_unknown_name_lists_known():
+    reg: Registry[type] = Registry("widget", "medvqa.test-widgets")
+
+    @reg.register("b")
+    class B:
+        """A widget called B."""
+
+    reg.register("a")(int)
+    assert reg.names() == ["a", "b"]
+    assert reg.get("b") is B
+    assert reg.describe("b") == "A widget called B."
+    with pytest.raises(BadInput, match=r"unknown widget 'c'; known: a, b"):
+        reg.get("c")
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("b")(str)
+
+
+def test_registry_lazy_target_is_imported_on_first_get_only():
+    reg: Registry[object] = Registry("thing", "medvqa.test-things", {"dumps": "json:dumps"})
+    assert reg.names() == ["dumps"]
+    assert reg.get("dumps") is json.dumps
+
+
+def test_registry_entry_point_plugins(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    eps = [EntryPoint(name="plugged", value="json:loads", group="medvqa.benchmarks")]
+    monkeypatch.setattr(registry, "entry_points", lambda group: [e for e in eps if e.group == group])
+    reg: Registry[object] = Registry("benchmark", "medvqa.benchmarks")
+    assert "plugged" in reg.names()
+    assert reg.get("plugged") is json.loads
+
+
+@dataclass(frozen=True)
+class _Knobs:
+    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    steps: int = field(default=10, metadata={"help": "optimizer steps"})
+    loss: Literal["sigmoid", "ipo"] = field(default="sigmoid", metadata={"help": "DPO loss"})
+    lora: bool = field(default=False, metadata={"help": "train a LoRA adapter"})
+    name: str | None = field(default=None, metadata={"help": "run name"})
+    fractions: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "fractions"})
+
+
+def test_config_dataclass_to_flags_and_back():
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, _Knobs)
+    assert "learning rate (default: 0.001)" in parser.format_help()
+    args = parser.parse_args(["--lr", "0.5", "--loss", "ipo", "--lora", "--fractions", "0.1,0.5"])
+    knobs = dataclass_from_args(_Knobs, args)
+    assert knobs == _Knobs(lr=0.5, loss="ipo", lora=True, fractions=[0.1, 0.5])
+    assert dataclass_from_args(_Knobs, parser.parse_args([])) == _Knobs()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--loss", "hinge"])
+
+
+def test_config_from_mapping_checks_keys_and_types():
+    assert dataclass_from_mapping(_Knobs, {"lr": 1, "name": None}) == _Knobs(lr=1.0)
+    with pytest.raises(BadInput, match=r"sft\.toml: unknown key\(s\) \['lrr'\]"):
+        dataclass_from_mapping(_Knobs, {"lrr": 1}, where="sft.toml")
+    with pytest.raises(BadInput, match="'steps' must be"):
+        dataclass_from_mapping(_Knobs, {"steps": "many"})
+    with pytest.raises(BadInput, match="'loss' must be"):
+        dataclass_from_mapping(_Knobs, {"loss": "hinge"})
+
+
+def _samples(n_images: int) -> list[VQASample]:
+    out = []
+    for i in range(n_images):
+        for j, kind in enumerate(["OPEN", "CLOSED", "CLOSED"] if i % 3 else ["OPEN"]):
+            out.append(
+                VQASample(f"q{i}-{j}", f"img{i}.png", "q?", "a", kind, "toy", "train", {"image_id": f"i{i}"})
+            )
+    return out
+
+
+def test_fractions_are_nested_image_level_stratified_and_seeded():
+    samples = _samples(300)
+    small, mid, full = (select_fraction(samples, f, seed=3) for f in (0.09, 0.25, 1.0))
+    assert {s.id for s in small} < {s.id for s in mid} < {s.id for s in full}
+    assert len(full) == len(samples)
+    # image level: an image is in or out with all its questions
+    images = {s.image_id for s in mid}
+    assert all(s.image_id not in images for s in samples if s not in mid)
+    # stratified: the open-only images keep their share (100 of 300 images)
+    share = sum(1 for s in mid if s.image_id in {f"i{i}" for i in range(0, 300, 3)}) / len(
+        {s.image_id for s in mid}
+    )
+    assert abs(share - 1 / 3) < 0.02
+    assert select_fraction(samples, 0.25, seed=3) == mid
+    assert select_fraction(samples, 0.25, seed=4) != mid
+    assert manifest_hash(mid) != manifest_hash(small)
+    assert manifest_hash(list(reversed(mid))) == manifest_hash(mid)
+    with pytest.raises(BadInput):
+        select_fraction(samples, 0.0, seed=0)
+
+
+def test_read_json_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n{"id": 1,}\n]')
+    with pytest.raises(BadInput, match=r"bad\.json: malformed JSON at line 2"):
+        read_json(bad)
+    (tmp_path / "empty.json").write_text("  \n")
+    with pytest.raises(BadInput, match="empty"):
+        read_json(tmp_path / "empty.json")
+    with pytest.raises(BadInput, match="file not found"):
+        read_json(tmp_path / "missing.json")
+
+
+def test_jsonl_appender_survives_a_torn_last_line(tmp_path):
+    path = tmp_path / "log.jsonl"
+    with JsonlAppender(path) as log:
+        log.write([{"i": 0}, {"i": 1}])
+    with open(path, "a") as fh:
+        fh.write('{"i": 2, "tor')  # a killed writer
+    with pytest.raises(BadInput, match="line 3"):
+        read_jsonl(path)
+    assert [r["i"] for _, r in iter_jsonl(path, allow_truncated_tail=True)] == [0, 1]
+    with JsonlAppender(path) as log:
+        log.write([{"i": 2}])
+    assert [r["i"] for r in read_jsonl(path)] == [0, 1, 2]
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    atomic_write_json(tmp_path / "a" / "x.json", {"k": 1})
+    assert read_json(tmp_path / "a" / "x.json") == {"k": 1}
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["x.json"]
+
+
+def test_cli_unknown_registry_name_exits_2_with_one_line(capsys):
+    from harness.commands import registries
+
+    assert main(["benchmarks", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {"vqa-rad", "slake", "pathvqa", "llava-med-json", "phantom"} <= set(listed)
+    assert registries.KINDS
+
+
+def test_cli_help_is_fast_and_imports_no_torch():
+    code = (
+        "import sys, harness.cli as c\n"
+        "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets', 'pandas', 'matplotlib') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out, out
