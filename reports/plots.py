@@ -1,0 +1,150 @@
+"""`data_efficiency.png`: score vs medical data used (log x), one line per trainer, error bars.
+
+One panel per benchmark × (closed accuracy, open recall). Each swept trainer is a line through its
+fractions (points labelled with the fraction); reference checkpoints are single labelled markers
+at their stated data amount; the base model (no medical data) is a dotted horizontal line.
+matplotlib is imported here only, with the Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from reports.tables import METRIC_LABELS, Line, Table
+
+_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
+def _yerr(cell_summary: Any) -> tuple[float, float]:
+    if cell_summary.ci_low is None or cell_summary.ci_high is None:
+        return (0.0, 0.0)
+    # scores are percentages: a t-interval over few seeds can cross 0 or 100, the plot clips it
+    lo, hi = max(0.0, float(cell_summary.ci_low)), min(100.0, float(cell_summary.ci_high))
+    return (max(0.0, cell_summary.mean - lo), max(0.0, hi - cell_summary.mean))
+
+
+def _ylim(current: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = current
+    return (max(0.0, lo), min(102.0, hi))
+
+
+def plot_data_efficiency(table: Table, out: str | Path, *, dpi: int = 130) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    benches = table.benchmarks or ["(none)"]
+    metrics = table.metrics
+    nrows, ncols = len(benches), len(metrics)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(5.2 * ncols, 3.9 * nrows + 0.9), squeeze=False, constrained_layout=True
+    )
+    sweep_labels: list[str] = []
+    for line in table.lines:
+        if line.kind == "sweep" and line.label not in sweep_labels:
+            sweep_labels.append(line.label)
+    style = {
+        lab: (_COLORS[i % len(_COLORS)], _MARKERS[i % len(_MARKERS)]) for i, lab in enumerate(sweep_labels)
+    }
+    refs = [ln for ln in table.lines if ln.kind == "reference"]
+    ref_style = {ln.label: _COLORS[(len(sweep_labels) + i) % len(_COLORS)] for i, ln in enumerate(refs)}
+
+    handles: dict[str, Any] = {}
+    for i, bench in enumerate(benches):
+        for j, metric in enumerate(metrics):
+            ax = axes[i][j]
+            xs_all: list[float] = []
+            for lab in sweep_labels:
+                pts: list[tuple[float, float, tuple[float, float], Line]] = []
+                for ln in table.lines:
+                    if ln.kind != "sweep" or ln.label != lab or not ln.data_used:
+                        continue
+                    cell = ln.cells.get((bench, metric))
+                    s = cell.summaries.get(table.scorer) if cell else None
+                    if s is None:
+                        continue
+                    pts.append((ln.data_used, s.mean, _yerr(s), ln))
+                if not pts:
+                    continue
+                pts.sort(key=lambda p: p[0])
+                color, marker = style[lab]
+                xs = [p[0] for p in pts]
+                xs_all += xs
+                h = ax.errorbar(
+                    xs,
+                    [p[1] for p in pts],
+                    yerr=[[p[2][0] for p in pts], [p[2][1] for p in pts]],
+                    color=color,
+                    marker=marker,
+                    markersize=6,
+                    capsize=4,
+                    linewidth=2,
+                    label=lab,
+                )
+                handles.setdefault(lab, h)
+                for x, y, _, ln in pts:
+                    ax.annotate(
+                        f"{ln.fraction:.0%}" if ln.fraction is not None else "",
+                        (x, y),
+                        textcoords="offset points",
+                        xytext=(6, -12),
+                        fontsize=8,
+                        color=color,
+                    )
+            for ln in refs:
+                cell = ln.cells.get((bench, metric))
+                s = cell.summaries.get(table.scorer) if cell else None
+                if s is None or not ln.data_used:
+                    continue
+                color = ref_style[ln.label]
+                e = _yerr(s)
+                h = ax.errorbar(
+                    [ln.data_used],
+                    [s.mean],
+                    yerr=[[e[0]], [e[1]]],
+                    color=color,
+                    marker="*",
+                    markersize=13,
+                    capsize=4,
+                    linestyle="none",
+                    label=f"{ln.label} ({ln.data_label or f'{ln.data_used:,.0f}'})",
+                )
+                xs_all.append(ln.data_used)
+                handles.setdefault(ln.label, h)
+            for ln in table.lines:
+                if ln.kind != "base":
+                    continue
+                cell = ln.cells.get((bench, metric))
+                s = cell.summaries.get(table.scorer) if cell else None
+                if s is None:
+                    continue
+                h = ax.axhline(s.mean, color="0.45", linestyle=":", linewidth=1.6, label=f"{ln.label}")
+                handles.setdefault("base:" + ln.label, h)
+            ax.set_xscale("log")
+            ax.set_ylim(*_ylim(ax.get_ylim()))
+            if xs_all:
+                lo, hi = min(xs_all), max(xs_all)
+                ax.set_xlim(lo / 1.8, hi * 1.8)
+            ax.set_title(f"{bench} — {METRIC_LABELS.get(metric, metric)}", fontsize=11)
+            ax.set_xlabel("medical data used (labeled QA + preference pairs, log scale)", fontsize=9)
+            ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (%, {table.scorer})", fontsize=9)
+            ax.grid(True, which="major", alpha=0.35)
+            ax.grid(True, which="minor", alpha=0.12)
+    if handles:
+        fig.legend(
+            list(handles.values()),
+            [h.get_label() for h in handles.values()],
+            loc="outside lower center",
+            ncol=min(4, len(handles)),
+            frameon=False,
+            fontsize=9,
+        )
+    fig.suptitle("Data efficiency: score vs medical data used (error bars: 95% CI)", fontsize=12)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out

@@ -1,0 +1,340 @@
+"""The tidy long results table: one row per (run, trainer, fraction, seed, benchmark, scorer, metric).
+
+`collect(run_dir)` walks a sweep folder (the layout of DESIGN.md) and reads only stored files:
+
+```
+<run>/<trainer>/f<fraction>/s<seed>/checkpoint/checkpoint.json
+<run>/<trainer>/f<fraction>/s<seed>/eval/<benchmark>/scores.json   (+ scored.jsonl, used by stats)
+<run>/reference/<slug>/reference.json                               (external checkpoints, base model)
+<run>/reference/<slug>/eval/<benchmark>/scores.json                 (or the eval dirs reference.json names)
+```
+
+A reference row is an external checkpoint placed beside the swept trainers (e.g. "LLaVA-Med v1.5,
+530K medical samples") with the data amount the user states for it, or the base model the sweep
+started from (0 medical samples). `write_results_csv` writes `results.csv`, sorted, with no
+timestamps, so that the same stored scores always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import BadInput
+from harness.io import atomic_write_text, read_json
+
+COLUMNS: tuple[str, ...] = (
+    "run",
+    "kind",
+    "trainer",
+    "label",
+    "fraction",
+    "seed",
+    "benchmark",
+    "split",
+    "scorer",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "n",
+    "n_labeled",
+    "n_pairs",
+    "data_used",
+    "loss",
+    "checkpoint_fingerprint",
+    "manifest_hash",
+    "benchmark_version",
+    "closed_rule",
+    "prompt_policy",
+    "generation",
+    "versions",
+    "eval_dir",
+)
+
+_FRACTION_DIR = re.compile(r"^f(\d+(?:\.\d+)?)$")
+_SEED_DIR = re.compile(r"^s(-?\d+)$")
+
+
+@dataclass
+class EvalRecord:
+    """One evaluated model (a swept checkpoint or a reference) on one benchmark."""
+
+    kind: str  # "sweep" | "reference" | "base"
+    trainer: str
+    label: str
+    fraction: float | None
+    seed: int | None
+    benchmark: str
+    eval_dir: Path
+    scores: dict[str, Any]
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    data_used: float | None = None
+    data_label: str = ""
+
+    @property
+    def n_labeled(self) -> int | None:
+        v = self.checkpoint.get("n_labeled")
+        return int(v) if isinstance(v, int | float) else None
+
+    @property
+    def n_pairs(self) -> int | None:
+        v = self.checkpoint.get("n_pairs")
+        return int(v) if isinstance(v, int | float) else (0 if self.kind == "sweep" else None)
+
+    @property
+    def loss(self) -> str:
+        loss = self.checkpoint.get("loss")
+        if loss:
+            return str(loss)
+        return "" if self.kind != "sweep" else "sft" if self.trainer == "sft" else ""
+
+    @property
+    def group(self) -> tuple[str, str, float | None]:
+        """Rows of one table line: same kind, trainer/label and fraction (seeds pooled)."""
+        return (self.kind, self.label, self.fraction)
+
+
+def _fmt_float(x: Any) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    if isinstance(x, bool):
+        return str(x).lower()
+    if isinstance(x, float):
+        return f"{round(x, 6):.6g}" if abs(x) < 1e15 else repr(x)
+    return str(x)
+
+
+def fraction_dirname(fraction: float) -> str:
+    """`f0.09`, `f0.25`, `f1.0`: the folder name of a fraction in a sweep."""
+    return f"f{float(fraction)!r}"
+
+
+def _eval_dirs(parent: Path) -> list[Path]:
+    root = parent / "eval"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / "scores.json").is_file())
+
+
+def _load_scores(eval_dir: Path) -> dict[str, Any]:
+    scores = read_json(eval_dir / "scores.json")
+    if not isinstance(scores, dict) or not isinstance(scores.get("scorers"), dict):
+        raise BadInput(
+            "not a scores.json (no 'scorers' table)", path=eval_dir / "scores.json", field="scorers"
+        )
+    return scores
+
+
+def _sweep_records(run_dir: Path) -> list[EvalRecord]:
+    out: list[EvalRecord] = []
+    for trainer_dir in sorted(p for p in run_dir.iterdir() if p.is_dir()):
+        if trainer_dir.name in (
+            "reference",
+            "report",
+            "base",
+            "data",
+            "models",
+            "logs",
+        ) or trainer_dir.name.startswith((".", "_")):
+            continue
+        for frac_dir in sorted(p for p in trainer_dir.iterdir() if p.is_dir()):
+            m = _FRACTION_DIR.match(frac_dir.name)
+            if not m:
+                continue
+            for seed_dir in sorted(p for p in frac_dir.iterdir() if p.is_dir()):
+                ms = _SEED_DIR.match(seed_dir.name)
+                if not ms:
+                    continue
+                ckpt_file = seed_dir / "checkpoint" / "checkpoint.json"
+                ckpt = read_json(ckpt_file) if ckpt_file.is_file() else {}
+                trainer = str(ckpt.get("trainer") or trainer_dir.name)
+                fraction = float(ckpt.get("fraction", m.group(1)))
+                seed = int(ckpt.get("seed", ms.group(1)))
+                for eval_dir in _eval_dirs(seed_dir):
+                    scores = _load_scores(eval_dir)
+                    out.append(
+                        EvalRecord(
+                            kind="sweep",
+                            trainer=trainer,
+                            label=trainer_dir.name,
+                            fraction=fraction,
+                            seed=seed,
+                            benchmark=str(scores.get("benchmark") or eval_dir.name),
+                            eval_dir=eval_dir,
+                            scores=scores,
+                            checkpoint=ckpt,
+                        )
+                    )
+    return out
+
+
+def _reference_records(run_dir: Path) -> list[EvalRecord]:
+    out: list[EvalRecord] = []
+    ref_root = run_dir / "reference"
+    if not ref_root.is_dir():
+        return out
+    for ref_dir in sorted(p for p in ref_root.iterdir() if p.is_dir()):
+        meta_file = ref_dir / "reference.json"
+        if not meta_file.is_file():
+            continue
+        meta = read_json(meta_file)
+        name = meta.get("name")
+        if not isinstance(name, str) or not name:
+            raise BadInput("missing reference name", path=meta_file, field="name")
+        data_used = meta.get("data_used")
+        if data_used is not None and not isinstance(data_used, int | float):
+            raise BadInput(f"must be a number, got {data_used!r}", path=meta_file, field="data_used")
+        dirs: list[Path] = []
+        for bench, d in sorted((meta.get("eval_dirs") or {}).items()):
+            p = Path(d)
+            if not p.is_absolute():
+                p = ref_dir / p
+            if not (p / "scores.json").is_file():
+                raise BadInput(f"eval dir of benchmark {bench!r} has no scores.json: {p}", path=meta_file)
+            dirs.append(p)
+        dirs += [p for p in _eval_dirs(ref_dir) if p not in dirs]
+        for eval_dir in dirs:
+            scores = _load_scores(eval_dir)
+            out.append(
+                EvalRecord(
+                    kind=str(meta.get("kind", "reference")),
+                    trainer=str(meta.get("kind", "reference")),
+                    label=name,
+                    fraction=None,
+                    seed=None,
+                    benchmark=str(scores.get("benchmark") or eval_dir.name),
+                    eval_dir=eval_dir,
+                    scores=scores,
+                    checkpoint={"loss": meta.get("loss", "")},
+                    data_used=float(data_used) if data_used is not None else None,
+                    data_label=str(meta.get("data_label") or ""),
+                )
+            )
+    return out
+
+
+def collect_records(run_dir: str | Path) -> list[EvalRecord]:
+    """Every evaluated model under a sweep folder (swept checkpoints, then references)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise BadInput("run folder not found", path=run_dir)
+    records = _sweep_records(run_dir) + _reference_records(run_dir)
+    if not records:
+        raise BadInput(
+            "no scores found: expected <trainer>/f<fraction>/s<seed>/eval/<benchmark>/scores.json "
+            "or reference/<name>/reference.json",
+            path=run_dir,
+        )
+    return records
+
+
+def _versions_str(versions: Any) -> str:
+    if not isinstance(versions, dict):
+        return ""
+    return ";".join(f"{k}={v}" for k, v in sorted(versions.items()))
+
+
+def _rel(path: Path, root: Path | None) -> str:
+    if root is not None:
+        try:
+            return str(path.resolve().relative_to(root.resolve()))
+        except ValueError:
+            pass
+    return str(path)
+
+
+def record_rows(record: EvalRecord, run: str, run_dir: Path | None = None) -> list[dict[str, str]]:
+    s = record.scores
+    model = s.get("model") or {}
+    gen = s.get("generation") or {}
+    n_labeled, n_pairs = record.n_labeled, record.n_pairs
+    if record.data_used is not None:
+        data_used: float | None = record.data_used
+    elif n_labeled is not None:
+        data_used = n_labeled + (n_pairs or 0)
+    else:
+        data_used = None
+    common = {
+        "run": run,
+        "kind": record.kind,
+        "trainer": record.trainer,
+        "label": record.label,
+        "fraction": _fmt_float(record.fraction),
+        "seed": _fmt_float(record.seed),
+        "benchmark": record.benchmark,
+        "split": str(s.get("split", "")),
+        "n_labeled": _fmt_float(n_labeled),
+        "n_pairs": _fmt_float(n_pairs),
+        "data_used": _fmt_float(data_used),
+        "loss": record.loss,
+        "checkpoint_fingerprint": str(model.get("fingerprint", "")),
+        "manifest_hash": str(record.checkpoint.get("manifest_hash", "")),
+        "benchmark_version": str(s.get("benchmark_version", "")),
+        "closed_rule": str(s.get("closed_rule", "")),
+        "prompt_policy": str(s.get("prompt_policy", "")),
+        "generation": ";".join(f"{k}={v}" for k, v in sorted(gen.items())) if isinstance(gen, dict) else "",
+        "versions": _versions_str(s.get("versions")),
+        "eval_dir": _rel(record.eval_dir, run_dir),
+    }
+    rows = []
+    for scorer, metrics in sorted(s["scorers"].items()):
+        for metric, mv in sorted(metrics.items()):
+            if not isinstance(mv, dict) or "value" not in mv:
+                raise BadInput(
+                    "metric without a value", path=record.eval_dir / "scores.json", field=f"{scorer}.{metric}"
+                )
+            rows.append(
+                {
+                    **common,
+                    "scorer": scorer,
+                    "metric": metric,
+                    "value": _fmt_float(mv.get("value")),
+                    "ci_low": _fmt_float(mv.get("ci_low")),
+                    "ci_high": _fmt_float(mv.get("ci_high")),
+                    "n": _fmt_float(mv.get("n")),
+                }
+            )
+    return rows
+
+
+def _sort_key(row: dict[str, str]) -> tuple[Any, ...]:
+    kind_order = {"base": 0, "sweep": 1, "reference": 2}
+    return (
+        kind_order.get(row["kind"], 3),
+        row["label"],
+        float(row["fraction"] or -1),
+        int(row["seed"] or -1),
+        row["benchmark"],
+        row["scorer"],
+        row["metric"],
+    )
+
+
+def collect(run_dir: str | Path, *, run: str | None = None) -> list[dict[str, str]]:
+    """The tidy rows of every stored score under `run_dir`, in a stable order."""
+    run_dir = Path(run_dir)
+    name = run or run_dir.resolve().name
+    rows = [r for rec in collect_records(run_dir) for r in record_rows(rec, name, run_dir)]
+    rows.sort(key=_sort_key)
+    return rows
+
+
+def to_csv(rows: list[dict[str, str]], columns: tuple[str, ...] = COLUMNS) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def write_results_csv(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    run_dir = Path(run_dir)
+    path = Path(out) if out else run_dir / "report" / "results.csv"
+    atomic_write_text(path, to_csv(collect(run_dir)))
+    return path

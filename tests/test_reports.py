@@ -1,0 +1,282 @@
+"""Reports on fabricated run folders: results.csv, the data-efficiency table, its tests, the plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.errors import BadInput
+from reports.results import COLUMNS, collect, fraction_dirname
+from reports.stats import mcnemar, paired_bootstrap, paired_test, seed_mean_ci
+from reports.tables import build_table, to_csv, to_markdown
+
+N_IMAGES = 60  # 2 closed + 2 open questions per image
+
+
+def _write_eval(
+    eval_dir: Path, bench: str, p_closed: float, p_open: float, rng: random.Random, fp: str
+) -> None:
+    rows = []
+    for img in range(N_IMAGES):
+        for q in range(4):
+            qid = f"{bench}-{img}-{q}"
+            if q < 2:
+                ok = 100.0 if rng.random() < p_closed else 0.0
+                row = {
+                    "id": qid,
+                    "image_id": f"img{img}",
+                    "answer_type": "CLOSED",
+                    "gold": "yes",
+                    "prediction": "yes" if ok else "no",
+                    "llava-med": {"closed_accuracy": ok},
+                    "strict": {"closed_accuracy": ok},
+                }
+            else:
+                rec = 100.0 if rng.random() < p_open else (50.0 if rng.random() < 0.3 else 0.0)
+                row = {
+                    "id": qid,
+                    "image_id": f"img{img}",
+                    "answer_type": "OPEN",
+                    "gold": "left upper",
+                    "prediction": "x",
+                    "llava-med": {"open_recall": rec, "open_f1": rec},
+                    "strict": {"open_recall": min(rec, 50.0), "open_f1": rec},
+                }
+            rows.append(row)
+    summary = {}
+    for scorer in ("llava-med", "strict"):
+        summary[scorer] = {}
+        for metric in ("closed_accuracy", "open_recall"):
+            vals = [r[scorer][metric] for r in rows if metric in r[scorer]]
+            m = sum(vals) / len(vals)
+            summary[scorer][metric] = {"value": m, "n": len(vals), "ci_low": m - 6.0, "ci_high": m + 5.0}
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    (eval_dir / "scored.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scores = {
+        "benchmark": bench,
+        "benchmark_version": "1.0",
+        "split": "test",
+        "closed_rule": "dataset answer_type",
+        "prompt_policy": "short-answer",
+        "model": {"spec": "hf:x", "fingerprint": fp},
+        "generation": {"max_new_tokens": 8, "do_sample": False},
+        "versions": {"torch": "2.13", "trl": "1.16"},
+        "n": len(rows),
+        "n_open": len(rows) // 2,
+        "n_closed": len(rows) // 2,
+        "scorers": summary,
+    }
+    (eval_dir / "scores.json").write_text(json.dumps(scores))
+
+
+# trainer, fraction -> (p_closed, p_open, n_labeled, n_pairs, loss)
+GRID = {
+    ("sft", 0.09): (0.62, 0.55, 180, 0, "sft"),
+    ("sft", 0.25): (0.78, 0.70, 500, 0, "sft"),
+    ("sft", 1.0): (0.93, 0.90, 2000, 0, "sft"),
+    ("stllava-med", 0.09): (0.72, 0.56, 180, 2600, "sigmoid+sft"),
+}
+
+
+def fabricate(run: Path, seeds=(0, 1), benches=("phantom", "vqa-rad"), references=True) -> Path:
+    for (trainer, frac), (pc, po, n_lab, n_pairs, loss) in GRID.items():
+        for seed in seeds:
+            job = run / trainer / fraction_dirname(frac) / f"s{seed}"
+            (job / "checkpoint").mkdir(parents=True, exist_ok=True)
+            (job / "checkpoint" / "checkpoint.json").write_text(
+                json.dumps(
+                    {
+                        "trainer": trainer,
+                        "fraction": frac,
+                        "seed": seed,
+                        "manifest_hash": f"m{frac}{seed}",
+                        "n_labeled": n_lab + seed,
+                        "n_pairs": n_pairs,
+                        "loss": loss,
+                        "base_model": "hf:tiny",
+                    }
+                )
+            )
+            for b in benches:
+                _write_eval(
+                    job / "eval" / b,
+                    b,
+                    pc,
+                    po,
+                    random.Random(f"{trainer}{frac}{seed}{b}"),
+                    f"fp-{trainer}{frac}{seed}",
+                )
+    if references:
+        ref = run / "reference" / "llava-med-v1.5"
+        for b in benches:
+            _write_eval(ref / "eval" / b, b, 0.85, 0.6, random.Random(f"ref{b}"), "fp-ref")
+        (ref / "reference.json").write_text(
+            json.dumps(
+                {
+                    "name": "LLaVA-Med v1.5",
+                    "kind": "reference",
+                    "data_used": 530000,
+                    "data_label": "530K medical samples",
+                }
+            )
+        )
+        base = run / "reference" / "base"
+        for b in benches:
+            _write_eval(base / "eval" / b, b, 0.5, 0.1, random.Random(f"base{b}"), "fp-base")
+        (base / "reference.json").write_text(
+            json.dumps({"name": "base model (no medical QA)", "kind": "base", "data_used": 0})
+        )
+    return run
+
+
+def test_mcnemar_exact_and_chi2():
+    # 10 discordant pairs, all favouring A: exact two-sided p = 2 / 2**10
+    a = [True] * 10 + [True] * 50
+    b = [False] * 10 + [True] * 50
+    r = mcnemar(a, b)
+    assert r.test == "mcnemar-exact" and r.p == pytest.approx(2 / 1024)
+    # balanced discordance: p = 1
+    assert mcnemar([True, False] * 20, [False, True] * 20).p == pytest.approx(1.0, abs=0.2)
+    # many discordant pairs: chi-square with continuity correction, (|40-10|-1)^2/50 = 16.82
+    a = [True] * 40 + [False] * 10
+    b = [False] * 40 + [True] * 10
+    r = mcnemar(a, b)
+    assert r.test == "mcnemar-chi2" and r.p == pytest.approx(4.1e-05, rel=0.05)
+    assert r.diff == pytest.approx(60.0)
+
+
+def test_paired_bootstrap_detects_shift_and_null():
+    rng = random.Random(0)
+    base = [rng.random() * 100 for _ in range(300)]
+    shifted = [x + 10 for x in base]
+    assert paired_bootstrap(shifted, base).p < 0.01
+    noisy = [x + rng.gauss(0, 5) for x in base]
+    r = paired_bootstrap(noisy, base, [str(i // 3) for i in range(300)], seed=1)
+    assert r.p > 0.01 and abs(r.diff) < 2
+
+
+def test_seed_mean_ci():
+    s = seed_mean_ci([70.0, 74.0])
+    assert s.mean == 72.0 and s.n_seeds == 2 and s.method.startswith("t-interval")
+    assert s.ci_high - s.mean == pytest.approx(12.706 * 2.0, rel=1e-3)  # sd 2.83 / sqrt(2) = 2
+    one = seed_mean_ci([70.0], (65.0, 75.0))
+    assert (one.ci_low, one.ci_high, one.n_seeds) == (65.0, 75.0, 1) and "1 seed" in one.method
+
+
+def test_paired_test_matches_by_id_not_order():
+    rows_a = [{"id": f"q{i}", "image_id": "i", "llava-med": {"closed_accuracy": 100.0}} for i in range(30)]
+    rows_b = [
+        {"id": f"q{i}", "image_id": "i", "llava-med": {"closed_accuracy": 100.0 if i < 15 else 0.0}}
+        for i in reversed(range(30))
+    ]
+    r = paired_test({0: rows_a}, {0: rows_b}, "llava-med", "closed_accuracy")
+    assert r.n == 30 and r.diff == pytest.approx(50.0) and r.p < 0.001
+
+
+def test_results_csv_tidy(tmp_path):
+    run = fabricate(tmp_path / "myrun")
+    rows = collect(run)
+    # 4 lines x 2 seeds x 2 benchmarks + 2 references x 2 benchmarks; 2 scorers x 2 metrics each
+    assert len(rows) == (4 * 2 * 2 + 2 * 2) * 4
+    assert set(rows[0]) == set(COLUMNS)
+    r = next(
+        r
+        for r in rows
+        if r["trainer"] == "stllava-med"
+        and r["seed"] == "1"
+        and r["benchmark"] == "vqa-rad"
+        and r["scorer"] == "strict"
+        and r["metric"] == "closed_accuracy"
+    )
+    assert r["run"] == "myrun" and r["fraction"] == "0.09" and r["loss"] == "sigmoid+sft"
+    assert r["n_labeled"] == "181" and r["n_pairs"] == "2600" and r["data_used"] == "2781"
+    assert r["checkpoint_fingerprint"] == "fp-stllava-med0.091" and r["prompt_policy"] == "short-answer"
+    assert "torch=2.13" in r["versions"] and r["benchmark_version"] == "1.0"
+    assert r["eval_dir"] == "stllava-med/f0.09/s1/eval/vqa-rad"
+    ref = [r for r in rows if r["kind"] == "reference"]
+    assert ref and ref[0]["label"] == "LLaVA-Med v1.5" and ref[0]["data_used"] == "530000"
+
+
+def test_table_values_tests_and_markdown(tmp_path):
+    run = fabricate(tmp_path / "r")
+    table = build_table(run, n_boot=500)
+    names = [ln.name for ln in table.lines]
+    assert names == [
+        "base model (no medical QA)",
+        "sft@0.09",
+        "sft@0.25",
+        "sft@1.0",
+        "stllava-med@0.09",
+        "LLaVA-Med v1.5",
+    ]
+    sft9, sft100 = table.lines[1], table.lines[3]
+    c9 = sft9.cells[("phantom", "closed_accuracy")]
+    c100 = sft100.cells[("phantom", "closed_accuracy")]
+    assert c9.summaries["llava-med"].n_seeds == 2 and c9.summaries["llava-med"].method.startswith(
+        "t-interval"
+    )
+    assert c100.summaries["llava-med"].mean > c9.summaries["llava-med"].mean + 20
+    assert c9.test.test.startswith("mcnemar") and c9.test.p < 0.001 and c9.test.diff < 0
+    assert c100.test is None  # the baseline is not tested against itself
+    o9 = sft9.cells[("phantom", "open_recall")]
+    assert o9.test.test == "paired-bootstrap" and o9.test.p < 0.01
+    assert sft9.data_used == pytest.approx(180.5) and table.n_full == 2000
+    st = table.lines[4]
+    assert st.data_used == pytest.approx(180.5 + 2600) and st.loss == "sigmoid+sft"
+    assert st.pct_full == pytest.approx(100 * 2780.5 / 2000)
+    md = to_markdown(table)
+    lines = md.splitlines()
+    assert lines[0].startswith("| model | loss | labeled QA | pairs | data used (% of full SFT) | seeds |")
+    assert "| phantom closed acc | strict | p vs sft@100% |" in lines[0]
+    assert any(ln.startswith("| sft@1.0 |") and "(baseline)" in ln for ln in lines)
+    assert any(ln.startswith("| LLaVA-Med v1.5 |") and "530K medical samples" in ln for ln in lines)
+    assert "McNemar" in md
+    wide = list(csv.DictReader(io.StringIO(to_csv(table))))
+    assert wide[1]["model"] == "sft@0.09" and float(wide[1]["phantom/closed_accuracy/p_vs_baseline"]) < 0.001
+
+
+def test_single_seed_shows_bootstrap_ci(tmp_path):
+    run = fabricate(tmp_path / "r", seeds=(0,), benches=("phantom",), references=False)
+    table = build_table(run, n_boot=200)
+    s = table.lines[0].cells[("phantom", "closed_accuracy")].summaries["llava-med"]
+    assert s.n_seeds == 1 and s.ci_high - s.ci_low == pytest.approx(11.0)
+    assert "± 5.5†" in to_markdown(table)
+
+
+def test_report_command_writes_all_and_plot(tmp_path, capsys):
+    run = fabricate(tmp_path / "r")
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "| sft@0.09 |" in out
+    rep = run / "report"
+    for name in ("results.csv", "data_efficiency.md", "data_efficiency.csv", "data_efficiency.png"):
+        assert (rep / name).stat().st_size > 100
+    from PIL import Image
+
+    with Image.open(rep / "data_efficiency.png") as im:
+        w, h = im.size
+        assert w > 1000 and h > 900  # 2 benchmarks x 2 metrics
+        colors = im.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert len(colors) > 50  # not a blank canvas
+    before = (rep / "results.csv").read_bytes()
+    assert main(["report", str(run), "--format", "csv", "--quiet"]) == 0
+    assert (rep / "results.csv").read_bytes() == before  # deterministic
+
+
+def test_report_bad_input(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "no scores found" in capsys.readouterr().err
+    run = fabricate(tmp_path / "r", seeds=(0,), benches=("phantom",), references=False)
+    assert main(["report", str(run), "--format", "pdf"]) == 2
+    bad = run / "sft" / "f1.0" / "s0" / "eval" / "phantom" / "scores.json"
+    bad.write_text('{"scorers": {"llava-med": {"closed_accuracy": {"n": 3}}}}')
+    with pytest.raises(BadInput, match=r"scores\.json.*llava-med\.closed_accuracy"):
+        collect(run)
