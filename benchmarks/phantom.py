@@ -556,7 +556,7 @@ def _compile_grammar() -> list[tuple[re.Pattern[str], str, int]]:
     return compiled
 
 
-_GRAMMAR = _compile_grammar()
+_GRAMMAR: list[tuple[re.Pattern[str], str, int]] = []
 
 
 def parse_question(text: str) -> ParsedQuestion | None:
@@ -566,6 +566,8 @@ def parse_question(text: str) -> ParsedQuestion | None:
     norm = normalize_question(text)
     if not norm:
         return None
+    if not _GRAMMAR:  # compiled on first use: importing this module stays cheap for the CLI
+        _GRAMMAR.extend(_compile_grammar())
     for pattern, slot, i in _GRAMMAR:
         m = pattern.match(norm)
         if m:
@@ -915,6 +917,31 @@ def load_scenes(root: str | Path, split: str) -> dict[str, Scene]:
     return scenes
 
 
+def scenes_by_image(root: str | Path, splits: Sequence[str] | None = None) -> dict[str, Scene]:
+    """Scenes of the given splits (default: all) keyed by the resolved absolute image path.
+
+    This is how a judge that receives only an image path (as `VQASample.image` holds it) finds the
+    scene; `load_scenes` keys by image id instead.
+    """
+    from harness.io import iter_jsonl
+
+    root = Path(root)
+    out: dict[str, Scene] = {}
+    for split in splits or Phantom.splits:
+        path = _split_file(root, split, "scenes.jsonl")
+        for lineno, record in iter_jsonl(path):
+            image = _inside(
+                root, record.get("image") if isinstance(record, dict) else None, path, lineno, "image"
+            )
+            try:
+                out[str(image)] = Scene.from_json(record)
+            except (TypeError, KeyError, AttributeError) as exc:
+                raise BadInput(
+                    f"malformed scene record ({exc})", path=path, record=f"line {lineno}"
+                ) from None
+    return out
+
+
 def load_captions(root: str | Path, split: str) -> list[dict[str, Any]]:
     """Caption records of a split: {"image_id", "image" (absolute, inside root), "caption"}."""
     from harness.io import iter_jsonl
@@ -1031,5 +1058,6 @@ __all__: Sequence[str] = (
     "parse_question",
     "render_question",
     "render_scene",
+    "scenes_by_image",
     "write_phantom",
 )

@@ -27,6 +27,7 @@ from benchmarks.phantom import (
     load_scenes,
     parse_question,
     render_question,
+    scenes_by_image,
     write_phantom,
 )
 from harness.errors import BadInput
@@ -206,6 +207,10 @@ def test_captions_and_scenes(built):
         assert scene.modality in record["caption"] and scene.region in record["caption"]
         assert Path(record["image"]).is_file()
     assert load_captions(root, "test")
+    by_path = scenes_by_image(root)
+    assert len(by_path) == 80
+    for s in Phantom().load("test", root)[:10]:
+        assert by_path[s.image].image_id == s.image_id
 
 
 def test_corpus_covers_every_word(built):
