@@ -1,0 +1,284 @@
+"""The `openai:` adapter against a real OpenAI-compatible HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import time
+
+import pytest
+
+from harness.errors import BadInput
+from harness.models.openai import OpenAIModel, split_target
+from harness.openai_support import EndpointError, image_data_url, parse_retry_after, redact
+from harness.types import GenerationRequest, GenerationSettings, Prompt, VQAModel
+from tests._openai_server import (  # noqa: F401 - fixtures
+    FAKE_KEY,
+    Fault,
+    fake_key,
+    fake_openai,
+    files_containing,
+    openai_server,
+    write_png,
+)
+
+FAST = {"timeout": 2.0, "max_retries": 3, "backoff": 0.01, "backoff_max": 0.05}
+
+
+def chat_prompt(question: str) -> Prompt:
+    return Prompt(
+        messages=(
+            {"role": "system", "content": [{"type": "text", "text": "You are a radiologist."}]},
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": question}],
+            },
+        ),
+        policy="short-answer",
+    )
+
+
+def make_model(fake, **options) -> OpenAIModel:
+    opts = {**FAST, "api_key_env": "MEDVQA_TEST_KEY", **options}
+    return OpenAIModel(f"test-vlm@{fake.base_url}", spec=f"openai:test-vlm@{fake.base_url}", **opts)
+
+
+@pytest.fixture
+def png(tmp_path):
+    path = tmp_path / "img.png"
+    return path, write_png(path)
+
+
+def test_chat_round_trip_request_body(fake_openai, fake_key, png) -> None:  # noqa: F811
+    path, data = png
+    fake_openai.reply = lambda body: "  yes  "
+    model = make_model(fake_openai)
+    assert isinstance(model, VQAModel)
+    settings = GenerationSettings(max_new_tokens=7, seed=3)
+    out = model.generate(
+        [GenerationRequest(str(path), chat_prompt("Is there a fracture?"), id="q1")], settings
+    )
+    assert out == ["yes"]
+    (body,) = fake_openai.bodies
+    assert body["model"] == "test-vlm"
+    assert body["temperature"] == 0.0 and body["max_tokens"] == 7 and body["seed"] == 3
+    assert "top_p" not in body  # greedy: no nucleus sampling sent
+    system, user = body["messages"]
+    assert system == {"role": "system", "content": "You are a radiologist."}
+    image_part, text_part = user["content"]
+    assert text_part == {"type": "text", "text": "Is there a fracture?"}
+    assert image_part["type"] == "image_url"
+    url = image_part["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    assert base64.b64decode(url.split(",", 1)[1]) == data
+    assert fake_openai.auth == [f"Bearer {FAKE_KEY}"]
+
+
+def test_sampling_settings_and_raw_text_prompt(fake_openai, fake_key, png) -> None:  # noqa: F811
+    _, data = png
+    model = make_model(fake_openai, image_detail="low")
+    settings = GenerationSettings(max_new_tokens=5, do_sample=True, temperature=1.2, top_p=0.95, seed=11)
+    prompt = Prompt(text="<image>\nWhat organ is shown? Answer briefly.", policy="llava-med-raw")
+    model.generate([GenerationRequest(data, prompt)], settings)
+    (body,) = fake_openai.bodies
+    assert body["temperature"] == 1.2 and body["top_p"] == 0.95 and body["seed"] == 11
+    (user,) = body["messages"]
+    image_part, text_part = user["content"]
+    assert image_part["image_url"]["detail"] == "low"
+    assert text_part["text"] == "What organ is shown? Answer briefly."  # placeholder removed
+
+
+def test_order_preserved_and_concurrency_bounded(fake_openai, fake_key, png) -> None:  # noqa: F811
+    path, _ = png
+    fake_openai.delay = 0.1
+    fake_openai.reply = lambda body: body["messages"][-1]["content"][-1]["text"].upper()
+    model = make_model(fake_openai, max_concurrency="3")
+    questions = [f"question {i}" for i in range(12)]
+    reqs = [GenerationRequest(str(path), chat_prompt(q), id=str(i)) for i, q in enumerate(questions)]
+    t0 = time.perf_counter()
+    out = model.generate(reqs, GenerationSettings())
+    elapsed = time.perf_counter() - t0
+    assert out == [q.upper() for q in questions]
+    assert fake_openai.max_in_flight == 3  # bounded, and really concurrent
+    assert elapsed < 12 * 0.1  # faster than one at a time
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(status=429, headers={"retry-after-ms": "20"}),
+        Fault(status=500),
+        Fault(status=503, headers={"retry-after": "0"}),
+        Fault(sleep=0.8),  # longer than the client's timeout
+    ],
+    ids=["429", "500", "503", "timeout"],
+)
+def test_transient_fault_then_success(fake_openai, fake_key, png, fault) -> None:  # noqa: F811
+    path, _ = png
+    fake_openai.faults.append(fault)
+    fake_openai.reply = lambda body: "no"
+    model = make_model(fake_openai, timeout="0.4")
+    assert model.generate([GenerationRequest(str(path), chat_prompt("q"))], GenerationSettings()) == ["no"]
+    assert fake_openai.n_requests == 2
+    assert model.stats["retries"] == 1 and model.stats["completed"] == 1
+
+
+def test_retry_after_is_honoured(fake_openai, fake_key, png) -> None:  # noqa: F811
+    path, _ = png
+    fake_openai.faults.append(Fault(status=429, headers={"retry-after": "0.6"}))
+    model = make_model(fake_openai, backoff="0.0", backoff_max="0.0")
+    t0 = time.perf_counter()
+    model.generate([GenerationRequest(str(path), chat_prompt("q"))], GenerationSettings())
+    assert time.perf_counter() - t0 >= 0.55
+    assert parse_retry_after({"retry-after-ms": "250"}) == 0.25
+    assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
+    assert parse_retry_after({"retry-after": "soon"}) is None
+
+
+def test_retries_exhausted_is_a_clear_error(fake_openai, fake_key, png) -> None:  # noqa: F811
+    path, _ = png
+    fake_openai.faults.extend(Fault(status=502) for _ in range(4))
+    model = make_model(fake_openai, max_retries="3")
+    with pytest.raises(EndpointError, match=r"test-vlm.*HTTP 502.*after 4 attempt") as err:
+        model.generate([GenerationRequest(str(path), chat_prompt("q"))], GenerationSettings())
+    assert fake_openai.n_requests == 4
+    assert FAKE_KEY not in str(err.value)
+
+
+def test_401_is_bad_input_naming_model_and_url_not_key(fake_openai, fake_key, png) -> None:  # noqa: F811
+    path, _ = png
+    # Real servers echo (part of) the key back; the message must not carry it.
+    fake_openai.faults.append(Fault(status=401, message=f"Incorrect API key provided: {FAKE_KEY}"))
+    model = make_model(fake_openai)
+    with pytest.raises(BadInput) as err:
+        model.generate([GenerationRequest(str(path), chat_prompt("q"))], GenerationSettings())
+    message = str(err.value)
+    assert "test-vlm" in message and fake_openai.base_url in message and "MEDVQA_TEST_KEY" in message
+    assert "401" in message and FAKE_KEY not in message and "sk-medvqa" not in message
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    assert fake_openai.n_requests == 1  # not retried
+
+
+def test_404_is_bad_input_about_model_or_url(fake_openai, fake_key, png) -> None:  # noqa: F811
+    path, _ = png
+    fake_openai.faults.append(Fault(status=404, message="The model `test-vlm` does not exist."))
+    model = make_model(fake_openai)
+    with pytest.raises(BadInput, match=r"test-vlm.*not found.*HTTP 404.*base URL"):
+        model.generate([GenerationRequest(str(path), chat_prompt("q"))], GenerationSettings())
+    assert fake_openai.n_requests == 1
+
+
+def test_wrong_port_is_a_connection_error(fake_key, png) -> None:  # noqa: F811
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    path, _ = png
+    model = OpenAIModel(
+        f"m@http://127.0.0.1:{port}/v1", api_key_env="MEDVQA_TEST_KEY", max_retries=1, backoff=0.01, timeout=1
+    )
+    with pytest.raises(EndpointError, match="could not be reached"):
+        model.generate([GenerationRequest(str(path), chat_prompt("q"))], GenerationSettings())
+
+
+def test_spec_fingerprint_and_missing_key(monkeypatch) -> None:
+    assert split_target("gpt-4o") == ("gpt-4o", None)
+    assert split_target("org/m@http://h:8000/v1") == ("org/m", "http://h:8000/v1")
+    monkeypatch.setenv("KEY_A", "sk-aaaaaaaaaaaaaaaa")
+    monkeypatch.setenv("KEY_B", "sk-bbbbbbbbbbbbbbbb")
+    a = OpenAIModel("m@http://127.0.0.1:9/v1", api_key_env="KEY_A")
+    b = OpenAIModel("m@http://127.0.0.1:9/v1/", key_env="KEY_B")  # alias; trailing slash
+    c = OpenAIModel("other@http://127.0.0.1:9/v1", api_key_env="KEY_A")
+    assert a.fingerprint == b.fingerprint != c.fingerprint  # the key is not part of the identity
+    assert "sk-" not in repr(a) and "sk-" not in repr(a.client)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(BadInput, match="OPENAI_API_KEY is not set"):
+        OpenAIModel("gpt-4o")  # the OpenAI API needs a key
+    local = OpenAIModel("m@http://127.0.0.1:9/v1")  # a local vLLM server usually does not
+    assert local.base_url == "http://127.0.0.1:9/v1"
+    with pytest.raises(BadInput, match="unknown openai model option"):
+        OpenAIModel("m@http://127.0.0.1:9/v1", colour="blue")
+    with pytest.raises(BadInput, match="not an http"):
+        OpenAIModel("m@127.0.0.1:9/v1")
+
+
+def test_load_model_spec_through_registry(fake_openai, fake_key, png) -> None:  # noqa: F811
+    from harness.models import load_model
+
+    path, _ = png
+    fake_openai.reply = lambda body: "left lung"
+    spec = f"openai:test-vlm@{fake_openai.base_url},api_key_env=MEDVQA_TEST_KEY,max_concurrency=2,timeout=5"
+    model = load_model(spec)
+    assert isinstance(model, OpenAIModel) and model.spec == spec and model.client.max_concurrency == 2
+    assert model.generate([GenerationRequest(str(path), chat_prompt("q"))], GenerationSettings()) == [
+        "left lung"
+    ]
+
+
+def test_images_other_formats_and_bad_images(tmp_path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(tmp_path / "a.jpg", format="JPEG")
+    assert image_data_url(tmp_path / "a.jpg").startswith("data:image/jpeg;base64,")
+    Image.new("L", (4, 4), 9).save(tmp_path / "a.bmp", format="BMP")
+    url = image_data_url(str(tmp_path / "a.bmp"))  # not accepted by the API: re-encoded
+    assert url.startswith("data:image/png;base64,")
+    assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size == (4, 4)
+    with pytest.raises(BadInput, match="not found"):
+        image_data_url(str(tmp_path / "missing.png"))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(BadInput, match="cannot be decoded"):
+        image_data_url(str(tmp_path / "bad.png"))
+
+
+def test_response_cache_for_deterministic_requests(fake_openai, fake_key, png, tmp_path) -> None:  # noqa: F811
+    path, _ = png
+    fake_openai.reply = lambda body: "yes"
+    reqs = [GenerationRequest(str(path), chat_prompt(f"q{i}")) for i in range(3)]
+    model = make_model(fake_openai, cache=str(tmp_path / "cache.sqlite"))
+    assert model.generate(reqs, GenerationSettings()) == ["yes"] * 3
+    model.close()
+    again = make_model(fake_openai, cache=str(tmp_path / "cache.sqlite"))
+    assert again.generate(reqs, GenerationSettings()) == ["yes"] * 3
+    assert fake_openai.n_requests == 3 and again.stats["cache_hits"] == 3
+    other = OpenAIModel(
+        f"other-vlm@{fake_openai.base_url}",
+        api_key_env="MEDVQA_TEST_KEY",
+        cache=str(tmp_path / "cache.sqlite"),
+    )
+    other.generate(reqs[:1], GenerationSettings())  # another model never gets these answers
+    assert fake_openai.n_requests == 4
+
+
+def test_key_never_written_or_logged(fake_openai, fake_key, png, tmp_path, caplog, capsys) -> None:  # noqa: F811
+    path, _ = png
+    caplog.set_level(logging.DEBUG)  # everything, including the openai and http client loggers
+    fake_openai.reply = lambda body: "yes"
+    fake_openai.faults.append(Fault(status=500, message=f"upstream saw {FAKE_KEY}"))
+    model = make_model(fake_openai, cache=str(tmp_path / "run" / "cache.sqlite"))
+    model.generate([GenerationRequest(str(path), chat_prompt("q"))], GenerationSettings())
+    fake_openai.faults.append(Fault(status=401, message=f"Incorrect API key provided: {FAKE_KEY}"))
+    with pytest.raises(BadInput) as err:
+        model.generate([GenerationRequest(str(path), chat_prompt("other q"))], GenerationSettings())
+    model.close()
+    out = capsys.readouterr()
+    texts = [caplog.text, out.out, out.err, str(err.value), repr(model), repr(model.client), str(model.stats)]
+    texts += [r.getMessage() for r in caplog.records]
+    assert caplog.records  # the loggers did talk
+    assert not [t for t in texts if FAKE_KEY in t]
+    assert files_containing(tmp_path, FAKE_KEY) == []
+    assert (tmp_path / "run" / "cache.sqlite").exists()
+
+
+def test_redact() -> None:
+    assert redact(f"key {FAKE_KEY}!", FAKE_KEY) == "key ***!"
+    assert redact("Incorrect API key provided: sk-proj-abcd****wxyz") == "Incorrect API key provided: sk-***"
+
+
+def test_truncated_png_is_bad_input(tmp_path) -> None:
+    data = write_png(tmp_path / "ok.png", size=(16, 16))
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadInput, match=r"cut\.png.*cannot be decoded"):
+        image_data_url(tmp_path / "cut.png")
