@@ -385,3 +385,34 @@ def test_cli_converts_and_refuses_with_exit_2(tiny, capsys):
     assert code == 2
     assert "mm_projector_type" in err and "cluster" in err and "STLLaVA-Med" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_tied_embeddings_sharded_bfloat16(tiny):
+    """A tied lm_head (no lm_head.weight saved), sharded safetensors, bf16 weights kept as bf16."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlavaForConditionalGeneration
+
+    root, vision = tiny
+    src = _source(
+        root / "tied", kind="llama", extra_config={"tie_word_embeddings": True, "torch_dtype": "bfloat16"}
+    )
+    sd = load_file(str(src / "model.safetensors"))
+    sd.pop("lm_head.weight")
+    (src / "model.safetensors").unlink()
+    keys = sorted(sd)
+    half = len(keys) // 2
+    for i, part in enumerate((keys[:half], keys[half:])):
+        save_file(
+            {k: sd[k].to(torch.bfloat16).contiguous() for k in part},
+            str(src / f"model-0000{i + 1}-of-00002.safetensors"),
+        )
+    out = root / "tied-out"
+    record = convert_llava(src, str(vision), out)
+    assert record["dtype"] == "bfloat16"
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    emb = model.get_input_embeddings().weight
+    assert model.lm_head.weight.data_ptr() == emb.data_ptr()
+    assert emb.dtype == torch.bfloat16
+    vocab = sd["model.embed_tokens.weight"].shape[0]
+    assert torch.equal(emb[:vocab], sd["model.embed_tokens.weight"].to(torch.bfloat16))
+    assert model.model.vision_tower.embeddings.patch_embedding.weight.dtype == torch.bfloat16

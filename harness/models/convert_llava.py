@@ -78,6 +78,11 @@ _WRAPPER_KEYS = {
     "use_mm_proj",
     "tokenizer_model_max_length",
     "tokenizer_padding_side",
+    # LLaVA-Med v1.5's segmentation-token experiment fields (unused at inference)
+    "feature_outs",
+    "img_size",
+    "vision_backbone",
+    "segtok_posembed",
 }
 
 # The original chat formats (llava/conversation.py): `mistral_instruct` for LLaVA-Med v1.5,
