@@ -53,6 +53,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, cls: type, *,
             )
         )
         help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %: a literal "50%" must survive
         dest = prefix + f.name
         flag = _flag(prefix + f.name)
         kwargs: dict[str, Any] = {"dest": dest, "default": None, "help": help_text}

@@ -1,0 +1,171 @@
+"""Any LLaVA-Med `test.json` + image folder: data that others (or `medvqa data convert`) converted.
+
+Layout: `root/{split}.json` (e.g. `test.json`, as in LLaVA-Med's `data_RAD/`, `Slake1.0/`,
+`pvqa/` downstream folders) and the images in `root/images/` (or `root/` itself). Options name
+another file (`file="test_w_options.json"`) or image folder (`image_folder="imgs"`), both
+relative to the root. `root` may also be the JSON file itself.
+
+Each item: `id`, `image` (a path relative to the image folder), `conversations` (LLaVA-Med also
+spells it `conversatons`) whose first human turn is the question (the `<image>` token is removed)
+and whose first gpt turn is the gold answer, and `answer_type` (OPEN/CLOSED). An item without
+`answer_type` is typed by the yes/no rule, and the benchmark records that rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from benchmarks._files import (
+    DATASET_RULE,
+    Duplicates,
+    FileBenchmark,
+    ImageChecker,
+    Problems,
+    answer_type_field,
+    collect,
+    no_layout,
+    resolve_inside,
+    text_field,
+    yes_no_type,
+)
+from harness.errors import BadInput
+from harness.io import read_json
+from harness.registry import benchmarks
+from harness.types import VQASample
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaMedJsonOptions:
+    file: str = dataclasses.field(
+        default="", metadata={"help": "the JSON file, relative to the root (default: {split}.json)"}
+    )
+    image_folder: str = dataclasses.field(
+        default="",
+        metadata={
+            "help": "the image folder, relative to the root (default: images/ if present, else the root)"
+        },
+    )
+
+
+@benchmarks.register("llava-med-json")
+class LlavaMedJson(FileBenchmark):
+    """Any LLaVA-Med test.json + image folder (data converted by others or by `medvqa data convert`).
+
+    Options: `file` (JSON file relative to the root; default `{split}.json`) and `image_folder`
+    (relative to the root; default `images/` if present, else the root),
+    e.g. `LlavaMedJson(file="test_w_options.json", image_folder="imgs")`.
+    """
+
+    name = "llava-med-json"
+    base_version = "1"
+    version = base_version
+    splits = ("train", "test")
+    description = "Any LLaVA-Med test.json + image folder"
+    Options = LlavaMedJsonOptions
+
+    def canonical_split(self, split: str) -> str:
+        if not split or "/" in split or "\\" in split or split.startswith("."):
+            raise BadInput(f"split must be a plain name (the JSON file's stem), got {split!r}")
+        return split
+
+    def _paths(self, root: Path, split: str) -> tuple[Path, Path, Path]:
+        """(data root, JSON file, image folder)."""
+        root = Path(root)
+        if root.is_file():
+            data_root, file = root.parent, root
+        else:
+            data_root = root
+            name = self.options.file or f"{split}.json"
+            file = (
+                resolve_inside(root, name, path=root, index=None, field="file")
+                if root.is_dir()
+                else root / name
+            )
+            if not file.is_file():
+                raise no_layout(self.name, root, [f"{name} (a LLaVA-Med JSON list) + images/"])
+        if self.options.image_folder:
+            images = resolve_inside(
+                data_root, self.options.image_folder, path=data_root, index=None, field="image_folder"
+            )
+            if not images.is_dir():
+                raise BadInput("image folder not found", path=images, field="image_folder")
+        else:
+            images = data_root / "images" if (data_root / "images").is_dir() else data_root
+        return data_root, file, images
+
+    def detect_layout(self, root: Path, split: str = "test") -> str:
+        _, file, images = self._paths(root, split)
+        return f"LLaVA-Med JSON {file} with images in {images}"
+
+    def closed_rule(self, root: Path, split: str = "test") -> str:
+        _, file, _ = self._paths(root, split)
+        records = read_json(file)
+        if (
+            isinstance(records, list)
+            and records
+            and all(isinstance(r, dict) and "answer_type" in r for r in records)
+        ):
+            return DATASET_RULE
+        return "gold answer is yes/no for items without answer_type"
+
+    def load(
+        self, split: str, root: Path, *, skip_bad: bool = False, decode_images: bool = True
+    ) -> list[VQASample]:
+        split = self.canonical_split(split)
+        data_root, file, images = self._paths(root, split)
+        records = read_json(file)
+        if not isinstance(records, list):
+            raise BadInput(f"expected a JSON list of items, got {type(records).__name__}", path=file)
+        problems = Problems(skip_bad)
+        checker = ImageChecker(decode=decode_images)
+        dups = Duplicates(file)
+
+        def make(file: Path, index: object, rec: Any) -> VQASample:
+            id_field = "id" if isinstance(rec, dict) and "id" in rec else "question_id"
+            qid = text_field(rec, id_field, path=file, index=index)
+            dups.check(qid, index, field=id_field)
+            image_name = text_field(rec, "image", path=file, index=index)
+            image = resolve_inside(data_root, image_name, base=images, path=file, index=index, field="image")
+            checker.check(image, path=file, index=index, field="image")
+            question, answer = _turns(rec, path=file, index=index)
+            if "answer_type" in rec:
+                answer_type, source = answer_type_field(rec, path=file, index=index), "dataset"
+            else:
+                answer_type, source = yes_no_type(answer), "gold"
+            return VQASample(
+                id=qid,
+                image=str(image),
+                question=question,
+                answer=answer,
+                answer_type=answer_type,  # type: ignore[arg-type]
+                benchmark=self.name,
+                split=split,
+                meta={"image_id": image_name, "answer_type_source": source},
+            )
+
+        items = ((file, f"#{i} (id {_id(r)})", r) for i, r in enumerate(records))
+        samples = collect(items, make, problems)
+        self.skipped = problems.skipped
+        return samples
+
+
+def _id(rec: Any) -> Any:
+    return rec.get("id", rec.get("question_id")) if isinstance(rec, dict) else None
+
+
+def _turns(rec: dict, *, path: Path, index: object) -> tuple[str, str]:
+    """(question, gold answer) from `conversations` (or the misspelled `conversatons`)."""
+    key = "conversations" if "conversations" in rec else "conversatons"
+    conv = rec.get(key)
+    if conv is None:
+        raise BadInput("missing field", path=path, record=index, field="conversations")
+    if not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(t, dict) for t in conv):
+        raise BadInput("expected a list of at least two turns", path=path, record=index, field=key)
+    human = next((t for t in conv if t.get("from") in ("human", "user")), conv[0])
+    gpt = next((t for t in conv if t.get("from") in ("gpt", "assistant")), conv[1])
+    question = text_field(human, "value", path=path, index=index).replace("<image>", "").strip()
+    if not question:
+        raise BadInput("empty question", path=path, record=index, field=f"{key}[0].value")
+    return question, text_field(gpt, "value", path=path, index=index)

@@ -1,0 +1,435 @@
+"""`medvqa data phantom|inspect|overlap|convert`: build Phantom; look into and export benchmark data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from harness.errors import BadInput
+
+ORDER = 10
+
+DESCRIPTION = """\
+Build the embedded Phantom benchmark, and look into the benchmark files you already have.
+
+Real benchmarks are read from the layouts they are distributed in (the layout is detected):
+  vqa-rad         'VQA_RAD Dataset Public.json' + 'VQA_RAD Image Folder/', or HF data/*.parquet
+  slake           Slake1.0/{train,validate,test}.json + Slake1.0/imgs/   (English; --lang zh|all)
+  pathvqa         pvqa/qas/{split}/{split}_qa.pkl + pvqa/images/{split}/, or HF data/*.parquet
+  llava-med-json  any LLaVA-Med {split}.json + images/
+  phantom         a folder written by `medvqa data phantom`
+--root may be the folder that holds the files or its parent.
+
+examples:
+  medvqa data phantom --out data/phantom --seed 0 --size 32
+  medvqa data inspect vqa-rad --root ~/data/VQA_RAD
+  medvqa data inspect slake --root ~/data --lang zh --json
+  medvqa data overlap vqa-rad --root ~/data/vqa-rad-hf
+  medvqa data convert pathvqa --root ~/data/pvqa --split test --out pvqa_test/test.json --copy-images
+"""
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _add_benchmark_args(p: argparse.ArgumentParser, *, split: bool = True) -> None:
+    p.add_argument("benchmark", metavar="BENCHMARK", help="a registered benchmark (see `medvqa benchmarks`)")
+    p.add_argument("--root", required=True, type=Path, help="the data folder (or its parent)")
+    if split:
+        p.add_argument("--split", default="test", help="which split (default: test)")
+    p.add_argument(
+        "--lang",
+        choices=("en", "zh", "all"),
+        default=None,
+        help="slake only: question language (default: en)",
+    )
+    p.add_argument(
+        "-O",
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a benchmark option, repeatable (e.g. -O image_folder=imgs for llava-med-json)",
+    )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip records with a missing/corrupt image, missing field or duplicate id, and count them "
+        "(default: stop at the first one with an error that names file, record and field)",
+    )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser(
+        "data",
+        help="build Phantom; inspect, check overlap of, and convert benchmark data",
+        description=DESCRIPTION,
+        formatter_class=_formatter,
+    )
+    data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
+    dsub = data.add_subparsers(title="data commands", metavar="DATA_COMMAND")
+
+    p = dsub.add_parser(
+        "phantom",
+        help="generate the Phantom benchmark (synthetic radiology-like VQA) into a folder",
+        description="Generate Phantom: grayscale scenes (modality, region, plane, organs, lesions), "
+        "questions from a small grammar, captions. Same flags, same bytes.\n\nexamples:\n"
+        "  medvqa data phantom --out data/phantom\n"
+        "  medvqa data phantom --out data/phantom32 --size 32 --train-images 500 --test-images 100 --seed 1",
+        formatter_class=_formatter,
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, help="the folder to write (new, empty, or a Phantom folder)"
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    _add_phantom_flags(p)
+    p.set_defaults(func=run_phantom)
+
+    p = dsub.add_parser(
+        "inspect",
+        help="detect the layout of a benchmark folder and count questions, OPEN/CLOSED and images",
+        description="Detect the layout of BENCHMARK's files under --root, load one split (checking every "
+        "image), and print: layout, n, n_open, n_closed, n_images, the closed rule and the benchmark "
+        "version.\n\nexamples:\n"
+        "  medvqa data inspect vqa-rad --root ~/data/VQA_RAD\n"
+        "  medvqa data inspect slake --root ~/data/Slake1.0 --split validate --lang all\n"
+        "  medvqa data inspect pathvqa --root ~/data/pvqa --skip-bad --json",
+        formatter_class=_formatter,
+    )
+    _add_benchmark_args(p)
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object (n, n_open, n_closed, n_images, ...)"
+    )
+    p.set_defaults(func=run_inspect)
+
+    p = dsub.add_parser(
+        "overlap",
+        help="images shared between two splits, by content hash (sha256 of the bytes)",
+        description="Hash every image of two splits (sha256 of the bytes) and report the images that "
+        "appear in both, and how many test questions ask about them. A redistributed VQA-RAD split "
+        "was found to hold every test image in train.\n\nexamples:\n"
+        "  medvqa data overlap vqa-rad --root ~/data/vqa-rad-hf\n"
+        "  medvqa data overlap slake --root ~/data --train-split validate --json",
+        formatter_class=_formatter,
+    )
+    _add_benchmark_args(p, split=False)
+    p.add_argument("--train-split", default="train", help="the first split (default: train)")
+    p.add_argument("--test-split", default="test", help="the second split (default: test)")
+    p.add_argument("--examples", type=int, default=5, help="how many shared images to show (default: 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_overlap)
+
+    p = dsub.add_parser(
+        "convert",
+        help="export a split to LLaVA-Med test.json (id, image, conversations, answer_type)",
+        description="Export one split to a LLaVA-Med JSON list, so other tools can consume our splits. "
+        "Image paths are written relative to --root; images held as bytes (parquet layouts) are "
+        "written to the images folder beside --out. With --copy-images every image is copied there, "
+        "so the output folder is self-contained (`medvqa data inspect llava-med-json --root OUTDIR`).\n\n"
+        "examples:\n"
+        "  medvqa data convert vqa-rad --root ~/data/VQA_RAD --split test --out rad/test.json\n"
+        "  medvqa data convert pathvqa --root ~/data/pvqa-hf --split test --out pvqa/test.json",
+        formatter_class=_formatter,
+    )
+    _add_benchmark_args(p)
+    p.add_argument("--out", required=True, type=Path, help="the JSON file to write")
+    p.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="where exported images go (default: images/ beside --out)",
+    )
+    p.add_argument("--copy-images", action="store_true", help="copy file images too (self-contained output)")
+    p.set_defaults(func=run_convert)
+
+
+# ------------------------------------------------------------------------------------------ phantom
+
+
+def _add_phantom_flags(p: argparse.ArgumentParser) -> None:
+    """Flags from `benchmarks.phantom.PhantomConfig` (written once there, derived here)."""
+    try:
+        from benchmarks.phantom import PhantomConfig
+    except ImportError as exc:  # a broken install: keep the rest of the CLI usable
+        p.set_defaults(_phantom_import_error=str(exc))
+        return
+    from harness.config import add_dataclass_arguments
+
+    add_dataclass_arguments(p, PhantomConfig)
+
+
+def run_phantom(args: argparse.Namespace) -> int:
+    if getattr(args, "_phantom_import_error", None):
+        raise BadInput(f"the Phantom generator cannot be imported: {args._phantom_import_error}")
+    from benchmarks.phantom import PhantomConfig, write_phantom
+    from harness.config import dataclass_from_args
+
+    try:
+        config = dataclass_from_args(PhantomConfig, args)
+    except (TypeError, ValueError) as exc:
+        raise BadInput(f"bad Phantom setting: {exc}") from None
+    summary = write_phantom(args.out, config)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(
+        f"wrote Phantom v{summary.get('version')} to {summary.get('out')} (seed {summary.get('seed')}, "
+        f"{summary.get('size')} px) in {summary.get('seconds')} s"
+    )
+    for split, c in summary.get("splits", {}).items():
+        print(
+            f"  {split:<6} {c.get('images')} images, {c.get('samples')} questions "
+            f"({c.get('open')} OPEN, {c.get('closed')} CLOSED), {c.get('captions', 0)} captions"
+        )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BadInput(f"--option expects KEY=VALUE, got {item!r}")
+        options[key.strip()] = value
+    if args.lang is not None:
+        if args.benchmark != "slake" and "lang" not in options:
+            from benchmarks._files import option_fields
+            from harness.registry import benchmarks
+
+            cls = benchmarks.get(args.benchmark)
+            fields = [f[0] for f in option_fields(cls.Options)] if getattr(cls, "Options", None) else []
+            if "lang" not in fields:
+                raise BadInput(
+                    f"--lang applies to slake; benchmark {args.benchmark!r} has no language option"
+                )
+        options["lang"] = args.lang
+    return options
+
+
+def _benchmark(args: argparse.Namespace) -> Any:
+    from benchmarks._files import make_benchmark
+
+    return make_benchmark(args.benchmark, _options(args))
+
+
+def _load(bench: Any, split: str, root: Path, skip_bad: bool) -> tuple[list[Any], list[str], int]:
+    """(samples, skipped messages, number skipped) — file benchmarks keep messages, others a count."""
+    samples = bench.load(split, root, skip_bad=skip_bad)
+    messages = list(getattr(bench, "skipped", []) or [])
+    n_skipped = len(messages) if messages else int(getattr(bench, "n_skipped", 0) or 0)
+    return samples, messages, n_skipped
+
+
+def _closed_rule(bench: Any, root: Path, split: str) -> str:
+    try:
+        return bench.closed_rule(root, split)  # llava-med-json looks at the split's file
+    except TypeError:
+        return bench.closed_rule(root)
+
+
+def _layout(bench: Any, root: Path, split: str) -> str:
+    try:
+        return bench.detect_layout(root, split)
+    except TypeError:
+        return bench.detect_layout(root)
+
+
+# ------------------------------------------------------------------------------------------ inspect
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from benchmarks._files import is_yes_no
+
+    bench = _benchmark(args)
+    layout = _layout(bench, args.root, args.split)
+    samples, skipped, n_skipped = _load(bench, args.split, args.root, args.skip_bad)
+    split = samples[0].split if samples else args.split
+    n_open = sum(s.answer_type == "OPEN" for s in samples)
+    n_closed = len(samples) - n_open
+    closed_other = sum(s.answer_type == "CLOSED" and not is_yes_no(s.answer) for s in samples)
+    open_yes_no = sum(s.answer_type == "OPEN" and is_yes_no(s.answer) for s in samples)
+    out = {
+        "benchmark": bench.name,
+        "benchmark_version": bench.version,
+        "layout": layout,
+        "root": str(args.root),
+        "split": split,
+        "closed_rule": _closed_rule(bench, args.root, args.split),
+        "n": len(samples),
+        "n_open": n_open,
+        "n_closed": n_closed,
+        "n_images": len({s.image_id for s in samples}),
+        "n_closed_not_yes_no": closed_other,
+        "n_open_yes_no": open_yes_no,
+        "n_skipped": n_skipped,
+        "skipped": skipped[:20],
+    }
+    if args.json:
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return 0
+    print(f"benchmark    {out['benchmark']} (version {out['benchmark_version']})")
+    print(f"layout       {layout}")
+    print(f"split        {split}")
+    print(f"questions    {out['n']}  (OPEN {n_open}, CLOSED {n_closed})")
+    print(f"images       {out['n_images']}")
+    print(f"closed rule  {out['closed_rule']}")
+    if closed_other or open_yes_no:
+        print(
+            f"note         {closed_other} CLOSED questions have a non-yes/no answer; "
+            f"{open_yes_no} OPEN questions have a yes/no answer"
+        )
+    if args.skip_bad:
+        print(f"skipped      {n_skipped} bad record(s)")
+        for msg in skipped[:10]:
+            print(f"  - {msg}")
+        if n_skipped > 10:
+            print(f"  ... and {n_skipped - 10} more (--json lists 20)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ overlap
+
+
+def run_overlap(args: argparse.Namespace) -> int:
+    from benchmarks._files import image_sha256
+
+    bench = _benchmark(args)
+    hashes: dict[str, dict[str, str]] = {}  # split -> sha256 -> image id
+    per_question: dict[str, list[str]] = {}
+    n_skipped = 0
+    cache: dict[str, str] = {}
+    for split in (args.train_split, args.test_split):
+        samples, _, skipped = _load(bench, split, args.root, args.skip_bad)
+        n_skipped += skipped
+        seen: dict[str, str] = {}
+        digests = []
+        for s in samples:
+            key = s.image if isinstance(s.image, str) else None
+            if key is not None and key in cache:
+                digest = cache[key]
+            else:
+                try:
+                    digest = image_sha256(s.image)
+                except OSError as exc:
+                    raise BadInput(f"cannot read image ({exc.strerror})", path=s.image, record=s.id) from None
+                if key is not None:
+                    cache[key] = digest
+            seen.setdefault(digest, s.image_id)
+            digests.append(digest)
+        hashes[split] = seen
+        per_question[split] = digests
+    a, b = hashes[args.train_split], hashes[args.test_split]
+    shared = sorted(set(a) & set(b), key=lambda d: b[d])
+    shared_set = set(shared)
+    out = {
+        "benchmark": bench.name,
+        "benchmark_version": bench.version,
+        "layout": _layout(bench, args.root, args.test_split),
+        "splits": [args.train_split, args.test_split],
+        "n_images": {args.train_split: len(a), args.test_split: len(b)},
+        "n_shared_images": len(shared),
+        "share_of_test_images": round(100.0 * len(shared) / len(b), 2) if b else 0.0,
+        "n_test_questions_on_shared_images": sum(d in shared_set for d in per_question[args.test_split]),
+        "n_test_questions": len(per_question[args.test_split]),
+        "n_skipped": n_skipped,
+        "examples": [
+            {"sha256": d, args.train_split: a[d], args.test_split: b[d]}
+            for d in shared[: max(args.examples, 0)]
+        ],
+    }
+    if args.json:
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return 0
+    tr, te = args.train_split, args.test_split
+    print(f"{bench.name}: {out['layout']}")
+    print(f"images       {tr} {len(a)}, {te} {len(b)} (distinct by content)")
+    print(
+        f"shared       {len(shared)} images ({out['share_of_test_images']}% of {te} images), "
+        f"asked about by {out['n_test_questions_on_shared_images']} of {out['n_test_questions']} {te} questions"
+    )
+    for ex in out["examples"]:
+        print(f"  {ex['sha256'][:16]}  {tr}: {ex[tr]}  {te}: {ex[te]}")
+    if n_skipped:
+        print(f"skipped      {n_skipped} bad record(s)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ convert
+
+
+def _image_suffix(data: bytes) -> str:
+    for magic, suffix in ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"GIF8", ".gif"), (b"BM", ".bmp")):
+        if data.startswith(magic):
+            return suffix
+    return ".img"
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    import hashlib
+    import os
+    import shutil
+
+    from harness.io import atomic_write_json
+
+    bench = _benchmark(args)
+    samples, _, n_skipped = _load(bench, args.split, args.root, args.skip_bad)
+    out = Path(args.out)
+    images_dir = Path(args.images) if args.images else out.parent / "images"
+    real_root = Path(args.root).resolve()
+    items = []
+    n_written = 0
+    for s in samples:
+        if isinstance(s.image, bytes):
+            name = hashlib.sha256(s.image).hexdigest()[:20] + _image_suffix(s.image)
+            target = images_dir / name
+            if not target.exists():
+                images_dir.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(s.image)
+                n_written += 1
+            image = os.path.relpath(target, images_dir)
+        else:
+            src = Path(s.image)
+            try:
+                rel = src.resolve().relative_to(real_root)
+            except ValueError:
+                raise BadInput("image is outside --root", path=src, record=s.id) from None
+            if args.copy_images:
+                target = images_dir / rel
+                if not target.exists():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, target)
+                    n_written += 1
+            image = rel.as_posix()
+        items.append(
+            {
+                "id": s.id,
+                "image": image,
+                "answer_type": s.answer_type,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{s.question}"},
+                    {"from": "gpt", "value": s.answer},
+                ],
+            }
+        )
+    atomic_write_json(out, items)
+    folder = (
+        images_dir
+        if (args.copy_images or n_written or any(isinstance(s.image, bytes) for s in samples))
+        else real_root
+    )
+    print(
+        f"wrote {len(items)} items of {bench.name}/{args.split} to {out}"
+        + (f" (skipped {n_skipped} bad record(s))" if n_skipped else "")
+    )
+    print(
+        f"images: {folder} ({n_written} written); LLaVA-Med eval: --question-file {out} --image-folder {folder}",
+        file=sys.stdout,
+    )
+    return 0

@@ -1,0 +1,261 @@
+"""Untrusted data: malicious pickles, paths that escape the root, bad records (and --skip-bad)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import pickletools
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks._files import resolve_inside, safe_load_pickle
+from harness.errors import BadInput
+from harness.registry import benchmarks
+from tests import real_fixtures as fx
+
+
+class _CreatesFile:
+    """Unpickling this runs `open(marker, "w")`: the file appears if the pickle is executed."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+class _RunsShell:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def _write_malicious_pathvqa(root: Path, payload: Any) -> Path:
+    fx.make_pathvqa_original(root, splits=("test",))
+    records: list[Any] = fx.pathvqa_records("test")
+    records[1]["answer"] = payload  # hidden inside an otherwise ordinary record
+    with open(root / "pvqa" / "qas" / "test" / "test_qa.pkl", "wb") as fh:
+        pickle.dump(records, fh, protocol=2)
+    return root
+
+
+@pytest.mark.parametrize("payload_cls", [_CreatesFile, _RunsShell])
+def test_malicious_pickle_is_refused_and_never_executed(tmp_path: Path, payload_cls: type) -> None:
+    marker = tmp_path / "pwned"
+    root = _write_malicious_pathvqa(tmp_path / "data", payload_cls(marker))
+    pkl = root / "pvqa" / "qas" / "test" / "test_qa.pkl"
+    with pytest.raises(
+        BadInput, match=r"test_qa\.pkl: pickle refused: it references (builtins|io)\.open|system"
+    ) as exc:
+        benchmarks.get("pathvqa")().load("test", root)
+    assert "not executed" in str(exc.value)
+    assert not marker.exists()
+    # Control: the payload is real — a plain unpickler does create the file.
+    with open(pkl, "rb") as fh:
+        obj = pickle.load(fh)  # deliberately unsafe: proves the payload is real
+    if hasattr(obj[1]["answer"], "close"):
+        obj[1]["answer"].close()
+    assert marker.exists()
+
+
+def test_protocol0_global_and_plain_pickles(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(b"cos\nsystem\n(S'echo hi'\ntR.")  # protocol 0: GLOBAL + REDUCE
+    with pytest.raises(BadInput, match=r"evil\.pkl: pickle refused: it references os\.system"):
+        safe_load_pickle(evil)
+    good = tmp_path / "good.pkl"
+    data = [{"image": "a", "n": 1, "x": 1.5, "t": (1, None, True), "b": b"\x00", "s": {1, 2}}]
+    good.write_bytes(pickle.dumps(data, protocol=5))
+    assert safe_load_pickle(good) == data
+    trunc = tmp_path / "trunc.pkl"
+    trunc.write_bytes(pickle.dumps(data)[:-5])
+    with pytest.raises(BadInput, match=r"trunc\.pkl: not a readable pickle"):
+        safe_load_pickle(trunc)
+    assert pickletools  # the opcodes above are documented in pickletools
+
+
+# ------------------------------------------------------------------------------------------ paths
+
+
+def test_paths_escaping_the_root_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "imgs").mkdir(parents=True)
+    outside = fx.write_image(tmp_path / "secret" / "x.jpg", 1)
+    kw: dict[str, Any] = {"path": root / "test.json", "index": "#0", "field": "img_name"}
+    for bad, why in [
+        (str(outside), "absolute"),
+        ("/etc/passwd", "absolute"),
+        ("C:\\x.jpg", "absolute"),
+        ("../secret/x.jpg", "'..'"),
+        ("imgs/../../secret/x.jpg", "'..'"),
+        ("..\\secret\\x.jpg", "'..'"),
+    ]:
+        with pytest.raises(BadInput, match=why) as exc:
+            resolve_inside(root, bad, base=root / "imgs", **kw)
+        assert (
+            "test.json" in str(exc.value) and "record #0" in str(exc.value) and "'img_name'" in str(exc.value)
+        )
+    (root / "imgs" / "link").symlink_to(tmp_path / "secret")
+    with pytest.raises(BadInput, match="outside the data root through a symlink"):
+        resolve_inside(root, "link/x.jpg", base=root / "imgs", **kw)
+    # a symlink that stays inside the root is fine
+    fx.write_image(root / "real" / "y.jpg", 2)
+    (root / "imgs" / "inside").symlink_to(root / "real")
+    assert (
+        resolve_inside(root, "inside/y.jpg", base=root / "imgs", **kw) == (root / "real" / "y.jpg").resolve()
+    )
+
+
+def test_slake_image_symlink_escape_is_refused(tmp_path: Path) -> None:
+    root = fx.make_slake(tmp_path / "data")
+    fx.write_image(tmp_path / "elsewhere" / "source.jpg", 3)
+    target = root / "Slake1.0" / "imgs" / "xmlab4"
+    for p in target.iterdir():
+        p.unlink()
+    target.rmdir()
+    target.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(BadInput, match=r"test\.json, record #0 \(qid 201\), field 'img_name': .*symlink"):
+        benchmarks.get("slake")().load("test", root)
+
+
+def test_vqa_rad_dotdot_image_name(tmp_path: Path) -> None:
+    records = fx.vqa_rad_records()
+    records[3]["image_name"] = "../../outside.jpg"
+    fx.write_image(tmp_path / "outside.jpg", 1)
+    root = fx.make_vqa_rad_original(tmp_path / "a" / "rad", records)
+    with pytest.raises(
+        BadInput, match=r"record #3 \(qid 4\), field 'image_name': image path '\.\./\.\./outside\.jpg'"
+    ):
+        benchmarks.get("vqa-rad")().load("test", root)
+
+
+# ------------------------------------------------------------------------------------------ bad records
+
+
+def _rad_with(tmp_path: Path, change: Any) -> Path:
+    records = fx.vqa_rad_records()
+    change(records)
+    return fx.make_vqa_rad_original(tmp_path / "rad", records)
+
+
+BAD_RAD = {
+    "missing field": (
+        lambda r: r[4].pop("question"),
+        r"record #4 \(qid 5\), field 'question': missing field",
+    ),
+    "duplicate qid": (
+        lambda r: r[5].update(qid=4),
+        r"record #5 \(qid 4\), field 'qid': duplicate question id '4' \(first seen at record #3 \(qid 4\)\)",
+    ),
+    "unknown answer type": (
+        lambda r: r[6].update(answer_type="MAYBE"),
+        r"record #6 \(qid 7\), field 'answer_type': unknown answer type 'MAYBE'",
+    ),
+    "missing image": (
+        lambda r: r[7].update(image_name="synpic9.jpg"),
+        r"record #7 \(qid 8\), field 'image_name': image not found .*synpic9\.jpg",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RAD))
+def test_bad_record_names_file_record_field(tmp_path: Path, case: str) -> None:
+    change, pattern = BAD_RAD[case]
+    root = _rad_with(tmp_path, change)
+    bench = benchmarks.get("vqa-rad")()
+    with pytest.raises(BadInput, match=pattern) as exc:
+        bench.load("test", root)
+    assert str(exc.value).startswith(str(root / fx.VQA_RAD_JSON))
+    samples = bench.load("test", root, skip_bad=True)
+    assert len(samples) == 4 and len(bench.skipped) == 1
+    assert "record" in bench.skipped[0]
+
+
+def test_corrupt_image_and_skip_bad_counts(tmp_path: Path) -> None:
+    root = fx.make_vqa_rad_original(tmp_path / "rad")
+    (root / fx.VQA_RAD_IMAGES / "synpic3.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    bench = benchmarks.get("vqa-rad")()
+    with pytest.raises(BadInput, match=r"record #5 \(qid 6\), field 'image_name': corrupt image"):
+        bench.load("test", root)
+    samples = bench.load("test", root, skip_bad=True)
+    assert [s.id for s in samples] == ["4", "5"]  # the 3 questions on synpic3 are skipped
+    assert len(bench.skipped) == 3
+
+
+def test_corrupt_parquet_image_and_missing_column(tmp_path: Path) -> None:
+    rows = fx.hf_rows([(1, "is it?", "yes"), (2, "what?", "lung")])
+    rows[1]["image"] = {"bytes": b"garbage bytes", "path": "img2.png"}
+    fx.make_parquet(tmp_path / "hf" / "data" / "test-00000-of-00001.parquet", rows)
+    bench = benchmarks.get("vqa-rad")()
+    with pytest.raises(
+        BadInput, match=r"test-00000-of-00001\.parquet, record row 1, field 'image': corrupt image"
+    ):
+        bench.load("test", tmp_path / "hf")
+    assert len(bench.load("test", tmp_path / "hf", skip_bad=True)) == 1 and len(bench.skipped) == 1
+    fx.make_parquet(tmp_path / "hf2" / "data" / "test-0.parquet", [{"question": "q", "answer": "a"}])
+    with pytest.raises(
+        BadInput, match=r"test-0\.parquet, field 'image': parquet file lacks column\(s\) \['image'\]"
+    ):
+        bench.load("test", tmp_path / "hf2")
+
+
+def test_parquet_image_path_cell_cannot_escape(tmp_path: Path) -> None:
+    fx.write_image(tmp_path / "secret.png", 1, "PNG")
+    rows = [{"image": {"bytes": None, "path": "../secret.png"}, "question": "q?", "answer": "yes"}]
+    fx.make_parquet(tmp_path / "hf" / "data" / "test-0.parquet", rows)
+    with pytest.raises(
+        BadInput, match=r"field 'image\.path': image path '\.\./secret\.png' with '\.\.' refused"
+    ):
+        benchmarks.get("pathvqa")().load("test", tmp_path / "hf")
+
+
+def test_slake_duplicate_qid_and_missing_field(tmp_path: Path) -> None:
+    root = fx.make_slake(tmp_path)
+    records = fx.slake_records("test")
+    records[2]["qid"] = records[0]["qid"]
+    del records[3]["answer"]
+    fx.write_json(root / "Slake1.0" / "test.json", records)
+    bench = benchmarks.get("slake")()
+    with pytest.raises(
+        BadInput, match=r"test\.json, record #2 \(qid 201\), field 'qid': duplicate question id '201'"
+    ):
+        bench.load("test", root)
+    samples = bench.load("test", root, skip_bad=True)
+    assert len(samples) == 2 and len(bench.skipped) == 2
+    assert "field 'answer': missing field" in bench.skipped[1]
+
+
+def test_pathvqa_missing_image_and_bad_record_type(tmp_path: Path) -> None:
+    root = fx.make_pathvqa_original(tmp_path, splits=("test",))
+    records: list[Any] = fx.pathvqa_records("test")
+    records[2]["image"] = "test_0099"
+    records.append("not a dict")
+    with open(root / "pvqa" / "qas" / "test" / "test_qa.pkl", "wb") as fh:
+        pickle.dump(records, fh)
+    bench = benchmarks.get("pathvqa")()
+    with pytest.raises(
+        BadInput, match=r"test_qa\.pkl, record #2, field 'image': image not found .*test_0099\.jpg"
+    ):
+        bench.load("test", root)
+    samples = bench.load("test", root, skip_bad=True)
+    assert len(samples) == 4 and len(bench.skipped) == 2
+    assert "record #5: expected an object, got str" in bench.skipped[1]
+    assert [s.id for s in samples] == ["test-00000", "test-00001", "test-00003", "test-00004"]  # ids stay put
+
+
+def test_llava_med_json_escape_and_duplicates(tmp_path: Path) -> None:
+    items = fx.llava_med_items()
+    items[1]["id"] = 0
+    items[2]["image"] = "/etc/hostname"
+    root = fx.make_llava_med(tmp_path, items)
+    bench = benchmarks.get("llava-med-json")()
+    with pytest.raises(BadInput, match=r"record #1 \(id 0\), field 'id': duplicate question id '0'"):
+        bench.load("test", root)
+    assert len(bench.load("test", root, skip_bad=True)) == 1
+    assert "absolute image path '/etc/hostname' refused" in bench.skipped[1]
+    with pytest.raises(BadInput, match=r"'\.\.' refused"):
+        benchmarks.get("llava-med-json")(file="../test.json").load("test", root)
