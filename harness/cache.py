@@ -53,7 +53,10 @@ def is_cacheable(params: Mapping[str, Any]) -> bool:
     """
     if int(params.get("n", 1) or 1) > 1 or int(params.get("best_of", 1) or 1) > 1:
         return False
-    sampling = bool(params.get("do_sample", False)) or float(params.get("temperature", 0.0) or 0.0) > 0.0
+    if "do_sample" in params:  # transformers semantics: greedy whatever the temperature
+        sampling = bool(params["do_sample"])
+    else:  # OpenAI semantics: temperature > 0 samples
+        sampling = float(params.get("temperature", 0.0) or 0.0) > 0.0
     return not sampling or params.get("seed") is not None
 
 

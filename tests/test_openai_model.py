@@ -1,4 +1,5 @@
 """The `openai:` adapter against a real OpenAI-compatible HTTP server on 127.0.0.1."""
+# ruff: noqa: F811 - the loopback-server fixtures are imported from tests._openai_server
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def png(tmp_path):
     return path, write_png(path)
 
 
-def test_chat_round_trip_request_body(fake_openai, fake_key, png) -> None:  # noqa: F811
+def test_chat_round_trip_request_body(fake_openai, fake_key, png) -> None:
     path, data = png
     fake_openai.reply = lambda body: "  yes  "
     model = make_model(fake_openai)
@@ -75,7 +76,7 @@ def test_chat_round_trip_request_body(fake_openai, fake_key, png) -> None:  # no
     assert fake_openai.auth == [f"Bearer {FAKE_KEY}"]
 
 
-def test_sampling_settings_and_raw_text_prompt(fake_openai, fake_key, png) -> None:  # noqa: F811
+def test_sampling_settings_and_raw_text_prompt(fake_openai, fake_key, png) -> None:
     _, data = png
     model = make_model(fake_openai, image_detail="low")
     settings = GenerationSettings(max_new_tokens=5, do_sample=True, temperature=1.2, top_p=0.95, seed=11)
@@ -89,7 +90,7 @@ def test_sampling_settings_and_raw_text_prompt(fake_openai, fake_key, png) -> No
     assert text_part["text"] == "What organ is shown? Answer briefly."  # placeholder removed
 
 
-def test_order_preserved_and_concurrency_bounded(fake_openai, fake_key, png) -> None:  # noqa: F811
+def test_order_preserved_and_concurrency_bounded(fake_openai, fake_key, png) -> None:
     path, _ = png
     fake_openai.delay = 0.1
     fake_openai.reply = lambda body: body["messages"][-1]["content"][-1]["text"].upper()
@@ -114,7 +115,7 @@ def test_order_preserved_and_concurrency_bounded(fake_openai, fake_key, png) -> 
     ],
     ids=["429", "500", "503", "timeout"],
 )
-def test_transient_fault_then_success(fake_openai, fake_key, png, fault) -> None:  # noqa: F811
+def test_transient_fault_then_success(fake_openai, fake_key, png, fault) -> None:
     path, _ = png
     fake_openai.faults.append(fault)
     fake_openai.reply = lambda body: "no"
@@ -124,7 +125,7 @@ def test_transient_fault_then_success(fake_openai, fake_key, png, fault) -> None
     assert model.stats["retries"] == 1 and model.stats["completed"] == 1
 
 
-def test_retry_after_is_honoured(fake_openai, fake_key, png) -> None:  # noqa: F811
+def test_retry_after_is_honoured(fake_openai, fake_key, png) -> None:
     path, _ = png
     fake_openai.faults.append(Fault(status=429, headers={"retry-after": "0.6"}))
     model = make_model(fake_openai, backoff="0.0", backoff_max="0.0")
@@ -136,7 +137,7 @@ def test_retry_after_is_honoured(fake_openai, fake_key, png) -> None:  # noqa: F
     assert parse_retry_after({"retry-after": "soon"}) is None
 
 
-def test_retries_exhausted_is_a_clear_error(fake_openai, fake_key, png) -> None:  # noqa: F811
+def test_retries_exhausted_is_a_clear_error(fake_openai, fake_key, png) -> None:
     path, _ = png
     fake_openai.faults.extend(Fault(status=502) for _ in range(4))
     model = make_model(fake_openai, max_retries="3")
@@ -146,7 +147,7 @@ def test_retries_exhausted_is_a_clear_error(fake_openai, fake_key, png) -> None:
     assert FAKE_KEY not in str(err.value)
 
 
-def test_401_is_bad_input_naming_model_and_url_not_key(fake_openai, fake_key, png) -> None:  # noqa: F811
+def test_401_is_bad_input_naming_model_and_url_not_key(fake_openai, fake_key, png) -> None:
     path, _ = png
     # Real servers echo (part of) the key back; the message must not carry it.
     fake_openai.faults.append(Fault(status=401, message=f"Incorrect API key provided: {FAKE_KEY}"))
@@ -160,7 +161,7 @@ def test_401_is_bad_input_naming_model_and_url_not_key(fake_openai, fake_key, pn
     assert fake_openai.n_requests == 1  # not retried
 
 
-def test_404_is_bad_input_about_model_or_url(fake_openai, fake_key, png) -> None:  # noqa: F811
+def test_404_is_bad_input_about_model_or_url(fake_openai, fake_key, png) -> None:
     path, _ = png
     fake_openai.faults.append(Fault(status=404, message="The model `test-vlm` does not exist."))
     model = make_model(fake_openai)
@@ -169,7 +170,7 @@ def test_404_is_bad_input_about_model_or_url(fake_openai, fake_key, png) -> None
     assert fake_openai.n_requests == 1
 
 
-def test_wrong_port_is_a_connection_error(fake_key, png) -> None:  # noqa: F811
+def test_wrong_port_is_a_connection_error(fake_key, png) -> None:
     import socket
 
     with socket.socket() as s:
@@ -204,7 +205,7 @@ def test_spec_fingerprint_and_missing_key(monkeypatch) -> None:
         OpenAIModel("m@127.0.0.1:9/v1")
 
 
-def test_load_model_spec_through_registry(fake_openai, fake_key, png) -> None:  # noqa: F811
+def test_load_model_spec_through_registry(fake_openai, fake_key, png) -> None:
     from harness.models import load_model
 
     path, _ = png
@@ -233,7 +234,7 @@ def test_images_other_formats_and_bad_images(tmp_path) -> None:
         image_data_url(str(tmp_path / "bad.png"))
 
 
-def test_response_cache_for_deterministic_requests(fake_openai, fake_key, png, tmp_path) -> None:  # noqa: F811
+def test_response_cache_for_deterministic_requests(fake_openai, fake_key, png, tmp_path) -> None:
     path, _ = png
     fake_openai.reply = lambda body: "yes"
     reqs = [GenerationRequest(str(path), chat_prompt(f"q{i}")) for i in range(3)]
@@ -252,7 +253,7 @@ def test_response_cache_for_deterministic_requests(fake_openai, fake_key, png, t
     assert fake_openai.n_requests == 4
 
 
-def test_key_never_written_or_logged(fake_openai, fake_key, png, tmp_path, caplog, capsys) -> None:  # noqa: F811
+def test_key_never_written_or_logged(fake_openai, fake_key, png, tmp_path, caplog, capsys) -> None:
     path, _ = png
     caplog.set_level(logging.DEBUG)  # everything, including the openai and http client loggers
     fake_openai.reply = lambda body: "yes"

@@ -1,0 +1,275 @@
+"""The `openai` expert (judge) against a real OpenAI-compatible HTTP server on 127.0.0.1."""
+# ruff: noqa: F811 - the loopback-server fixtures are imported from tests._openai_server
+
+from __future__ import annotations
+
+import argparse
+import base64
+import logging
+import re
+
+import pytest
+
+from harness.config import add_dataclass_arguments, dataclass_from_args, dataclass_from_mapping
+from harness.errors import BadInput
+from harness.registry import experts
+from harness.types import Expert
+from tests._openai_server import (  # noqa: F401 - fixtures
+    FAKE_KEY,
+    Fault,
+    fake_key,
+    fake_openai,
+    files_containing,
+    openai_server,
+    write_png,
+)
+from trainers.experts.openai import INSTRUCTIONS, OpenAIExpert, OpenAIExpertConfig, parse_scores
+
+
+def make_expert(fake, tmp_path, **overrides) -> OpenAIExpert:
+    config = OpenAIExpertConfig(
+        model="judge-vlm",
+        base_url=fake.base_url,
+        api_key_env="MEDVQA_TEST_KEY",
+        timeout=2.0,
+        max_retries=3,
+        backoff_initial=0.01,
+        backoff_max=0.05,
+        cache_path=str(tmp_path / "judge-cache.sqlite"),
+    )
+    cls = experts.get("openai")
+    return cls(cls.config_class(**{**config.__dict__, **overrides}))
+
+
+def by_answers(scores: dict[tuple[str, str], str]):
+    """A server reply function: look the answer pair up in the user text."""
+
+    def reply(body: dict) -> str:
+        text = body["messages"][1]["content"][1]["text"]
+        found = re.findall(r"\[Answer \d\]\n(.*?)\n\[End of Answer", text, flags=re.S)
+        return scores[tuple(found)]
+
+    return reply
+
+
+@pytest.fixture
+def images(tmp_path):
+    a = tmp_path / "a.png"
+    b = tmp_path / "b.png"
+    return (a, write_png(a, (255, 0, 0))), (b, write_png(b, (0, 0, 255)))
+
+
+@pytest.mark.parametrize(
+    ("reply", "scores"),
+    [
+        ("8 3", [8.0, 3.0]),
+        ("8, 3\nAnswer 1 names the organ.", [8.0, 3.0]),
+        ("8,3", [8.0, 3.0]),
+        ("  7.5 10 \n", [7.5, 10.0]),
+        ("\n9 1\nreason", [9.0, 1.0]),
+        ("Answer 1: 8, Answer 2: 3", None),
+        ("8/10 3/10", None),
+        ("8", None),
+        ("8 3 5", None),
+        ("11 3", None),
+        ("nan 3", None),
+        ("-1 3", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_parse_rule(reply, scores) -> None:
+    assert parse_scores(reply, 2) == scores
+
+
+def test_registry_config_and_interface(tmp_path) -> None:
+    cls = experts.get("openai")
+    assert cls is OpenAIExpert and cls.config_class is OpenAIExpertConfig
+    config = OpenAIExpertConfig()
+    assert (config.model, config.base_url, config.temperature, config.api_key_env) == (
+        "gpt-4o",
+        None,
+        0.2,
+        "OPENAI_API_KEY",
+    )
+    for name, f in OpenAIExpertConfig.__dataclass_fields__.items():
+        assert f.metadata.get("help"), f"{name} has no help"
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, OpenAIExpertConfig, prefix="expert_")
+    args = parser.parse_args(["--expert-model", "llava", "--expert-base-url", "http://127.0.0.1:1/v1"])
+    built = dataclass_from_args(OpenAIExpertConfig, args, prefix="expert_")
+    assert built.model == "llava" and built.base_url == "http://127.0.0.1:1/v1" and built.temperature == 0.2
+    assert (
+        dataclass_from_mapping(OpenAIExpertConfig, {"model": "m", "max_concurrency": 2}).max_concurrency == 2
+    )
+    # Constructing the expert needs no key (a fully cached rerun never asks for one).
+    expert = cls(built)
+    assert isinstance(expert, Expert) and expert.name == "openai"
+    with pytest.raises(BadInput, match="instruction version"):
+        cls(OpenAIExpertConfig(instruction_version="v0"))
+
+
+def test_judge_round_trip_request_body(fake_openai, fake_key, images, tmp_path) -> None:
+    (a, data), _ = images
+    fake_openai.reply = lambda body: "9 2\nAnswer 1 is right; answer 2 names the wrong organ."
+    expert = make_expert(fake_openai, tmp_path)
+    assert expert.judge(str(a), "Which organ is shown?", ["liver", "spleen"]) == [9.0, 2.0]
+    (body,) = fake_openai.bodies
+    assert body["model"] == "judge-vlm" and body["temperature"] == 0.2 and body["seed"] == 0
+    assert body["max_tokens"] == OpenAIExpertConfig().max_tokens
+    system, user = body["messages"]
+    assert system["role"] == "system" and "radiologist" in system["content"]
+    image_part, text_part = user["content"]
+    assert image_part["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(data).decode()
+    text = text_part["text"]
+    assert "Which organ is shown?" in text
+    assert "[Answer 1]\nliver\n[End of Answer 1]" in text and "[Answer 2]\nspleen\n[End of Answer 2]" in text
+    assert "first line contains only the 2 scores" in text
+    assert expert.counts()["calls"] == 1 and expert.counts()["judged"] == 1
+
+
+def test_malformed_reply_is_counted_not_fatal(fake_openai, fake_key, images, tmp_path) -> None:
+    (a, _), (b, _) = images
+    fake_openai.reply = by_answers({("yes", "no"): "Answer 1 is better.", ("left", "right"): "6 6"})
+    expert = make_expert(fake_openai, tmp_path)
+    results = expert.judge_many_detailed(
+        [(str(a), "Is it normal?", ["yes", "no"]), (str(b), "Side?", ["left", "right"])]
+    )
+    assert [r.status for r in results] == ["malformed", "ok"]
+    assert results[0].scores is None and results[0].skipped == "malformed judge reply"
+    assert results[0].reply == "Answer 1 is better."
+    assert results[1].scores == [6.0, 6.0] and results[1].skipped is None
+    counts = expert.counts()
+    assert (counts["malformed"], counts["judged"], counts["failed"], counts["calls"]) == (1, 1, 0, 2)
+
+
+def test_rerun_is_served_from_cache_without_key(fake_openai, fake_key, images, tmp_path, monkeypatch) -> None:
+    (a, _), (b, data_b) = images
+    fake_openai.reply = by_answers({("yes", "no"): "8 2", ("left", "right"): "not a score"})
+    items = [
+        (str(a), "Is it normal?", ["yes", "no"]),
+        {"image": data_b, "question": "Side?", "answers": ["left", "right"]},
+    ]
+    first = make_expert(fake_openai, tmp_path)
+    assert first.judge_many(items) == [[8.0, 2.0], None]
+    first.close()
+    assert fake_openai.n_requests == 2
+    monkeypatch.delenv("MEDVQA_TEST_KEY")  # a rerun on another machine, everything cached
+    again = make_expert(fake_openai, tmp_path)
+    # the same image given as bytes instead of a path: the key uses its content
+    seen = []
+    items2 = [(a.read_bytes(), "Is it normal?", ["yes", "no"]), (str(b), "Side?", ["left", "right"])]
+    assert again.judge_many_detailed(items2, on_result=lambda i, j: seen.append(i))[0].cached
+    assert sorted(seen) == [0, 1]
+    assert fake_openai.n_requests == 2  # the server saw no second request
+    counts = again.counts()
+    assert (counts["cache_hits"], counts["calls"], counts["malformed"]) == (2, 0, 1)
+    # Another judge model, another instruction text, other answers: not served from this cache.
+    monkeypatch.setenv("MEDVQA_TEST_KEY", FAKE_KEY)
+    fake_openai.reply = lambda body: "5 5"
+    assert make_expert(fake_openai, tmp_path, model="other-judge").judge_many(items[:1]) == [[5.0, 5.0]]
+    assert make_expert(fake_openai, tmp_path, seed=1).judge_many(items[:1]) == [[5.0, 5.0]]
+    assert fake_openai.n_requests == 4
+
+
+def test_crash_mid_batch_never_pays_twice(fake_openai, fake_key, images, tmp_path) -> None:
+    (a, _), _ = images
+    items = [(str(a), f"question {i}?", ["yes", "no"]) for i in range(6)]
+    fake_openai.reply = lambda body: "7 1"
+    # Three replies arrive, then the 4th request is refused for good (say the key was revoked
+    # mid-run): the run stops with BadInput (exit 2).
+    fake_openai.faults.extend([Fault(), Fault(), Fault(), Fault(status=401)])
+    expert = make_expert(fake_openai, tmp_path, max_concurrency=1)
+    with pytest.raises(BadInput, match="refused the API key"):
+        expert.judge_many(items)
+    expert.close()
+    assert fake_openai.n_requests == 4
+    rerun = make_expert(fake_openai, tmp_path, max_concurrency=1)
+    assert rerun.judge_many(items) == [[7.0, 1.0]] * 6
+    assert fake_openai.n_requests == 4 + 3  # only the three never judged
+    assert rerun.counts()["cache_hits"] == 3
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [Fault(status=429, headers={"retry-after-ms": "10"}), Fault(status=500), Fault(sleep=0.8)],
+    ids=["429", "500", "timeout"],
+)
+def test_transient_faults_are_retried(fake_openai, fake_key, images, tmp_path, fault) -> None:
+    (a, _), _ = images
+    fake_openai.faults.append(fault)
+    fake_openai.reply = lambda body: "4 9"
+    expert = make_expert(fake_openai, tmp_path, timeout=0.4)
+    assert expert.judge(str(a), "q?", ["x", "y"]) == [4.0, 9.0]
+    assert expert.counts()["retries"] == 1 and expert.counts()["http_requests"] == 2
+
+
+def test_failed_requests_are_counted_and_asked_again(fake_openai, fake_key, images, tmp_path) -> None:
+    (a, _), _ = images
+    fake_openai.faults.extend(Fault(status=503) for _ in range(3))
+    fake_openai.reply = lambda body: "4 9"
+    expert = make_expert(fake_openai, tmp_path, max_retries=2)
+    (result,) = expert.judge_many_detailed([(str(a), "q?", ["x", "y"])])
+    assert result.status == "failed" and result.scores is None and "HTTP 503" in result.skipped
+    assert expert.counts()["failed"] == 1
+    assert expert.judge(str(a), "q?", ["x", "y"]) == [4.0, 9.0]  # not cached as a failure
+
+
+def test_wrong_key_and_unknown_model_are_bad_input(fake_openai, fake_key, images, tmp_path) -> None:
+    (a, _), _ = images
+    fake_openai.faults.append(Fault(status=401, message=f"Incorrect API key provided: {FAKE_KEY}"))
+    with pytest.raises(BadInput) as err:
+        make_expert(fake_openai, tmp_path).judge(str(a), "q?", ["x", "y"])
+    assert "judge-vlm" in str(err.value) and fake_openai.base_url in str(err.value)
+    assert FAKE_KEY not in str(err.value)
+    fake_openai.faults.append(Fault(status=404, message="The model `judge-vlm` does not exist."))
+    with pytest.raises(BadInput, match=r"judge-vlm.*not found"):
+        make_expert(fake_openai, tmp_path).judge(str(a), "q?", ["x", "y"])
+
+
+def test_bounded_concurrency_and_duplicates_asked_once(fake_openai, fake_key, images, tmp_path) -> None:
+    (a, _), _ = images
+    fake_openai.delay = 0.1
+    fake_openai.reply = lambda body: "3 4"
+    expert = make_expert(fake_openai, tmp_path, max_concurrency=4)
+    items = [(str(a), f"q{i}?", ["x", "y"]) for i in range(12)] + [(str(a), "q0?", ["x", "y"])]
+    assert expert.judge_many(items) == [[3.0, 4.0]] * 13
+    assert fake_openai.n_requests == 12 and fake_openai.max_in_flight == 4
+
+
+def test_bad_items_name_the_record(fake_openai, fake_key, images, tmp_path) -> None:
+    (a, _), _ = images
+    expert = make_expert(fake_openai, tmp_path)
+    with pytest.raises(BadInput, match=r"record 1.*answers"):
+        expert.judge_many([(str(a), "q?", ["x", "y"]), (str(a), "q?", [])])
+    with pytest.raises(BadInput, match=r"missing\.png.*not found"):
+        expert.judge_many([(str(tmp_path / "missing.png"), "q?", ["x", "y"])])
+    assert fake_openai.n_requests == 0
+
+
+def test_key_never_written_or_logged(fake_openai, fake_key, images, tmp_path, caplog, capsys) -> None:
+    (a, _), _ = images
+    caplog.set_level(logging.DEBUG)
+    fake_openai.faults.append(
+        Fault(status=429, message=f"slow down {FAKE_KEY}", headers={"retry-after-ms": "5"})
+    )
+    fake_openai.reply = lambda body: "8 3"
+    expert = make_expert(fake_openai, tmp_path)
+    results = expert.judge_many_detailed([(str(a), "q?", ["x", "y"])])
+    fake_openai.faults.append(Fault(status=403, message=f"key {FAKE_KEY} may not use judge-vlm"))
+    with pytest.raises(BadInput) as err:
+        expert.judge(str(a), "another q?", ["x", "y"])
+    expert.close()
+    out = capsys.readouterr()
+    texts = [caplog.text, out.out, out.err, str(err.value), repr(expert), str(expert.counts()), str(results)]
+    texts += [str(expert.config)]
+    assert not [t for t in texts if FAKE_KEY in t]
+    assert files_containing(tmp_path, FAKE_KEY) == []
+    assert fake_openai.auth[0] == f"Bearer {FAKE_KEY}"  # it was sent, to the server only
+
+
+def test_instruction_is_versioned() -> None:
+    v1 = INSTRUCTIONS["medvqa-judge-v1"]
+    text = v1.render("What is shown?", ["a", "b", "c"])
+    assert "3 scores" in text and "(for example: 7 3 9)" in text
+    assert len(v1.sha256) == 16
