@@ -1,0 +1,403 @@
+"""The `hf:` adapter: any transformers image-text-to-text checkpoint (+ an optional PEFT adapter).
+
+`AutoModelForImageTextToText` + `AutoProcessor` load the model (LLaVA-1.5/1.6, LLaVA-Med in HF
+format, Idefics3, the tiny Phantom LLaVA, ...). A PEFT adapter is applied without merging, so the
+base weights stay as they are. `trust_remote_code` is off unless the spec says
+`trust_remote_code=1`.
+
+Prompts: `Prompt.messages` go through the processor's chat template (so each model gets its own
+format); `Prompt.text` (a published raw convention with one `<image>`) is used verbatim.
+Trainers build their inputs with `render_prompt_text` / `encode` so train and eval formats match.
+
+Batched greedy generation pads on the LEFT and gives the same text as batch size 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from harness.errors import BadInput
+from harness.models import spec_flag
+from harness.registry import models
+from harness.types import GenerationRequest, GenerationSettings, Prompt
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+CONFIG_FILES = (
+    "config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "special_tokens_map.json",
+)
+# Weight files up to this size are content-hashed; larger ones by size + mtime + head/tail hash.
+FULL_HASH_LIMIT = 256 * 1024 * 1024
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _looks_like_path(target: str) -> bool:
+    return (
+        target.startswith(("/", "./", "../", "~", "."))
+        or target.count("/") > 1
+        or "\\" in target
+        or (os.sep != "/" and os.sep in target)
+    )
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if st.st_size <= FULL_HASH_LIMIT:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+            return h.hexdigest()
+        h.update(fh.read(1 << 20))
+        fh.seek(-(1 << 20), os.SEEK_END)
+        h.update(fh.read(1 << 20))
+    return f"{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()}"
+
+
+def folder_fingerprint(folder: str | Path) -> dict[str, str]:
+    """{relative file name: digest} of the config and weight files of a model or adapter folder."""
+    folder = Path(folder)
+    out: dict[str, str] = {}
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        rel = path.relative_to(folder).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue
+        if (
+            path.name in CONFIG_FILES
+            or path.name.endswith(WEIGHT_SUFFIXES)
+            or path.name.endswith(".index.json")
+        ):
+            out[rel] = _file_digest(path)
+    return out
+
+
+def _hub_folder(target: str, revision: str | None = None) -> Path | None:
+    """The local snapshot folder of a cached hub model, if there is one."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(target, "config.json", revision=revision)
+    except Exception:
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def render_prompt_text(processor: Any, prompt: Prompt) -> str:
+    """The exact text fed to the processor for `prompt` (before `<image>` expansion).
+
+    Chat messages are rendered with the processor's chat template and a generation prompt;
+    raw text is returned verbatim. Trainers append the target answer to this string.
+    """
+    if prompt.text is not None:
+        return prompt.text
+    if not prompt.messages:
+        raise ValueError("a Prompt needs messages or text")
+    template = getattr(processor, "chat_template", None) or getattr(
+        getattr(processor, "tokenizer", None), "chat_template", None
+    )
+    if not template:
+        raise BadInput(
+            f"the model's processor has no chat template, so prompt policy {prompt.policy!r} "
+            "(chat messages) cannot be rendered; use a raw-text policy (e.g. --prompt-policy llava-med-v1.5)",
+            field="chat_template",
+        )
+    return processor.apply_chat_template(
+        [dict(m) for m in prompt.messages], add_generation_prompt=True, tokenize=False
+    )
+
+
+def adds_special_tokens(prompt: Prompt) -> bool:
+    """Whether the tokenizer should add its BOS: a chat template writes its own, raw text does not."""
+    return prompt.text is not None
+
+
+def load_image(image: str | bytes, *, record: object = None) -> Any:
+    """Decode an image (path or bytes) to RGB; a file that does not decode is a BadInput."""
+    from PIL import Image, UnidentifiedImageError
+
+    where = image if isinstance(image, str) else "<image bytes>"
+    try:
+        if isinstance(image, bytes):
+            img = Image.open(io.BytesIO(image))
+        else:
+            img = Image.open(image)
+        img.load()
+        return img.convert("RGB")
+    except FileNotFoundError:
+        raise BadInput("image file not found", path=where, record=record, field="image") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise BadInput(f"image does not decode ({exc})", path=where, record=record, field="image") from None
+
+
+@models.register("hf")
+class HFModel:
+    """A transformers image-text-to-text model (+ optional PEFT adapter, not merged)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        spec: str | None = None,
+        adapter: str | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        trust_remote_code: Any = False,
+        revision: str | None = None,
+        attn_implementation: str | None = None,
+    ):
+        import torch
+
+        self.target = target
+        self.spec = spec or f"hf:{target}"
+        self.trust_remote_code = spec_flag(trust_remote_code)
+        self.revision = revision or None
+        if device in (None, "", "auto"):
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        dtype = dtype or ("float32" if self.device.type == "cpu" else "auto")
+        if dtype not in DTYPES:
+            raise BadInput(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}", field="--model")
+        self.dtype_name = dtype
+
+        self.model_dir, adapter_from_dir = self._resolve_model_dir(target)
+        self.adapter_dir = Path(adapter).expanduser() if adapter else adapter_from_dir
+        self.processor = self._load_processor()
+        self.model = self._load_model(attn_implementation)
+        if self.adapter_dir is not None:
+            self._apply_adapter()
+        self.model.eval()
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        self._fingerprint: str | None = None
+
+    # --- loading -----------------------------------------------------------------------------
+
+    def _resolve_model_dir(self, target: str) -> tuple[str | Path, Path | None]:
+        """(the base model folder or hub id, an adapter folder when `target` itself is an adapter)."""
+        path = Path(target).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise BadInput("model path is a file; expected a model folder", path=path, field="--model")
+            if (path / "config.json").is_file():
+                return path, None
+            if (path / "adapter_config.json").is_file():
+                cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+                base = cfg.get("base_model_name_or_path")
+                if not base:
+                    raise BadInput(
+                        "adapter folder does not name its base model; use hf:BASE,adapter=DIR",
+                        path=path / "adapter_config.json",
+                        field="base_model_name_or_path",
+                    )
+                base_dir, _ = self._resolve_model_dir(str(base))
+                return base_dir, path
+            raise BadInput(
+                "not a model folder (no config.json or adapter_config.json)", path=path, field="--model"
+            )
+        if _looks_like_path(target):
+            raise BadInput("model path does not exist", path=path, field="--model")
+        return target, None  # a hub id
+
+    def _hub_error(self, exc: Exception) -> BadInput:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            return BadInput(
+                f"hub model {self.model_dir!r} is not in the local cache and HF_HUB_OFFLINE is set "
+                "(download it first, or give a local folder)",
+                field="--model",
+            )
+        return BadInput(f"cannot load hub model {self.model_dir!r}: {first}", field="--model")
+
+    def _load_processor(self) -> Any:
+        from transformers import AutoProcessor
+
+        source = self.model_dir
+        if self.adapter_dir is not None and any(
+            (self.adapter_dir / f).is_file() for f in ("processor_config.json", "tokenizer_config.json")
+        ):
+            source = self.adapter_dir  # a trainer may save the processor beside its adapter
+        try:
+            processor = AutoProcessor.from_pretrained(
+                source, trust_remote_code=self.trust_remote_code, revision=self.revision
+            )
+        except OSError as exc:
+            raise self._hub_error(exc) from None
+        except ValueError as exc:
+            raise BadInput(
+                f"cannot load a processor ({str(exc).splitlines()[0]})", path=source, field="--model"
+            ) from None
+        if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+            raise BadInput(
+                f"not an image-text model: its processor is a {type(processor).__name__}, "
+                "with no image processor and tokenizer",
+                path=source,
+                field="--model",
+            )
+        return processor
+
+    def _load_model(self, attn_implementation: str | None) -> Any:
+        import torch
+        from transformers import AutoConfig, AutoModelForImageTextToText
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+        try:
+            config = AutoConfig.from_pretrained(
+                self.model_dir, trust_remote_code=self.trust_remote_code, revision=self.revision
+            )
+        except OSError as exc:
+            raise self._hub_error(exc) from None
+        except ValueError as exc:
+            raise BadInput(
+                f"cannot read the model config ({str(exc).splitlines()[0]})",
+                path=self.model_dir,
+                field="--model",
+            ) from None
+        auto_map = getattr(config, "auto_map", None) or {}
+        if (
+            config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+            and "AutoModelForImageTextToText" not in auto_map
+        ):
+            raise BadInput(
+                f"not an image-text model (model_type {config.model_type!r} has no "
+                "AutoModelForImageTextToText class); original-format LLaVA checkpoints need "
+                "`medvqa model convert-llava` first",
+                path=self.model_dir,
+                field="--model",
+            )
+        kwargs: dict[str, Any] = {
+            "trust_remote_code": self.trust_remote_code,
+            "revision": self.revision,
+            "dtype": self.dtype_name if self.dtype_name == "auto" else getattr(torch, self.dtype_name),
+        }
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(self.model_dir, config=config, **kwargs)
+        except OSError as exc:
+            raise self._hub_error(exc) from None
+        return model.to(self.device)
+
+    def _apply_adapter(self) -> None:
+        from peft import PeftModel
+
+        adapter = self.adapter_dir
+        assert adapter is not None
+        if not (adapter / "adapter_config.json").is_file():
+            raise BadInput(
+                "adapter folder has no adapter_config.json"
+                if adapter.exists()
+                else "adapter folder does not exist",
+                path=adapter,
+                field="adapter",
+            )
+        try:
+            self.model = PeftModel.from_pretrained(self.model, str(adapter), is_trainable=False)
+        except (RuntimeError, ValueError, KeyError, AttributeError) as exc:
+            msg = " ".join(str(exc).split())[:300]
+            raise BadInput(
+                f"adapter does not fit the base model {self.model_dir}: {msg}", path=adapter, field="adapter"
+            ) from None
+        self.model.to(self.device)
+
+    # --- identity ----------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the base model's config + weight files (+ the adapter's), and the dtype.
+
+        A new checkpoint (different weights) always gets a new fingerprint.
+        """
+        if self._fingerprint is None:
+            base_dir = Path(self.model_dir) if Path(self.model_dir).is_dir() else None
+            if base_dir is None:
+                base_dir = _hub_folder(str(self.model_dir), self.revision)
+            ident: dict[str, Any] = {
+                "base": folder_fingerprint(base_dir) if base_dir else {"hub_id": str(self.model_dir)},
+                "revision": self.revision,
+                "dtype": self.dtype_name,
+            }
+            if self.adapter_dir is not None:
+                ident["adapter"] = folder_fingerprint(self.adapter_dir)
+            blob = json.dumps(ident, sort_keys=True).encode("utf-8")
+            self._fingerprint = hashlib.sha256(blob).hexdigest()[:16]
+        return self._fingerprint
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec,
+            "fingerprint": self.fingerprint,
+            "model": str(self.model_dir),
+            "adapter": str(self.adapter_dir) if self.adapter_dir else None,
+            "dtype": self.dtype_name,
+            "class": type(self.model).__name__,
+        }
+
+    # --- inputs and generation ---------------------------------------------------------------
+
+    def encode(self, requests: Sequence[GenerationRequest], texts: Sequence[str] | None = None) -> Any:
+        """Processor inputs for a batch (left padding), on the model's device.
+
+        `texts` overrides the rendered prompt strings (e.g. prompt + answer for scoring).
+        """
+        if not requests:
+            raise ValueError("empty batch")
+        kinds = {adds_special_tokens(r.prompt) for r in requests}
+        if len(kinds) > 1:
+            raise ValueError("a batch mixes chat-message and raw-text prompts")
+        images = [load_image(r.image, record=r.id or None) for r in requests]
+        if texts is None:
+            texts = [render_prompt_text(self.processor, r.prompt) for r in requests]
+        inputs = self.processor(
+            images=images,
+            text=list(texts),
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=kinds.pop(),
+        )
+        return inputs.to(self.device)
+
+    def generate(self, requests: Sequence[GenerationRequest], settings: GenerationSettings) -> list[str]:
+        import torch
+
+        if not requests:
+            return []
+        inputs = self.encode(requests)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        gen_kwargs: dict[str, Any] = {
+            "max_new_tokens": settings.max_new_tokens,
+            "do_sample": settings.do_sample,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if settings.do_sample:
+            gen_kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+            torch.manual_seed(settings.seed)
+        else:
+            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **gen_kwargs)
+        new_tokens = out[:, inputs["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [t.strip() for t in texts]
