@@ -36,7 +36,7 @@ from harness.errors import BadInput
 from harness.registry import benchmarks
 from harness.types import Benchmark, VQASample
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"
 BUILD_HINT = "build one with: medvqa data phantom --out DIR"
 
 MODALITIES: tuple[str, ...] = ("ct", "mri", "x-ray")
@@ -111,6 +111,12 @@ class PhantomConfig:
     lesion_contrast: float = field(
         default=1.0, metadata={"help": "Scale of the lesions' contrast against their organ (lower = harder)."}
     )
+    lesion_weight: float = field(
+        default=2.0,
+        metadata={
+            "help": "How much more often questions about lesions are drawn than modality/region/plane ones."
+        },
+    )
     captions: bool = field(default=True, metadata={"help": "Write captions.jsonl for every split."})
 
     def validate(self) -> None:
@@ -125,6 +131,7 @@ class PhantomConfig:
             (1 <= self.max_lesions <= 4, "max_lesions must be in 1..4"),
             (self.noise >= 0.0, "noise must be >= 0"),
             (self.lesion_contrast > 0.0, "lesion_contrast must be > 0"),
+            (self.lesion_weight > 0.0, "lesion_weight must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -465,6 +472,13 @@ class Slot:
     answers: tuple[str, ...] = ()  # the possible answers (documentation and vocabulary)
     description: str = ""
 
+    @property
+    def about_lesions(self) -> bool:
+        return self.name not in _GLOBAL_SLOTS
+
+
+_GLOBAL_SLOTS = frozenset({"modality", "region", "plane", "is_modality", "is_region", "is_plane"})
+
 
 SLOTS: tuple[Slot, ...] = (
     Slot("modality", "OPEN", ("what modality is this?", "what imaging modality was used?",
@@ -685,14 +699,26 @@ def _defined(scene: Scene, slot: str, arg: str | None) -> str | None:
     return answer_for(scene, ParsedQuestion(slot, arg))
 
 
-def sample_questions(rng: Any, scene: Scene, n_open: int, n_closed: int) -> list[tuple[ParsedQuestion, str]]:
-    """OPEN questions on distinct defined slots, then CLOSED ones alternating yes/no from a random start."""
+def sample_questions(
+    rng: Any, scene: Scene, n_open: int, n_closed: int, lesion_weight: float = 1.0
+) -> list[tuple[ParsedQuestion, str]]:
+    """OPEN questions on distinct defined slots, then CLOSED ones alternating yes/no from a random start.
+
+    Slots about lesions are drawn `lesion_weight` times as often as the global ones (modality,
+    region, plane), among the slots defined for the scene.
+    """
     out: list[tuple[ParsedQuestion, str]] = []
+
+    def weight(slot: str) -> float:
+        return lesion_weight if SLOTS_BY_NAME[slot].about_lesions else 1.0
+
     open_slots = [
         s.name for s in SLOTS if s.answer_type == "OPEN" and _defined(scene, s.name, None) is not None
     ]
     k = min(n_open, len(open_slots))
-    for idx in sorted(rng.choice(len(open_slots), size=k, replace=False).tolist()) if k else []:
+    w = [weight(slot) for slot in open_slots]
+    p = [x / sum(w) for x in w]
+    for idx in sorted(rng.choice(len(open_slots), size=k, replace=False, p=p).tolist()) if k else []:
         slot = open_slots[idx]
         parsed = ParsedQuestion(slot, None, int(rng.integers(3)))
         out.append((parsed, _defined(scene, slot, None)))  # type: ignore[arg-type]
@@ -714,7 +740,8 @@ def sample_questions(rng: Any, scene: Scene, n_open: int, n_closed: int) -> list
         if not pool:
             break
         slots = sorted({s for s, _ in pool}, key=lambda s: [x.name for x in SLOTS].index(s))
-        slot = slots[int(rng.integers(len(slots)))]
+        w = [weight(slot) for slot in slots]
+        slot = slots[int(rng.choice(len(slots), p=[x / sum(w) for x in w]))]
         args = [a for s, a in pool if s == slot]
         arg = args[int(rng.integers(len(args)))]
         used.add((slot, arg))
@@ -782,7 +809,9 @@ def write_phantom(out_dir: str | Path, config: PhantomConfig | None = None) -> d
                 "n_lesions": scene.n_lesions,
             }
             for j, (parsed, answer) in enumerate(
-                sample_questions(rng, scene, config.open_per_image, config.closed_per_image)
+                sample_questions(
+                    rng, scene, config.open_per_image, config.closed_per_image, config.lesion_weight
+                )
             ):
                 answer_type = SLOTS_BY_NAME[parsed.slot].answer_type
                 n_open += answer_type == "OPEN"
