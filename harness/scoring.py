@@ -50,11 +50,11 @@ OPEN_METRICS: dict[str, tuple[str, ...]] = {
 }
 HEADLINE_METRICS: tuple[str, ...] = ("closed_accuracy", "open_recall")
 METRIC_HELP: dict[str, str] = {
-    "closed_accuracy": "CLOSED items answered right",
+    "closed_accuracy": "CLOSED items answered right (llava-med: gold is a substring of the prediction)",
     "open_recall": "OPEN items: share of gold words found in the prediction",
     "open_precision": "OPEN items: share of prediction words found in the gold answer",
     "open_f1": "OPEN items: harmonic mean of recall and precision",
-    "open_exact_match": "OPEN items: llava-med = distinct gold words / prediction words; strict = same text",
+    "open_exact_match": "OPEN items: llava-med: distinct gold words found / prediction words; strict: same text",
     "open_bleu": "OPEN items: sentence BLEU-4 (nltk, no smoothing)",
 }
 
