@@ -320,12 +320,18 @@ class OpenAIExpert:
 
     def counts(self) -> dict[str, int]:
         """items, calls (requests sent, one per uncached judgment), cache_hits, judged, malformed,
-        failed, plus the client's http_requests (retries included) and retries."""
+        failed, plus the client's http_requests (retries included), retries and token usage (the
+        cost of this run: cached judgments cost nothing)."""
         with self._lock:
             out = dict(self._counts)
         stats = self._client.stats if self._client is not None else None
-        out["http_requests"] = stats.requests if stats else 0
-        out["retries"] = stats.retries if stats else 0
+        for name, attr in (
+            ("http_requests", "requests"),
+            ("retries", "retries"),
+            ("prompt_tokens", "prompt_tokens"),
+            ("completion_tokens", "completion_tokens"),
+        ):
+            out[name] = getattr(stats, attr) if stats else 0
         return out
 
     def sampling(self) -> dict[str, Any]:
