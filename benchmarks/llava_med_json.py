@@ -23,7 +23,6 @@ from benchmarks._files import (
     FileBenchmark,
     ImageChecker,
     Problems,
-    answer_type_field,
     collect,
     no_layout,
     resolve_inside,
@@ -31,7 +30,6 @@ from benchmarks._files import (
     yes_no_type,
 )
 from harness.errors import BadInput
-from harness.io import read_json
 from harness.registry import benchmarks
 from harness.types import VQASample
 
@@ -101,71 +99,50 @@ class LlavaMedJson(FileBenchmark):
 
     def closed_rule(self, root: Path, split: str = "test") -> str:
         _, file, _ = self._paths(root, split)
-        records = read_json(file)
-        if (
-            isinstance(records, list)
-            and records
-            and all(isinstance(r, dict) and "answer_type" in r for r in records)
-        ):
+        from harness.answer_files import _records
+
+        if all(isinstance(r, dict) and "answer_type" in r for _, r in _records(file)):
             return DATASET_RULE
         return "gold answer is yes/no for items without answer_type"
 
     def load(
         self, split: str, root: Path, *, skip_bad: bool = False, decode_images: bool = True
     ) -> list[VQASample]:
+        from harness.answer_files import _llava_med_item, _records  # the same parser as `medvqa score`
+
         split = self.canonical_split(split)
         data_root, file, images = self._paths(root, split)
-        records = read_json(file)
-        if not isinstance(records, list):
-            raise BadInput(f"expected a JSON list of items, got {type(records).__name__}", path=file)
         problems = Problems(skip_bad)
         checker = ImageChecker(decode=decode_images)
         dups = Duplicates(file)
 
-        def make(file: Path, index: object, rec: Any) -> VQASample:
-            id_field = "id" if isinstance(rec, dict) and "id" in rec else "question_id"
-            qid = text_field(rec, id_field, path=file, index=index)
-            dups.check(qid, index, field=id_field)
+        def make(file: Path, label: object, rec: Any) -> VQASample:
+            index = f"{label} (id {_id(rec)})"
+            if not isinstance(rec, dict):
+                raise BadInput(f"expected an object, got {type(rec).__name__}", path=file, record=label)
+            source = "dataset" if "answer_type" in rec else "gold"
+            parsed = _llava_med_item(
+                rec if source == "dataset" else {**rec, "answer_type": "OPEN"},
+                path=file,
+                record=str(label),
+                image_root=images,
+                benchmark=self.name,
+                split=split,
+            )
+            dups.check(parsed.id, index, field="id")
             image_name = text_field(rec, "image", path=file, index=index)
             image = resolve_inside(data_root, image_name, base=images, path=file, index=index, field="image")
             checker.check(image, path=file, index=index, field="image")
-            question, answer = _turns(rec, path=file, index=index)
-            if "answer_type" in rec:
-                answer_type, source = answer_type_field(rec, path=file, index=index), "dataset"
-            else:
-                answer_type, source = yes_no_type(answer), "gold"
-            return VQASample(
-                id=qid,
-                image=str(image),
-                question=question,
-                answer=answer,
-                answer_type=answer_type,  # type: ignore[arg-type]
-                benchmark=self.name,
-                split=split,
-                meta={"image_id": image_name, "answer_type_source": source},
-            )
+            meta = {k: v for k, v in parsed.meta.items() if k != "image_path"}
+            if source == "gold" or "answer_type_source" not in meta:
+                meta["answer_type_source"] = source
+            answer_type = parsed.answer_type if source == "dataset" else yes_no_type(parsed.answer)
+            return dataclasses.replace(parsed, image=str(image), answer_type=answer_type, meta=meta)
 
-        items = ((file, f"#{i} (id {_id(r)})", r) for i, r in enumerate(records))
-        samples = collect(items, make, problems)
+        samples = collect(((file, label, rec) for label, rec in _records(file)), make, problems)
         self.skipped = problems.skipped
         return samples
 
 
 def _id(rec: Any) -> Any:
-    return rec.get("id", rec.get("question_id")) if isinstance(rec, dict) else None
-
-
-def _turns(rec: dict, *, path: Path, index: object) -> tuple[str, str]:
-    """(question, gold answer) from `conversations` (or the misspelled `conversatons`)."""
-    key = "conversations" if "conversations" in rec else "conversatons"
-    conv = rec.get(key)
-    if conv is None:
-        raise BadInput("missing field", path=path, record=index, field="conversations")
-    if not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(t, dict) for t in conv):
-        raise BadInput("expected a list of at least two turns", path=path, record=index, field=key)
-    human = next((t for t in conv if t.get("from") in ("human", "user")), conv[0])
-    gpt = next((t for t in conv if t.get("from") in ("gpt", "assistant")), conv[1])
-    question = text_field(human, "value", path=path, index=index).replace("<image>", "").strip()
-    if not question:
-        raise BadInput("empty question", path=path, record=index, field=f"{key}[0].value")
-    return question, text_field(gpt, "value", path=path, index=index)
+    return rec.get("id") if isinstance(rec, dict) else None

@@ -231,3 +231,5 @@ def test_convert_round_trip_matches_the_source(tmp_path: Path) -> None:
         (s.id, s.question, s.answer, s.answer_type) for s in src
     ]
     assert [Path(s.image).read_bytes() for s in back] == [s.image for s in src]
+    assert [s.image_id for s in back] == [s.image_id for s in src]  # meta rides along
+    assert {prompt_answer_type(s) for s in back} == {"OPEN"}  # still known to be gold-derived

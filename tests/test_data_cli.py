@@ -168,6 +168,8 @@ def test_convert_file_layout_relative_and_self_contained(
     code, text, _ = run(capsys, "data", "convert", "slake", "--root", root, "--split", "test", "--out", out)
     assert code == 0 and "wrote 4 items of slake/test" in text
     items = json.loads(out.read_text())
+    meta = items[0].pop("meta")  # ours, beside LLaVA-Med's fields (its scripts ignore it)
+    assert meta["image_id"] == "xmlab4/source.jpg" and meta["modality"] == "CT"
     assert items[0] == {
         "id": "201",
         "image": "Slake1.0/imgs/xmlab4/source.jpg",

@@ -253,7 +253,7 @@ def test_llava_med_json_escape_and_duplicates(tmp_path: Path) -> None:
     items[2]["image"] = "/etc/hostname"
     root = fx.make_llava_med(tmp_path, items)
     bench = benchmarks.get("llava-med-json")()
-    with pytest.raises(BadInput, match=r"record #1 \(id 0\), field 'id': duplicate question id '0'"):
+    with pytest.raises(BadInput, match=r"record item 1 \(id 0\), field 'id': duplicate question id '0'"):
         bench.load("test", root)
     assert len(bench.load("test", root, skip_bad=True)) == 1
     assert "absolute image path '/etc/hostname' refused" in bench.skipped[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -372,64 +371,45 @@ def _image_suffix(data: bytes) -> str:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    import dataclasses
     import hashlib
-    import os
     import shutil
 
-    from harness.io import atomic_write_json
+    from harness.answer_files import write_llava_med_test_json
 
     bench = _benchmark(args)
     samples, _, n_skipped = _load(bench, args.split, args.root, args.skip_bad)
     out = Path(args.out)
     images_dir = Path(args.images) if args.images else out.parent / "images"
     real_root = Path(args.root).resolve()
-    items = []
+    exported = args.copy_images or any(isinstance(s.image, bytes) for s in samples)
     n_written = 0
+    rows = []
     for s in samples:
-        if isinstance(s.image, bytes):
-            name = hashlib.sha256(s.image).hexdigest()[:20] + _image_suffix(s.image)
-            target = images_dir / name
+        if isinstance(s.image, bytes):  # parquet layouts: write the image bytes out, once per image
+            target = images_dir / (hashlib.sha256(s.image).hexdigest()[:20] + _image_suffix(s.image))
             if not target.exists():
-                images_dir.mkdir(parents=True, exist_ok=True)
+                target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(s.image)
                 n_written += 1
-            image = os.path.relpath(target, images_dir)
-        else:
-            src = Path(s.image)
+            s = dataclasses.replace(s, image=str(target))
+        elif args.copy_images:
             try:
-                rel = src.resolve().relative_to(real_root)
+                rel = Path(s.image).resolve().relative_to(real_root)
             except ValueError:
-                raise BadInput("image is outside --root", path=src, record=s.id) from None
-            if args.copy_images:
-                target = images_dir / rel
-                if not target.exists():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(src, target)
-                    n_written += 1
-            image = rel.as_posix()
-        items.append(
-            {
-                "id": s.id,
-                "image": image,
-                "answer_type": s.answer_type,
-                "conversations": [
-                    {"from": "human", "value": f"<image>\n{s.question}"},
-                    {"from": "gpt", "value": s.answer},
-                ],
-            }
-        )
-    atomic_write_json(out, items)
-    folder = (
-        images_dir
-        if (args.copy_images or n_written or any(isinstance(s.image, bytes) for s in samples))
-        else real_root
-    )
+                raise BadInput("image is outside --root", path=s.image, record=s.id) from None
+            target = images_dir / rel
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(s.image, target)
+                n_written += 1
+            s = dataclasses.replace(s, image=str(target))
+        rows.append(s)
+    folder = images_dir.resolve() if exported else real_root
+    n = write_llava_med_test_json(rows, out, root=folder)
+    skipped = f" (skipped {n_skipped} bad record(s))" if n_skipped else ""
+    print(f"wrote {n} items of {bench.name}/{args.split} to {out}{skipped}")
     print(
-        f"wrote {len(items)} items of {bench.name}/{args.split} to {out}"
-        + (f" (skipped {n_skipped} bad record(s))" if n_skipped else "")
-    )
-    print(
-        f"images: {folder} ({n_written} written); LLaVA-Med eval: --question-file {out} --image-folder {folder}",
-        file=sys.stdout,
+        f"images: {folder} ({n_written} written); LLaVA-Med eval: --question-file {out} --image-folder {folder}"
     )
     return 0
