@@ -61,6 +61,14 @@ class PromptPolicy:
     instruction: str = ""
     closed_options: str = ""
     generation: Mapping[str, Any] = field(default_factory=dict)
+    # Published output post-processing: the answer is the generated text up to the first of these
+    # strings, stripped (e.g. LLaVA-Med v1.0 cuts at its "###" separator). Empty: kept as generated.
+    stop: tuple[str, ...] = ()
+
+    def postprocess(self, text: str) -> str:
+        """The answer as the convention reads it from the generated text (cut at the first stop string)."""
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=len(text))
+        return text[:cut].strip()
 
     def instruction_for(self, answer_type: str) -> str:
         """The text appended to a question of this answer type (never looks at the gold answer)."""
@@ -113,6 +121,7 @@ class PromptPolicy:
             "instruction": self.instruction,
             "closed_options": self.closed_options,
             "generation": dict(self.generation),
+            "stop": list(self.stop),
         }
 
 
@@ -157,5 +166,45 @@ register_policy(
     PromptPolicy(
         name="plain",
         description="the model's own chat template with the bare question (no instruction)",
+    )
+)
+
+# --- published conventions (exact text of the original evaluation scripts) ----------------------
+# The system line shared by LLaVA's `conv_vicuna_v0`/`simple` and `llava_v1` templates.
+LLAVA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+register_policy(
+    PromptPolicy(
+        name="llava-med-v1",
+        description="LLaVA-Med v1.0 (llava/eval/model_vqa_med.py, conv 'simple'): system line, one "
+        "'Hi!' example turn, '###' separator, image after the question; sampling at T=0.7, "
+        "answer cut at the first '###'",
+        style="raw",
+        template=LLAVA_SYSTEM + "###Human: Hi!###Assistant: Hi there!  How can I help you today?\n"
+        "###Human: {question}{suffix}\n<image>###",
+        generation={"do_sample": True, "temperature": 0.7},
+        stop=("###",),
+    )
+)
+
+register_policy(
+    PromptPolicy(
+        name="llava-med-v1.5",
+        description="LLaVA-Med v1.5 (llava/eval/model_vqa.py, conv 'mistral_instruct'): "
+        "[INST] <image>\\n{question} [/INST], greedy",
+        style="raw",
+        template="[INST] <image>\n{question}{suffix} [/INST]",
+    )
+)
+
+register_policy(
+    PromptPolicy(
+        name="stllava-med",
+        description="STLLaVA-Med (conv 'llava_v1'): system line, USER: <image>\\n{question} ASSISTANT:, greedy",
+        style="raw",
+        template=LLAVA_SYSTEM + " USER: <image>\n{question}{suffix} ASSISTANT:",
     )
 )
