@@ -194,10 +194,22 @@ def guess_answer_type(question: str) -> str:
 
 
 def render_prompt_text(processor: Any, prompt: Prompt) -> str:
-    """The exact model input text for a prompt: the chat template (generation prompt) or raw text."""
+    """The exact model input text for a prompt, as `hf:` evaluation builds it.
+
+    Chat messages go through the model's chat template (which writes its own BOS); raw text is
+    used verbatim, and since evaluation lets the tokenizer add its BOS there while trl's collators
+    never add special tokens, the BOS is written into the text here.
+    """
+    from harness.models.hf import render_prompt_text as eval_render
+
+    text = eval_render(processor, prompt)
     if prompt.text is not None:
-        return prompt.text
-    return processor.apply_chat_template(list(prompt.messages), add_generation_prompt=True, tokenize=False)
+        tok = getattr(processor, "tokenizer", processor)
+        bos = tok.bos_token
+        ids = tok("x", add_special_tokens=True)["input_ids"]
+        if bos and ids and ids[0] == tok.bos_token_id and not text.startswith(bos):
+            text = bos + text
+    return text
 
 
 def completion_text(processor: Any, prompt: Prompt, prompt_text: str, answer: str) -> str:
@@ -415,8 +427,16 @@ def progress_callback(path: Path, stage: str) -> Any:
 # --- checkpoints -----------------------------------------------------------------------------
 
 
+def policy_name(name: str) -> str:
+    from harness.prompts import get_policy
+
+    return get_policy(name or None).name
+
+
 def save_model(model: Any, processor: Any, out_dir: Path) -> None:
-    """`save_pretrained` of the model (or PEFT adapter) and its processor."""
+    """`save_pretrained` of the model (or PEFT adapter) and its processor (main process only)."""
+    if not is_main_process():
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -448,8 +468,10 @@ def checkpoint_meta(
 
 
 def write_checkpoint(out_dir: Path, meta: Mapping[str, Any]) -> Path:
-    """Write `checkpoint.json` atomically (its presence marks a finished checkpoint)."""
+    """Write `checkpoint.json` atomically (its presence marks a finished checkpoint; main process only)."""
     path = Path(out_dir) / CHECKPOINT_FILE
+    if not is_main_process():
+        return path
     atomic_write_json(path, dict(meta))
     return path
 

@@ -1,0 +1,137 @@
+"""`reference` expert: judges against gold answers of labeled training QA the policy did not train on.
+
+The cheapest verifiable signal on real datasets: the labeled training QA outside the fraction the
+policy was trained on (`TrainRequest.heldout_samples`). A generated question about an image is
+judgeable only if it matches (after normalization) a held-out question about the same image;
+each answer then scores 10 × the token F1 between the answer and the gold answer (10 = same
+words). Anything else is unjudgeable (None), never guessed. Test-split samples are refused.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from harness.errors import BadInput
+from harness.registry import experts
+from harness.types import VQASample
+
+_PUNCT = re.compile(r"[^\w\s\-]+")
+
+
+def _norm(text: str) -> str:
+    return " ".join(_PUNCT.sub(" ", (text or "").lower()).split())
+
+
+def _f1(pred: str, gold: str) -> float:
+    p, g = _norm(pred).split(), _norm(gold).split()
+    if not p or not g:
+        return 0.0
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+@dataclass
+class ReferenceExpertConfig:
+    samples_file: str = field(
+        default="",
+        metadata={
+            "help": "held-out labeled TRAINING samples (our samples JSONL); empty = given by the trainer"
+        },
+    )
+    max_score: float = field(
+        default=10.0, metadata={"help": "score of an answer with the gold answer's words"}
+    )
+
+
+def _image_key(image: str | bytes, meta_id: str | None = None) -> str:
+    if meta_id:
+        return meta_id
+    if isinstance(image, bytes):
+        import hashlib
+
+        return hashlib.sha256(image).hexdigest()[:16]
+    return str(Path(image).resolve())
+
+
+@experts.register("reference")
+class ReferenceExpert:
+    """Judges against gold answers of held-out labeled training QA (training split only, never test)."""
+
+    name: ClassVar[str] = "reference"
+    config_class: ClassVar[type[ReferenceExpertConfig]] = ReferenceExpertConfig
+
+    def __init__(
+        self,
+        config: ReferenceExpertConfig | None = None,
+        *,
+        samples: Iterable[VQASample] | None = None,
+        **overrides: Any,
+    ):
+        config = config or ReferenceExpertConfig()
+        if overrides:
+            config = ReferenceExpertConfig(**{**asdict(config), **overrides})
+        self.config = config
+        if samples is None:
+            if not config.samples_file:
+                raise BadInput("the reference expert needs held-out training samples (--samples-file)")
+            samples = list(_read_samples(Path(config.samples_file)))
+        self._gold: dict[tuple[str, str], str] = {}
+        self.n_samples = 0
+        for s in samples:
+            if s.split != "train":
+                raise BadInput(
+                    f"the reference expert judges with training data only; sample {s.id!r} is from split {s.split!r}",
+                    record=s.id,
+                    field="split",
+                )
+            self._gold[(_image_key(s.image), _norm(s.question))] = s.answer
+            self.n_samples += 1
+        self._counts = {"items": 0, "judged": 0, "no_reference": 0}
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def judge(self, image: str | bytes, question: str, answers: Sequence[str]) -> list[float] | None:
+        self._counts["items"] += 1
+        gold = self._gold.get((_image_key(image), _norm(question)))
+        if gold is None:
+            self._counts["no_reference"] += 1
+            return None
+        self._counts["judged"] += 1
+        return [round(self.config.max_score * _f1(a, gold), 4) for a in answers]
+
+    def judge_many(self, items: Sequence[Any]) -> list[list[float] | None]:
+        out = []
+        for item in items:
+            if isinstance(item, dict):
+                out.append(self.judge(item["image"], item["question"], item["answers"]))
+            else:
+                out.append(self.judge(*item))
+        return out
+
+
+def _read_samples(path: Path) -> Iterable[VQASample]:
+    from harness.io import iter_jsonl
+
+    for lineno, rec in iter_jsonl(path):
+        try:
+            yield VQASample(
+                id=str(rec["id"]),
+                image=rec["image"],
+                question=rec["question"],
+                answer=rec["answer"],
+                answer_type=rec.get("answer_type", "OPEN"),
+                benchmark=rec.get("benchmark", ""),
+                split=rec.get("split", ""),
+                meta=rec.get("meta", {}),
+            )
+        except (KeyError, TypeError) as exc:
+            raise BadInput(f"malformed sample ({exc})", path=path, record=f"line {lineno}") from None
