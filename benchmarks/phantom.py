@@ -557,6 +557,25 @@ def normalize_question(text: str) -> str:
     return text
 
 
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def normalize_answer(text: str) -> str:
+    """An answer in the grammar's own form: `normalize_question`, digits as words, no articles.
+
+    "2" -> "two", "The Liver." -> "liver", "X ray" -> "x-ray", "none" -> "zero".
+    """
+    words = normalize_question(text).split()
+    words = [_NUMBER_WORDS[int(w)] if w.isdigit() and int(w) < len(_NUMBER_WORDS) else w for w in words]
+    words = ["zero" if w == "none" else w for w in words if w not in ("a", "an", "the")]
+    return " ".join(words)
+
+
+def answer_matches(gold: str, answer: str) -> bool:
+    """Whether `answer` says exactly the gold answer of the grammar (after `normalize_answer`)."""
+    return normalize_answer(answer) == normalize_answer(gold)
+
+
 def _compile_grammar() -> list[tuple[re.Pattern[str], str, int]]:
     compiled = []
     for spec in SLOTS:
@@ -1080,10 +1099,12 @@ __all__: Sequence[str] = (
     "PhantomConfig",
     "Scene",
     "answer_for",
+    "answer_matches",
     "caption_for",
     "corpus_texts",
     "load_captions",
     "load_scenes",
+    "normalize_answer",
     "parse_question",
     "render_question",
     "render_scene",

@@ -21,6 +21,7 @@ from benchmarks.phantom import (
     Scene,
     all_questions,
     answer_for,
+    answer_matches,
     caption_for,
     corpus_texts,
     load_captions,
@@ -280,3 +281,12 @@ def test_config_fields_have_help():
 
     for f in dataclasses.fields(PhantomConfig):
         assert f.metadata.get("help"), f.name
+
+
+def test_answer_matching_normalizes_numbers_articles_and_spelling():
+    assert answer_matches("two", "2") and answer_matches("two", " Two. ")
+    assert answer_matches("liver", "the liver") and answer_matches("x-ray", "X ray")
+    assert answer_matches("x-ray", "x - ray") and answer_matches("zero", "none")
+    assert answer_matches("upper left", "Upper left.")
+    assert not answer_matches("upper left", "upper right") and not answer_matches("yes", "no")
+    assert not answer_matches("two", "three") and not answer_matches("liver", "liver lesion")
