@@ -226,18 +226,21 @@ def _load(bench: Any, split: str, root: Path, skip_bad: bool) -> tuple[list[Any]
     return samples, messages, n_skipped
 
 
+def _takes_split(method: Any) -> bool:
+    import inspect
+
+    return "split" in inspect.signature(method).parameters
+
+
 def _closed_rule(bench: Any, root: Path, split: str) -> str:
-    try:
-        return bench.closed_rule(root, split)  # llava-med-json looks at the split's file
-    except TypeError:
-        return bench.closed_rule(root)
+    """The closed rule; llava-med-json looks at the split's own file, so it takes the split too."""
+    return bench.closed_rule(root, split) if _takes_split(bench.closed_rule) else bench.closed_rule(root)
 
 
 def _layout(bench: Any, root: Path, split: str) -> str:
-    try:
-        return bench.detect_layout(root, split)
-    except TypeError:
-        return bench.detect_layout(root)
+    return (
+        bench.detect_layout(root, split) if _takes_split(bench.detect_layout) else bench.detect_layout(root)
+    )
 
 
 # ------------------------------------------------------------------------------------------ inspect
