@@ -65,6 +65,26 @@ def redact(text: object, secret: str | None = None) -> str:
     return _KEYLIKE.sub(lambda m: m.group(1) + "-***", out)
 
 
+class Secret:
+    """Holds a key; its repr/str are `***`, so `vars()`, logs or tracebacks of an owner never show it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a Secret is not picklable (keys are read from the environment, never stored)")
+
+
 def normalize_base_url(base_url: str | None) -> str:
     """The endpoint's base URL without a trailing slash (`None` → the OpenAI API)."""
     url = (base_url or DEFAULT_BASE_URL).strip().rstrip("/")
@@ -271,7 +291,7 @@ class ChatClient:
         if int(self.max_concurrency) < 1:
             raise BadInput(f"max_concurrency must be >= 1, got {self.max_concurrency!r}")
         # Read (and check) the key now, so a missing key fails before any work; the client holds it.
-        self._secret = read_api_key(self.api_key_env, self.base_url)
+        self._secret = Secret(read_api_key(self.api_key_env, self.base_url))
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -292,7 +312,7 @@ class ChatClient:
                 import openai
 
                 self._client = openai.OpenAI(
-                    api_key=self._secret,
+                    api_key=self._secret.reveal(),
                     base_url=self.base_url,
                     max_retries=0,  # our loop retries (configurable delays, counted)
                     timeout=openai.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
@@ -341,18 +361,18 @@ class ChatClient:
                 self._count(failed=1)
                 raise BadInput(
                     f"{self._where()} refused the API key read from ${self.api_key_env} "
-                    f"(HTTP {_status_of(exc)}: {redact(_server_message(exc), self._secret)}); "
+                    f"(HTTP {_status_of(exc)}: {redact(_server_message(exc), self._secret.reveal())}); "
                     f"check the key and that it may use this model"
                 ) from None
             except openai.NotFoundError as exc:
                 self._count(failed=1)
                 raise BadInput(
-                    f"{self._where()}: not found (HTTP 404: {redact(_server_message(exc), self._secret)}); "
+                    f"{self._where()}: not found (HTTP 404: {redact(_server_message(exc), self._secret.reveal())}); "
                     f"check the model name and the base URL (it usually ends in /v1)"
                 ) from None
             except openai.APIStatusError as exc:
                 status = _status_of(exc)
-                message = redact(_server_message(exc), self._secret)
+                message = redact(_server_message(exc), self._secret.reveal())
                 if status not in RETRYABLE_STATUS:
                     self._count(failed=1)
                     raise EndpointError(

@@ -266,6 +266,7 @@ def test_key_never_written_or_logged(fake_openai, fake_key, png, tmp_path, caplo
     model.close()
     out = capsys.readouterr()
     texts = [caplog.text, out.out, out.err, str(err.value), repr(model), repr(model.client), str(model.stats)]
+    texts += [str(model.describe()), str(vars(model)), str(vars(model.client))]
     texts += [r.getMessage() for r in caplog.records]
     assert caplog.records  # the loggers did talk
     assert not [t for t in texts if FAKE_KEY in t]

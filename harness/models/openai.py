@@ -127,6 +127,18 @@ class OpenAIModel:
         """Hash of (model name, base URL, options that change answers) — never the key."""
         return stable_hash({"adapter": "openai", **self._identity()})
 
+    def describe(self) -> dict[str, Any]:
+        """What a run records about this model (the key's variable name, never the key)."""
+        return {
+            "spec": self.spec,
+            "fingerprint": self.fingerprint,
+            "model": self.model,
+            "base_url": self.base_url,
+            "image_detail": self.image_detail,
+            "api_key_env": self.client.api_key_env,
+            "max_concurrency": self.client.max_concurrency,
+        }
+
     def _identity(self) -> dict[str, Any]:
         identity: dict[str, Any] = dict(self.client.identity)
         if self.image_detail:
