@@ -296,11 +296,21 @@ def resolve_inside(
 # --------------------------------------------------------------------------------------------- images
 
 
-class ImageChecker:
-    """Checks that an image exists and decodes, once per image (questions share images)."""
+IMAGE_CHECKS = ("exists", "verify", "decode")
 
-    def __init__(self, decode: bool = True):
-        self.decode = decode
+
+class ImageChecker:
+    """Checks each image once (questions share images), at one of three levels.
+
+    `exists`: the file is there; `verify` (the loaders' default): PIL parses the file's structure
+    (cheap: PNG chunk CRCs, JPEG headers — no pixel decoding); `decode`: every pixel is decoded, which
+    also catches truncated JPEGs (`medvqa data inspect --decode`).
+    """
+
+    def __init__(self, level: str = "verify"):
+        if level not in IMAGE_CHECKS:
+            raise BadInput(f"image check must be one of {list(IMAGE_CHECKS)}, got {level!r}")
+        self.level = level
         self._cache: dict[object, str | None] = {}
 
     def problem(self, image: Path | bytes) -> str | None:
@@ -316,14 +326,17 @@ class ImageChecker:
                 return "image not found"
             if not image.is_file():
                 return "image path is not a file"
-        if not self.decode:
+        if self.level == "exists":
             return None
         from PIL import Image, UnidentifiedImageError
 
         try:
             src = io.BytesIO(image) if isinstance(image, bytes) else image
             with Image.open(src) as im:
-                im.verify()
+                if self.level == "decode":
+                    im.load()
+                else:
+                    im.verify()
         except (
             UnidentifiedImageError,
             OSError,

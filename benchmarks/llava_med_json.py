@@ -106,14 +106,14 @@ class LlavaMedJson(FileBenchmark):
         return "gold answer is yes/no for items without answer_type"
 
     def load(
-        self, split: str, root: Path, *, skip_bad: bool = False, decode_images: bool = True
+        self, split: str, root: Path, *, skip_bad: bool = False, check_images: str = "verify"
     ) -> list[VQASample]:
         from harness.answer_files import _llava_med_item, _records  # the same parser as `medvqa score`
 
         split = self.canonical_split(split)
         data_root, file, images = self._paths(root, split)
         problems = Problems(skip_bad)
-        checker = ImageChecker(decode=decode_images)
+        checker = ImageChecker(check_images)
         dups = Duplicates(file)
 
         def make(file: Path, label: object, rec: Any) -> VQASample:

@@ -89,12 +89,12 @@ class PathVQA(FileBenchmark):
         return YES_NO_RULE
 
     def load(
-        self, split: str, root: Path, *, skip_bad: bool = False, decode_images: bool = True
+        self, split: str, root: Path, *, skip_bad: bool = False, check_images: str = "verify"
     ) -> list[VQASample]:
         split = self.canonical_split(split)
         layout, where = self._locate(root)
         problems = Problems(skip_bad)
-        checker = ImageChecker(decode=decode_images)
+        checker = ImageChecker(check_images)
         if layout == "original":
             samples = self._load_original(split, where, problems, checker)
         else:

@@ -83,7 +83,7 @@ class Slake(FileBenchmark):
         return f"{DATASET_RULE} (SLAKE's CLOSED includes non-yes/no answers)"
 
     def load(
-        self, split: str, root: Path, *, skip_bad: bool = False, decode_images: bool = True
+        self, split: str, root: Path, *, skip_bad: bool = False, check_images: str = "verify"
     ) -> list[VQASample]:
         split = self.canonical_split(split)
         where = self._locate(root)
@@ -96,7 +96,7 @@ class Slake(FileBenchmark):
         if not isinstance(records, list):
             raise BadInput(f"expected a JSON list of records, got {type(records).__name__}", path=file)
         problems = Problems(skip_bad)
-        checker = ImageChecker(decode=decode_images)
+        checker = ImageChecker(check_images)
         dups = Duplicates(file)
         lang = self.options.lang
         image_dir = where / "imgs"

@@ -259,3 +259,43 @@ def test_llava_med_json_escape_and_duplicates(tmp_path: Path) -> None:
     assert "absolute image path '/etc/hostname' refused" in bench.skipped[1]
     with pytest.raises(BadInput, match=r"'\.\.' refused"):
         benchmarks.get("llava-med-json")(file="../test.json").load("test", root)
+
+
+def test_truncated_jpeg_caught_by_full_decode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from harness.cli import main
+
+    root = fx.make_vqa_rad_original(tmp_path / "rad")
+    import io
+    import random
+
+    from PIL import Image
+
+    rnd = random.Random(0)
+    noise = Image.frombytes("L", (128, 128), bytes(rnd.randrange(256) for _ in range(128 * 128)))
+    buf = io.BytesIO()
+    noise.save(buf, format="JPEG")
+    big = buf.getvalue()  # mostly entropy-coded scan data: cutting it leaves the headers intact
+    (root / fx.VQA_RAD_IMAGES / "synpic3.jpg").write_bytes(big[: len(big) // 2])
+    bench = benchmarks.get("vqa-rad")()
+    assert len(bench.load("test", root)) == 5  # structure parses: the default check is cheap
+    with pytest.raises(
+        BadInput,
+        match=r"record #5 \(qid 6\), field 'image_name': corrupt image \(OSError: image file is truncated",
+    ):
+        bench.load("test", root, check_images="decode")
+    assert len(bench.load("test", root, check_images="exists")) == 5
+    assert (
+        main(["data", "inspect", "vqa-rad", "--root", str(root), "--check-images", "decode", "--skip-bad"])
+        == 0
+    )
+    assert "skipped      3 bad record(s)" in capsys.readouterr().out
+    ph = tmp_path / "ph"
+    assert (
+        main(
+            ["data", "phantom", "--out", str(ph), "--train-images", "1", "--test-images", "1", "--size", "16"]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["data", "inspect", "phantom", "--root", str(ph), "--check-images", "decode"]) == 2
+    assert "--check-images does not apply to benchmark 'phantom'" in capsys.readouterr().err

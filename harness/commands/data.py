@@ -55,6 +55,13 @@ def _add_benchmark_args(p: argparse.ArgumentParser, *, split: bool = True) -> No
         help="a benchmark option, repeatable (e.g. -O image_folder=imgs for llava-med-json)",
     )
     p.add_argument(
+        "--check-images",
+        choices=("exists", "verify", "decode"),
+        default=None,
+        help="how hard to check each image: exists, verify (parse the file; the default) or decode "
+        "(every pixel: also catches truncated JPEGs, slower)",
+    )
+    p.add_argument(
         "--skip-bad",
         action="store_true",
         help="skip records with a missing/corrupt image, missing field or duplicate id, and count them "
@@ -218,9 +225,18 @@ def _benchmark(args: argparse.Namespace) -> Any:
     return make_benchmark(args.benchmark, _options(args))
 
 
-def _load(bench: Any, split: str, root: Path, skip_bad: bool) -> tuple[list[Any], list[str], int]:
+def _load(
+    bench: Any, split: str, root: Path, skip_bad: bool, check_images: str | None = None
+) -> tuple[list[Any], list[str], int]:
     """(samples, skipped messages, number skipped) — file benchmarks keep messages, others a count."""
-    samples = bench.load(split, root, skip_bad=skip_bad)
+    import inspect
+
+    kwargs: dict[str, Any] = {"skip_bad": skip_bad}
+    if check_images is not None:
+        if "check_images" not in inspect.signature(bench.load).parameters:
+            raise BadInput(f"--check-images does not apply to benchmark {bench.name!r}")
+        kwargs["check_images"] = check_images
+    samples = bench.load(split, root, **kwargs)
     messages = list(getattr(bench, "skipped", []) or [])
     n_skipped = len(messages) if messages else int(getattr(bench, "n_skipped", 0) or 0)
     return samples, messages, n_skipped
@@ -251,7 +267,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     bench = _benchmark(args)
     layout = _layout(bench, args.root, args.split)
-    samples, skipped, n_skipped = _load(bench, args.split, args.root, args.skip_bad)
+    samples, skipped, n_skipped = _load(bench, args.split, args.root, args.skip_bad, args.check_images)
     split = samples[0].split if samples else args.split
     n_open = sum(s.answer_type == "OPEN" for s in samples)
     n_closed = len(samples) - n_open
@@ -308,7 +324,7 @@ def run_overlap(args: argparse.Namespace) -> int:
     n_skipped = 0
     cache: dict[str, str] = {}
     for split in (args.train_split, args.test_split):
-        samples, _, skipped = _load(bench, split, args.root, args.skip_bad)
+        samples, _, skipped = _load(bench, split, args.root, args.skip_bad, args.check_images)
         n_skipped += skipped
         seen: dict[str, str] = {}
         digests = []
@@ -381,7 +397,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from harness.answer_files import write_llava_med_test_json
 
     bench = _benchmark(args)
-    samples, _, n_skipped = _load(bench, args.split, args.root, args.skip_bad)
+    samples, _, n_skipped = _load(bench, args.split, args.root, args.skip_bad, args.check_images)
     out = Path(args.out)
     images_dir = Path(args.images) if args.images else out.parent / "images"
     real_root = Path(args.root).resolve()
