@@ -98,6 +98,58 @@ def _hub_folder(target: str, revision: str | None = None) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
+def resolve_model_dir(target: str) -> tuple[str | Path, Path | None]:
+    """(the base model folder or hub id, an adapter folder when `target` itself is a PEFT adapter)."""
+    path = Path(target).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise BadInput("model path is a file; expected a model folder", path=path, field="--model")
+        if (path / "config.json").is_file():
+            return path, None
+        if (path / "adapter_config.json").is_file():
+            cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+            base = cfg.get("base_model_name_or_path")
+            if not base:
+                raise BadInput(
+                    "adapter folder does not name its base model; use hf:BASE,adapter=DIR",
+                    path=path / "adapter_config.json",
+                    field="base_model_name_or_path",
+                )
+            base_dir, _ = resolve_model_dir(str(base))
+            return base_dir, path
+        raise BadInput(
+            "not a model folder (no config.json or adapter_config.json)", path=path, field="--model"
+        )
+    if _looks_like_path(target):
+        raise BadInput("model path does not exist", path=path, field="--model")
+    return target, None  # a hub id
+
+
+def default_dtype(device: str | None) -> tuple[str, str]:
+    """(device, dtype name) defaults: cuda when available; float32 on CPU, the checkpoint's on GPU."""
+    import torch
+
+    if device in (None, "", "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device, ("float32" if torch.device(device).type == "cpu" else "auto")
+
+
+def model_fingerprint(
+    model_dir: str | Path, adapter_dir: Path | None, dtype: str, revision: str | None = None
+) -> str:
+    """Hash of the base model's config + weight files (+ the adapter's), and the dtype."""
+    base_dir = Path(model_dir) if Path(model_dir).is_dir() else _hub_folder(str(model_dir), revision)
+    ident: dict[str, Any] = {
+        "base": folder_fingerprint(base_dir) if base_dir else {"hub_id": str(model_dir)},
+        "revision": revision,
+        "dtype": dtype,
+    }
+    if adapter_dir is not None:
+        ident["adapter"] = folder_fingerprint(adapter_dir)
+    blob = json.dumps(ident, sort_keys=True).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
 def render_prompt_text(processor: Any, prompt: Prompt) -> str:
     """The exact text fed to the processor for `prompt` (before `<image>` expansion).
 
@@ -167,15 +219,14 @@ class HFModel:
         self.spec = spec or f"hf:{target}"
         self.trust_remote_code = spec_flag(trust_remote_code)
         self.revision = revision or None
-        if device in (None, "", "auto"):
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device, auto_dtype = default_dtype(device)
         self.device = torch.device(device)
-        dtype = dtype or ("float32" if self.device.type == "cpu" else "auto")
+        dtype = dtype or auto_dtype
         if dtype not in DTYPES:
             raise BadInput(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}", field="--model")
         self.dtype_name = dtype
 
-        self.model_dir, adapter_from_dir = self._resolve_model_dir(target)
+        self.model_dir, adapter_from_dir = resolve_model_dir(target)
         self.adapter_dir = Path(adapter).expanduser() if adapter else adapter_from_dir
         self.processor = self._load_processor()
         self.model = self._load_model(attn_implementation)
@@ -189,32 +240,6 @@ class HFModel:
         self._fingerprint: str | None = None
 
     # --- loading -----------------------------------------------------------------------------
-
-    def _resolve_model_dir(self, target: str) -> tuple[str | Path, Path | None]:
-        """(the base model folder or hub id, an adapter folder when `target` itself is an adapter)."""
-        path = Path(target).expanduser()
-        if path.exists():
-            if not path.is_dir():
-                raise BadInput("model path is a file; expected a model folder", path=path, field="--model")
-            if (path / "config.json").is_file():
-                return path, None
-            if (path / "adapter_config.json").is_file():
-                cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-                base = cfg.get("base_model_name_or_path")
-                if not base:
-                    raise BadInput(
-                        "adapter folder does not name its base model; use hf:BASE,adapter=DIR",
-                        path=path / "adapter_config.json",
-                        field="base_model_name_or_path",
-                    )
-                base_dir, _ = self._resolve_model_dir(str(base))
-                return base_dir, path
-            raise BadInput(
-                "not a model folder (no config.json or adapter_config.json)", path=path, field="--model"
-            )
-        if _looks_like_path(target):
-            raise BadInput("model path does not exist", path=path, field="--model")
-        return target, None  # a hub id
 
     def _hub_error(self, exc: Exception) -> BadInput:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -330,19 +355,26 @@ class HFModel:
         A new checkpoint (different weights) always gets a new fingerprint.
         """
         if self._fingerprint is None:
-            base_dir = Path(self.model_dir) if Path(self.model_dir).is_dir() else None
-            if base_dir is None:
-                base_dir = _hub_folder(str(self.model_dir), self.revision)
-            ident: dict[str, Any] = {
-                "base": folder_fingerprint(base_dir) if base_dir else {"hub_id": str(self.model_dir)},
-                "revision": self.revision,
-                "dtype": self.dtype_name,
-            }
-            if self.adapter_dir is not None:
-                ident["adapter"] = folder_fingerprint(self.adapter_dir)
-            blob = json.dumps(ident, sort_keys=True).encode("utf-8")
-            self._fingerprint = hashlib.sha256(blob).hexdigest()[:16]
+            self._fingerprint = model_fingerprint(
+                self.model_dir, self.adapter_dir, self.dtype_name, self.revision
+            )
         return self._fingerprint
+
+    @classmethod
+    def spec_fingerprint(
+        cls,
+        target: str,
+        *,
+        adapter: str | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        revision: str | None = None,
+        **_: Any,
+    ) -> str:
+        """The fingerprint a model loaded from this spec would have, without loading it."""
+        model_dir, adapter_from_dir = resolve_model_dir(target)
+        adapter_dir = Path(adapter).expanduser() if adapter else adapter_from_dir
+        return model_fingerprint(model_dir, adapter_dir, dtype or default_dtype(device)[1], revision or None)
 
     def describe(self) -> dict[str, Any]:
         return {

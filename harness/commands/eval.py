@@ -1,0 +1,98 @@
+"""`medvqa eval`: generate answers with a model and score them (resumable, accelerate-aware)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from harness.config import add_dataclass_arguments
+
+ORDER = 40
+
+DESCRIPTION = """\
+Answer a benchmark split with a model and score the answers with both scorers.
+
+Model specs:
+  hf:PATH_OR_ID[,adapter=DIR][,dtype=float32|bfloat16|float16|auto][,device=cuda:0][,trust_remote_code=1]
+      any transformers image-text-to-text checkpoint (+ a PEFT adapter, not merged); a folder
+      holding only a PEFT adapter loads its base from adapter_config.json
+  openai:MODEL[@BASE_URL][,api_key_env=VAR][,max_concurrency=N]
+      any OpenAI-compatible chat endpoint (GPT-4o, vLLM, SGLang); key from $OPENAI_API_KEY
+
+Writes <out>/predictions.jsonl (flushed per batch), scores.json and scored.jsonl. A killed run
+resumes from the last flushed batch; a finished one returns at once; predictions are keyed by the
+model's fingerprint, the benchmark version, the prompt policy and the decoding settings, so a new
+checkpoint never reuses old answers.
+
+Multi-process / multi-GPU: accelerate launch [--cpu] --num_processes N -m harness.cli eval ...
+"""
+
+EPILOG = """\
+examples:
+  medvqa model init-tiny --out models/tiny --preset phantom
+  medvqa eval --model hf:models/tiny --benchmark phantom --root data/phantom --limit 200
+  medvqa eval --model hf:runs/demo/sft/f0.09/s0/checkpoint --benchmark phantom --root data/phantom \\
+      --batch-size 32 --out runs/demo/sft/f0.09/s0/eval/phantom
+  medvqa eval --model openai:gpt-4o --benchmark vqa-rad --root data/vqa-rad --prompt-policy short-answer
+  accelerate launch --num_processes 8 -m harness.cli eval --model hf:llava-hf/llava-1.5-7b-hf,dtype=bfloat16 \\
+      --benchmark slake --root data/slake --batch-size 16
+"""
+
+
+def _eval_config_cls() -> type:
+    from harness.evaluate import EvalConfig
+
+    return EvalConfig
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="generate answers with a model and score them (resumable, accelerate-aware)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_dataclass_arguments(p, _eval_config_cls())
+    p.add_argument("--fresh", action="store_true", help="discard this run folder's earlier predictions first")
+    p.add_argument("--json", action="store_true", help="print scores.json to stdout at the end")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from harness.errors import BadInput
+    from harness.evaluate import EvalConfig, default_out_dir, evaluate, remove_run
+
+    for name in ("model", "benchmark", "root"):
+        if not getattr(args, name, None):
+            raise BadInput(f"--{name} is required")
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(EvalConfig)
+        if getattr(args, f.name) is not None
+    }
+    cfg = EvalConfig(**values)
+    if args.fresh:
+        remove_run(cfg.out or default_out_dir(cfg.model, cfg.benchmark, cfg.split))
+    _quiet_libraries(cfg.progress)
+    scores = evaluate(cfg)
+    if args.json:
+        print(json.dumps(scores, indent=2))
+    return 0
+
+
+def _quiet_libraries(progress: bool | None) -> None:
+    """No weight-loading progress bars or warnings in an eval's output unless on a terminal."""
+    import sys
+
+    if progress or (progress is None and sys.stderr.isatty()):
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
