@@ -373,6 +373,9 @@ def drop_trl_checkpoints(output_dir: Path) -> None:
 
     for p in output_dir.glob("checkpoint-*"):
         shutil.rmtree(p, ignore_errors=True)
+    for d in (output_dir, output_dir.parent):
+        if d.is_dir() and d.name in ("_trl", "stage1", "dpo") and not any(d.iterdir()):
+            d.rmdir()
 
 
 def run_trainer(trainer: Any, output_dir: Path) -> Any:

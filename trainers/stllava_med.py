@@ -182,7 +182,9 @@ def stage1_rows(samples: Sequence[Any], builder: Any, cfg: STLLaVAMedConfig, see
     return rows
 
 
-def train_stage1(request: TrainRequest, cfg: STLLaVAMedConfig, stage_dir: Path) -> dict[str, Any]:
+def train_stage1(
+    request: TrainRequest, cfg: STLLaVAMedConfig, stage_dir: Path, *, log_path: Path | None = None
+) -> dict[str, Any]:
     """Stage 1 → a full model in `stage_dir` (skipped if already finished there)."""
     from trainers import common
 
@@ -201,7 +203,7 @@ def train_stage1(request: TrainRequest, cfg: STLLaVAMedConfig, stage_dir: Path) 
         rows,
         cfg,
         work_dir=stage_dir.parent / "_trl" / "stage1",
-        log_path=stage_dir.parent / "train_log.jsonl",
+        log_path=log_path or stage_dir / "train_log.jsonl",
         seed=request.seed,
         stage="stage1",
         merge_lora=True,
@@ -573,7 +575,7 @@ class STLLaVAMedTrainer(TrainerPlugin):
         files = {k: stages / v for k, v in STAGE_FILES.items()}
 
         stage1 = stages / "stage1"
-        train_stage1(request, cfg, stage1)  # every process: trl trains data-parallel under accelerate
+        train_stage1(request, cfg, stage1, log_path=out / "train_log.jsonl")  # every process: trl trains data-parallel under accelerate
         common.wait_for_everyone()
 
         counts: dict[str, Any] = {}
@@ -612,7 +614,7 @@ class STLLaVAMedTrainer(TrainerPlugin):
             cfg,
             seed=request.seed,
             work_dir=stages / "_trl" / "dpo",
-            log_path=stages / "train_log.jsonl",
+            log_path=out / "train_log.jsonl",
         )
         if not counts:
             from harness.io import read_json

@@ -2,8 +2,8 @@
 
 It parses the question with the Phantom grammar (`benchmarks.phantom.parse_question`), looks up
 the true answer for the image's scene (`answer_for`) and scores each candidate answer 0–10:
-10 when it says the true answer (after Phantom's normalization: case, punctuation, x-ray
-synonyms), else 0. A question outside the grammar, or one whose answer is undefined for that
+10 when it says the true answer (`answer_matches`: case, punctuation, articles, digits,
+x-ray spellings), else 0. A question outside the grammar, or one whose answer is undefined for that
 scene (e.g. "where is the lesion?" with two lesions), is unjudgeable: `judge` returns None and
 the pair is skipped — never guessed. Only training-split scenes are used by default: the judge
 must not look at test images.
@@ -74,7 +74,7 @@ class PhantomExpert:
         return self._scenes[root].get(image_id)
 
     def judge(self, image: str | bytes, question: str, answers: Sequence[str]) -> list[float] | None:
-        from benchmarks.phantom import answer_for, normalize_question, parse_question
+        from benchmarks.phantom import answer_for, answer_matches, parse_question
 
         self._counts["items"] += 1
         scene = self._scene(image)
@@ -90,9 +90,8 @@ class PhantomExpert:
             self._counts["undefined"] += 1
             return None
         self._counts["judged"] += 1
-        want = normalize_question(gold)
         return [
-            self.config.correct_score if normalize_question(a or "") == want else self.config.wrong_score
+            self.config.correct_score if answer_matches(gold, a or "") else self.config.wrong_score
             for a in answers
         ]
 

@@ -1,0 +1,260 @@
+"""`medvqa train`: one training job (a registered trainer) → one checkpoint folder."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+ORDER = 50
+
+DESCRIPTION = """\
+Train one checkpoint: a registered trainer (align, sft, stllava-med, or a plug-in) on the
+training split of a benchmark at a labeled-data fraction (seeded, nested, image-level; its
+manifest hash goes into checkpoint.json). The output folder is loadable as --model hf:OUT.
+
+Trainer settings are the fields of the trainer's config dataclass: start from --preset (e.g.
+phantom, paper), then a --config TOML table, then individual flags. Print the resolved settings
+with --show-config. stllava-med uses the training images outside the fraction as its unlabeled
+pool, and their QA (never test data) for the `reference` expert.
+
+  medvqa train --trainer sft --model hf:tiny --benchmark phantom --root data/phantom \\
+      --fraction 0.09 --seed 0 --out runs/x/sft/f0.09/s0/checkpoint --preset phantom
+"""
+
+# Built-in trainers' config classes (light modules: torch is imported inside their train()).
+BUILTIN_CONFIGS = {
+    "align": ("trainers.align", "AlignConfig"),
+    "sft": ("trainers.sft", "SFTTrainConfig"),
+    "stllava-med": ("trainers.stllava_med", "STLLaVAMedConfig"),
+}
+
+
+def _builtin_config_classes() -> list[type]:
+    import importlib
+
+    return [getattr(importlib.import_module(m), c) for m, c in BUILTIN_CONFIGS.values()]
+
+
+def add_trainer_flags(parser: argparse.ArgumentParser, classes: list[type]) -> list[str]:
+    """One flag per field of the given config dataclasses (shared fields once); returns the dests."""
+    from harness.config import _base_type
+
+    group = parser.add_argument_group(
+        "trainer settings",
+        "fields of the trainer's config dataclass (defaults: the trainer's / the --preset's)",
+    )
+    seen: list[str] = []
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in seen or not f.init:
+                continue
+            seen.append(f.name)
+            base, _ = _base_type(hints[f.name])
+            flag = "--" + f.name.replace("_", "-")
+            kwargs: dict[str, Any] = {
+                "dest": f"cfg_{f.name}",
+                "default": None,
+                "help": f.metadata.get("help", ""),
+            }
+            origin = typing.get_origin(base)
+            if base is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            elif origin is typing.Literal:
+                choices = typing.get_args(base)
+                group.add_argument(flag, choices=choices, type=type(choices[0]), **kwargs)
+            elif origin in (list, tuple):
+                (item,) = typing.get_args(base)[:1]
+                group.add_argument(
+                    flag, type=lambda s, item=item: [item(x) for x in s.split(",") if x], **kwargs
+                )
+            else:
+                group.add_argument(flag, type=base if base in (int, float, str) else str, **kwargs)
+    return seen
+
+
+def resolve_config(trainer_cls: type, args: argparse.Namespace) -> Any:
+    """preset → --config TOML table → flags, checked against the trainer's config dataclass."""
+    import tomllib
+
+    from harness.config import dataclass_from_mapping
+    from harness.errors import BadInput
+
+    cfg_cls = trainer_cls.config_class
+    presets = getattr(trainer_cls, "presets", {}) or {}
+    if args.preset and args.preset not in presets:
+        raise BadInput(
+            f"trainer {args.trainer!r} has no preset {args.preset!r}; known: {', '.join(sorted(presets)) or '(none)'}"
+        )
+    values = dataclasses.asdict(dataclasses.replace(cfg_cls(), **dict(presets.get(args.preset or "", {}))))
+    if args.config:
+        path = Path(args.config)
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise BadInput("config file not found", path=path) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise BadInput(f"malformed TOML ({exc})", path=path) from None
+        table = table.get("trainer", table)
+        dataclass_from_mapping(cfg_cls, table, where=str(path))  # validates keys and types
+        values.update(table)
+    known = {f.name for f in dataclasses.fields(cfg_cls)}
+    for dest, value in vars(args).items():
+        if not dest.startswith("cfg_") or value is None:
+            continue
+        name = dest[4:]
+        if name not in known:
+            raise BadInput(
+                f"--{name.replace('_', '-')} is not a setting of trainer {args.trainer!r} "
+                f"({cfg_cls.__name__}); see medvqa train --trainer {args.trainer} --show-config"
+            )
+        values[name] = value
+    return cfg_cls(**values)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train one checkpoint (align | sft | stllava-med | plug-ins)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--trainer", required=True, help="registered trainer (medvqa trainers)")
+    p.add_argument(
+        "--model", "--base-model", dest="model", required=True, help="base model spec, e.g. hf:DIR"
+    )
+    p.add_argument("--benchmark", required=True, help="benchmark whose training split is used")
+    p.add_argument("--root", required=True, help="the benchmark's data folder")
+    p.add_argument("--split", default="train", help="training split (never test) (default: train)")
+    p.add_argument(
+        "--fraction", type=float, default=1.0, help="labeled-data fraction in (0, 1] (default: 1.0)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the fraction and of training (default: 0)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--preset", default="", help="named trainer settings, e.g. phantom, paper (default: none)")
+    p.add_argument(
+        "--config", default="", help="TOML file with the trainer's settings (a [trainer] table or top level)"
+    )
+    p.add_argument(
+        "--captions", default="", help="align: JSONL of {image, caption} (default: the benchmark's)"
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--show-config", action="store_true", help="print the resolved trainer settings and exit")
+    p.add_argument("--force", action="store_true", help="retrain even if OUT holds a finished checkpoint")
+    add_trainer_flags(p, _builtin_config_classes())
+    p.set_defaults(func=run)
+
+
+def _caption_samples(args: argparse.Namespace, bench: Any) -> list[Any]:
+    """Caption records as VQASamples (question = the describe-instruction, answer = the caption)."""
+    from harness.errors import BadInput
+    from harness.io import iter_jsonl
+    from harness.types import VQASample
+    from trainers.align import CAPTION_INSTRUCTION
+
+    records = []
+    if args.captions:
+        path = Path(args.captions)
+        for lineno, rec in iter_jsonl(path):
+            for key in ("image", "caption"):
+                if not isinstance(rec, dict) or key not in rec:
+                    raise BadInput("missing field", path=path, record=f"line {lineno}", field=key)
+            image = Path(rec["image"])
+            image = image if image.is_absolute() else (path.parent / image)
+            records.append(
+                {
+                    "image_id": rec.get("image_id") or str(image),
+                    "image": str(image),
+                    "caption": rec["caption"],
+                }
+            )
+    elif args.benchmark == "phantom":
+        from benchmarks.phantom import load_captions
+
+        records = load_captions(args.root, args.split)
+    else:
+        raise BadInput(
+            f"the align trainer needs captions: benchmark {args.benchmark!r} has none; pass --captions FILE"
+        )
+    return [
+        VQASample(
+            id=f"{r['image_id']}-caption",
+            image=r["image"],
+            question=CAPTION_INSTRUCTION,
+            answer=r["caption"],
+            answer_type="OPEN",
+            benchmark=args.benchmark,
+            split=args.split,
+            meta={"image_id": r["image_id"]},
+        )
+        for r in records
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from harness.errors import BadInput
+    from harness.fractions import manifest_hash, select_fraction
+    from harness.registry import benchmarks, trainers
+    from harness.types import TrainRequest
+
+    trainer_cls = trainers.get(args.trainer)
+    if not hasattr(trainer_cls, "config_class"):
+        raise BadInput(f"trainer {args.trainer!r} declares no config_class")
+    cfg = resolve_config(trainer_cls, args)
+    bench = benchmarks.get(args.benchmark)()
+    if not cfg.prompt_policy:
+        cfg = dataclasses.replace(cfg, prompt_policy=getattr(bench, "prompt_policy", "") or "")
+    if args.show_config:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        return 0
+    if args.split == "test":
+        raise BadInput("--split test: trainers never train on test data")
+    out = Path(args.out)
+    if (out / "checkpoint.json").is_file() and not args.force:
+        print(f"{out} already holds a finished checkpoint (pass --force to retrain)")
+        return 0
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    if args.trainer == "align":
+        samples = _caption_samples(args, bench)
+    else:
+        samples = bench.load(args.split, Path(args.root))
+    if not samples:
+        raise BadInput(f"no training samples in {args.benchmark} split {args.split!r}", path=args.root)
+    chosen = select_fraction(samples, args.fraction, args.seed)
+    chosen_images = {s.image_id for s in chosen}
+    heldout = [s for s in samples if s.image_id not in chosen_images]
+    unlabeled = sorted(dict.fromkeys(str(s.image) for s in heldout if isinstance(s.image, str)))
+    request = TrainRequest(
+        base_model=args.model,
+        train_samples=chosen,
+        out_dir=out,
+        seed=args.seed,
+        fraction=args.fraction,
+        manifest_hash=manifest_hash(chosen),
+        unlabeled_images=unlabeled,
+        config=cfg,
+        heldout_samples=heldout,
+    )
+    print(
+        f"train {args.trainer}: {len(chosen)} of {len(samples)} {args.benchmark}/{args.split} samples "
+        f"(fraction {args.fraction:g}, seed {args.seed}, manifest {request.manifest_hash}), "
+        f"{len(unlabeled)} unlabeled images → {out}",
+        flush=True,
+    )
+    checkpoint = trainer_cls().train(request)
+    meta = checkpoint.meta
+    summary = {k: meta.get(k) for k in ("trainer", "n_labeled", "n_pairs", "loss") if k in meta}
+    print(f"wrote {checkpoint.path} {json.dumps(summary)}; evaluate with --model {checkpoint.model_spec}")
+    return 0
