@@ -71,6 +71,11 @@ class Slake(FileBenchmark):
         root = Path(root)
         found = find_root(root, _is_slake)
         if found is None:
+            zipped = find_root(root, lambda d: (d / "imgs.zip").is_file() and not (d / "imgs").is_dir())
+            if zipped is not None:
+                raise BadInput(
+                    "SLAKE images are still zipped: unzip imgs.zip here (it holds imgs/xmlabN/)", path=zipped
+                )
             raise no_layout(
                 self.name, root, ["Slake1.0/{train,validate,test}.json + Slake1.0/imgs/xmlabN/source.jpg"]
             )

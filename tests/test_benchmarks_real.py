@@ -233,3 +233,10 @@ def test_convert_round_trip_matches_the_source(tmp_path: Path) -> None:
     assert [Path(s.image).read_bytes() for s in back] == [s.image for s in src]
     assert [s.image_id for s in back] == [s.image_id for s in src]  # meta rides along
     assert {prompt_answer_type(s) for s in back} == {"OPEN"}  # still known to be gold-derived
+
+
+def test_slake_zipped_images_hint(tmp_path: Path) -> None:
+    fx.write_json(tmp_path / "test.json", fx.slake_records("test"))
+    (tmp_path / "imgs.zip").write_bytes(b"PK")
+    with pytest.raises(BadInput, match=r"images are still zipped: unzip imgs\.zip"):
+        benchmarks.get("slake")().load("test", tmp_path)
