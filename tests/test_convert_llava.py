@@ -416,3 +416,46 @@ def test_tied_embeddings_sharded_bfloat16(tiny):
     vocab = sd["model.embed_tokens.weight"].shape[0]
     assert torch.equal(emb[:vocab], sd["model.embed_tokens.weight"].to(torch.bfloat16))
     assert model.model.vision_tower.embeddings.patch_embedding.weight.dtype == torch.bfloat16
+
+
+def test_tokenization_check_is_recorded(tiny):
+    root, vision = tiny
+    src = _source(root / "tokcheck", kind="mistral")
+    record = convert_llava(src, str(vision), root / "tokcheck-out")
+    tok = record["tokenization"]
+    assert tok["identical"] is True
+    assert tok["chat_template"]["ids"] == tok["raw_text"]["ids"] == tok["original_ids"]
+    assert tok["prompt"] == "<s>[INST] <image>\nWhat is shown in this image? [/INST]"
+    assert tok["original_ids"][0] == 1 and record["image_token_id"] in tok["original_ids"]
+    assert not any("tokenization" in n for n in record["notes"])
+
+
+def test_tokenization_check_detects_the_sentencepiece_prefix_difference():
+    """A Metaspace (sentencepiece-like) tokenizer: chunk-wise, the text after <image> gets a "▁"
+    prefix; tokenized as one string after an added token it does not. The check must see it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import AddedToken, PreTrainedTokenizerFast
+
+    from harness.models.convert_llava import check_tokenization
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁[INST]": 3, "▁": 4, "\nx": 5, "▁\nx": 6, "▁[/INST]": 7}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+
+    class Processor:
+        tokenizer = tok
+
+        def apply_chat_template(self, messages, **kwargs):
+            return "<s>[INST] <image>\nx [/INST]"
+
+    result = check_tokenization(Processor(), tok.convert_tokens_to_ids("<image>"), question="x")
+    assert result["identical"] is False
+    # original: <s> ▁[INST] ▁ <image> ▁\nx ▁[/INST]
+    assert result["original_ids"] == [1, 3, 4, 8, 6, 7]
+    # raw text (BOS added by the tokenizer): only the chunk after <image> differs
+    assert result["raw_text"]["first_difference"] == 4 and result["raw_text"]["ids"][4] == 5
+    # chat text ("<s>" written by the template): "[INST]" right after it loses its prefix too
+    assert result["chat_template"]["first_difference"] == 1

@@ -518,6 +518,14 @@ def convert_llava(
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1,  # CLIP's CLS token
     )
+    tokenization = check_tokenization(processor, image_token_id)
+    for path in ("chat_template", "raw_text"):
+        if not tokenization[path]["identical"]:
+            notes.append(
+                f"{path.replace('_', '-')} prompts do not reproduce the original chunked tokenization "
+                f"(first difference at token {tokenization[path]['first_difference']}; see conversion.json "
+                "'tokenization'): scores may differ slightly from the original code's"
+            )
     record = {
         "converter": "medvqa model convert-llava",
         "source": str(src.resolve()),
@@ -536,6 +544,7 @@ def convert_llava(
         "vocab_size": {"source": old_vocab, "converted": llava_config.text_config.vocab_size},
         "chat_format": CHAT_FORMATS[plan["text_model_type"]],
         "dtype": str(dtype).removeprefix("torch."),
+        "tokenization": tokenization,
         "notes": notes,
         "versions": library_versions(),
     }
@@ -555,6 +564,46 @@ def convert_llava(
         if tmp.exists():
             shutil.rmtree(tmp)
     return record
+
+
+def check_tokenization(
+    processor: Any, image_token_id: int, question: str = "What is shown in this image?"
+) -> dict:
+    """Compare the converted tokenization of a prompt with the original LLaVA one.
+
+    The original `tokenizer_image_token` tokenizes the text chunks around `<image>` separately
+    (the first with BOS, the others without) and splices the image index between them. The
+    converted processor tokenizes the whole string, `<image>` being an added special token: a chat
+    prompt as rendered by the chat template (BOS written as text, `add_special_tokens=False`), a
+    raw-text policy prompt with `add_special_tokens=True`. For sentencepiece tokenizers these can
+    differ right after a special token (a "▁" prefix), depending on the tokenizer's `legacy`
+    setting; this records, for both paths, whether they agree and where they first differ.
+    """
+    tok = processor.tokenizer
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    body = rendered.removeprefix(tok.bos_token or "")
+    chunks = body.split(IMAGE_TOKEN)
+    original = list(tok(chunks[0])["input_ids"])
+    for chunk in chunks[1:]:
+        original += [image_token_id, *tok(chunk, add_special_tokens=False)["input_ids"]]
+
+    def first_difference(ids: list[int]) -> int | None:
+        diff = next((i for i, (a, b) in enumerate(zip(original, ids)) if a != b), None)
+        if diff is None and len(original) != len(ids):
+            diff = min(len(original), len(ids))
+        return diff
+
+    chat_ids = list(tok(rendered, add_special_tokens=False)["input_ids"])
+    raw_ids = list(tok(body)["input_ids"])
+    chat_diff, raw_diff = first_difference(chat_ids), first_difference(raw_ids)
+    return {
+        "prompt": rendered,
+        "identical": chat_diff is None and raw_diff is None,
+        "original_ids": original,
+        "chat_template": {"identical": chat_diff is None, "first_difference": chat_diff, "ids": chat_ids},
+        "raw_text": {"identical": raw_diff is None, "first_difference": raw_diff, "ids": raw_ids},
+    }
 
 
 def _load(module: Any, state: Mapping[str, Any], what: str, where: object) -> None:
