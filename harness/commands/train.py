@@ -61,6 +61,8 @@ def add_trainer_flags(parser: argparse.ArgumentParser, classes: list[type]) -> l
                 "help": f.metadata.get("help", ""),
             }
             origin = typing.get_origin(base)
+            if base is not bool and origin is not typing.Literal:
+                kwargs["metavar"] = f.name.upper()
             if base is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             elif origin is typing.Literal:

@@ -1,0 +1,204 @@
+"""`medvqa stllava questions|answers|judge|pairs|dpo`: STLLaVA-Med's stage 2, one step at a time.
+
+Each step reads and writes explicit files, so that any step can be inspected, rerun or replaced
+(e.g. judged with GPT-4o on another machine). Every step is resumable: rerun the same command
+after a kill and only the missing items are done. `medvqa train --trainer stllava-med` runs stage 1
+and all of these in one go (artifacts in OUT/stages/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+ORDER = 51
+
+STEPS = {
+    "questions": "sample k questions per unlabeled image from the stage-1 model → questions.jsonl",
+    "answers": "sample two answers per question → answers.jsonl",
+    "judge": "score each answer pair with an expert (phantom, openai, reference, ...) → judged.jsonl",
+    "pairs": "chosen = higher score, rejected = lower; ties skipped (or --tie-policy second) → pairs.jsonl",
+    "dpo": "trl DPOTrainer on the pairs; the reference is the --model (stage-1) folder → checkpoint",
+}
+
+
+def _config_cls() -> type:
+    from trainers.stllava_med import STLLaVAMedConfig
+
+    return STLLaVAMedConfig
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from harness.commands.train import add_trainer_flags
+
+    p = sub.add_parser(
+        "stllava",
+        help="STLLaVA-Med self-training steps one by one (questions, answers, judge, pairs, dpo)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ssub = p.add_subparsers(title="steps", metavar="STEP")
+    for step, help_text in STEPS.items():
+        s = ssub.add_parser(step, help=help_text, description=help_text)
+        s.add_argument("--out", required=True, help="output file (a folder for dpo)")
+        s.add_argument("--preset", default="", help="named settings: paper, phantom (default: the paper's)")
+        s.add_argument("--seed", type=int, default=0, help="sampling / training seed (default: 0)")
+        if step in ("questions", "answers", "dpo"):
+            s.add_argument("--model", required=True, help="the stage-1 model spec, e.g. hf:OUT/stages/stage1")
+        if step == "questions":
+            s.add_argument(
+                "--images", default="", help="file of image paths (one per line, or JSONL with 'image')"
+            )
+            s.add_argument("--benchmark", default="", help="…or the training images of a benchmark")
+            s.add_argument("--root", default="", help="its data folder")
+            s.add_argument("--split", default="train", help="its split (never test) (default: train)")
+            s.add_argument(
+                "--fraction",
+                type=float,
+                default=1.0,
+                help="with --benchmark: use the images OUTSIDE this labeled fraction (1.0 = all images)",
+            )
+        if step == "answers":
+            s.add_argument("--questions", required=True, help="questions.jsonl")
+        if step == "judge":
+            s.add_argument("--answers", required=True, help="answers.jsonl")
+            s.add_argument(
+                "--base-url", default=None, help="OpenAI-compatible endpoint (= --expert-base-url)"
+            )
+            s.add_argument(
+                "--root", default="", help="phantom expert: the Phantom data folder (default: from paths)"
+            )
+            s.add_argument(
+                "--samples-file", default="", help="reference expert: held-out TRAINING samples JSONL"
+            )
+            s.add_argument(
+                "--cache", default="", help="judgment cache (default: judge-cache.sqlite beside --out)"
+            )
+        if step == "pairs":
+            s.add_argument("--judged", required=True, help="judged.jsonl")
+        if step == "dpo":
+            s.add_argument("--pairs", required=True, help="pairs.jsonl")
+        add_trainer_flags(s, [_config_cls()])
+        s.set_defaults(func=run, step=step, trainer="stllava-med", config="")
+
+
+def _images_from(args: argparse.Namespace) -> list[str]:
+    from harness.errors import BadInput
+
+    if args.images:
+        path = Path(args.images)
+        if not path.is_file():
+            raise BadInput("file not found", path=path)
+        out = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("{"):
+                try:
+                    line = json.loads(line)["image"]
+                except (ValueError, KeyError, TypeError):
+                    raise BadInput(
+                        "expected a JSON object with 'image'", path=path, record=f"line {lineno}"
+                    ) from None
+            image = Path(line)
+            out.append(str(image if image.is_absolute() else path.parent / image))
+        return out
+    if args.benchmark:
+        from harness.fractions import select_fraction
+        from harness.registry import benchmarks
+
+        if args.split == "test":
+            raise BadInput("--split test: self-training never uses test images")
+        samples = benchmarks.get(args.benchmark)().load(args.split, Path(args.root))
+        labeled = (
+            {s.image_id for s in select_fraction(samples, args.fraction, args.seed)}
+            if args.fraction < 1
+            else set()
+        )
+        return sorted(dict.fromkeys(str(s.image) for s in samples if s.image_id not in labeled))
+    raise BadInput("questions: give --images FILE or --benchmark NAME --root DIR")
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from harness.commands.train import resolve_config
+    from harness.io import atomic_write_json
+    from trainers import stllava_med as st
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if getattr(args, "base_url", None):
+        args.cfg_expert_base_url = args.base_url
+    cfg = resolve_config(st.STLLaVAMedTrainer, args)
+    out = Path(args.out)
+    result: dict[str, Any]
+    if args.step == "questions":
+        images = st.unlabeled_pool(_images_from(args), cfg, args.seed)
+        generator = st._load_generator(args.model)
+        result = st.generate_questions(generator, images, out, cfg, seed=args.seed, policy=cfg.prompt_policy)
+        result["parseable_questions"] = st._parseable(out)
+    elif args.step == "answers":
+        generator = st._load_generator(args.model)
+        result = st.generate_answers(
+            generator, Path(args.questions), out, cfg, seed=args.seed, policy=cfg.prompt_policy
+        )
+    elif args.step == "judge":
+        expert = st.build_expert(
+            cfg.expert,
+            model=cfg.expert_model,
+            base_url=cfg.expert_base_url,
+            cache_path=args.cache or cfg.judge_cache or out.parent / "judge-cache.sqlite",
+            root=args.root,
+            samples_file=args.samples_file,
+        )
+        result = st.judge_answers(Path(args.answers), out, expert)
+        if hasattr(expert, "counts"):
+            result["expert"] = expert.counts()
+    elif args.step == "pairs":
+        result = st.make_pairs(Path(args.judged), out, cfg.tie_policy)
+    else:
+        result = _run_dpo(args, cfg, out)
+    print(json.dumps({"step": args.step, "out": str(out), **result}, default=str))
+    if args.step != "dpo":
+        atomic_write_json(out.with_name(out.name + ".counts.json"), result)
+    return 0
+
+
+def _run_dpo(args: argparse.Namespace, cfg: Any, out: Path) -> dict[str, Any]:
+    """DPO on explicit pairs; the checkpoint records the stage-1 checkpoint's data provenance."""
+    from harness.errors import BadInput
+    from harness.io import library_versions, read_json
+    from trainers import common
+    from trainers import stllava_med as st
+
+    stage1 = Path(common.spec_path(args.model).split(",")[0])
+    if not stage1.is_dir():
+        raise BadInput("--model must be a local stage-1 model folder (the DPO reference)", path=stage1)
+    if (out / "checkpoint.json").is_file():
+        print(f"{out} already holds a finished checkpoint")
+        return read_json(out / "checkpoint.json").get("dpo", {})
+    s1 = common.read_checkpoint(stage1) or {}
+    dpo = st.train_dpo(stage1, Path(args.pairs), out, cfg, seed=args.seed)
+    import dataclasses
+
+    meta = {
+        "trainer": "stllava-med",
+        "fraction": s1.get("fraction"),
+        "seed": s1.get("seed", args.seed),
+        "manifest_hash": s1.get("manifest_hash", ""),
+        "n_labeled": s1.get("n_labeled", 0),
+        "n_pairs": dpo["n_pairs"],
+        "base_model": s1.get("base_model", ""),
+        "config": dataclasses.asdict(cfg),
+        "versions": library_versions(),
+        "loss": cfg.dpo_loss,
+        "dpo": dpo,
+        "stage1": str(stage1),
+        "reference": f"stage 1 ({stage1})",
+        "pairs_file": str(args.pairs),
+    }
+    common.write_checkpoint(out, meta)
+    return dpo
