@@ -284,3 +284,52 @@ def test_truncated_png_is_bad_input(tmp_path) -> None:
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(BadInput, match=r"cut\.png.*cannot be decoded"):
         image_data_url(tmp_path / "cut.png")
+
+
+def _messages_to_prompt(messages: list[dict]) -> tuple[Prompt, bytes]:
+    """What an OpenAI-compatible server does with a request: data URL → image, parts → chat."""
+    image = b""
+    out = []
+    for m in messages:
+        content = m["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else []
+        for p in [] if isinstance(content, str) else content:
+            if p["type"] == "image_url":
+                image = base64.b64decode(p["image_url"]["url"].split(",", 1)[1])
+                parts.append({"type": "image"})
+            else:
+                parts.append(p)
+        out.append({"role": m["role"], "content": parts})
+    return Prompt(messages=tuple(out)), image
+
+
+def test_served_tiny_model_matches_the_hf_adapter(
+    fake_openai, fake_key, phantom_root, tiny_model_dir
+) -> None:
+    """A real model behind the endpoint (a mini vLLM: the tiny LLaVA in the handler): the
+    `openai:` adapter's answers equal the `hf:` adapter's on the same Phantom questions."""
+    import threading
+
+    from benchmarks.phantom import Phantom
+    from harness.models.hf import HFModel
+    from harness.prompts import get_policy
+
+    hf = HFModel(str(tiny_model_dir))
+    lock = threading.Lock()
+
+    def serve(body: dict) -> str:
+        prompt, image = _messages_to_prompt(body["messages"])
+        settings = GenerationSettings(max_new_tokens=body["max_tokens"], seed=body["seed"])
+        assert body["temperature"] == 0.0
+        with lock:
+            return hf.generate([GenerationRequest(image, prompt)], settings)[0]
+
+    fake_openai.reply = serve
+    samples = Phantom().load("test", phantom_root)[:6]
+    policy = get_policy("short-answer")
+    reqs = [GenerationRequest(s.image, policy.render(s.question, s.answer_type), id=s.id) for s in samples]
+    settings = GenerationSettings(max_new_tokens=6)
+    served = make_model(fake_openai, max_concurrency=3, timeout=120).generate(reqs, settings)
+    direct = hf.generate(reqs, settings)
+    assert served == direct and any(direct), direct
+    assert fake_openai.n_requests == len(samples)
