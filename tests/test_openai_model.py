@@ -97,12 +97,9 @@ def test_order_preserved_and_concurrency_bounded(fake_openai, fake_key, png) -> 
     model = make_model(fake_openai, max_concurrency="3")
     questions = [f"question {i}" for i in range(12)]
     reqs = [GenerationRequest(str(path), chat_prompt(q), id=str(i)) for i, q in enumerate(questions)]
-    t0 = time.perf_counter()
     out = model.generate(reqs, GenerationSettings())
-    elapsed = time.perf_counter() - t0
     assert out == [q.upper() for q in questions]
     assert fake_openai.max_in_flight == 3  # bounded, and really concurrent
-    assert elapsed < 12 * 0.1  # faster than one at a time
 
 
 @pytest.mark.parametrize(
@@ -325,10 +322,10 @@ def test_served_tiny_model_matches_the_hf_adapter(
             return hf.generate([GenerationRequest(image, prompt)], settings)[0]
 
     fake_openai.reply = serve
-    samples = Phantom().load("test", phantom_root)[:6]
+    samples = Phantom().load("test", phantom_root)[:4]
     policy = get_policy("short-answer")
     reqs = [GenerationRequest(s.image, policy.render(s.question, s.answer_type), id=s.id) for s in samples]
-    settings = GenerationSettings(max_new_tokens=6)
+    settings = GenerationSettings(max_new_tokens=5)
     served = make_model(fake_openai, max_concurrency=3, timeout=120).generate(reqs, settings)
     direct = hf.generate(reqs, settings)
     assert served == direct and any(direct), direct
