@@ -273,3 +273,45 @@ def test_instruction_is_versioned() -> None:
     text = v1.render("What is shown?", ["a", "b", "c"])
     assert "3 scores" in text and "(for example: 7 3 9)" in text
     assert len(v1.sha256) == 16
+
+
+def test_medvqa_stllava_judge_with_the_openai_expert(
+    fake_openai, images, tmp_path, monkeypatch, capsys
+) -> None:
+    """The whole judge step through the CLI: judged.jsonl, the cache beside it, a rerun that pays
+    nothing, and a wrong key that exits 2 with one line that does not contain the key."""
+    import json
+
+    from harness.cli import main
+
+    (a, _), (b, _) = images
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    rows = [
+        {"id": "a-q0", "image": str(a), "question": "Is it normal?", "answers": ["yes", "no"]},
+        {"id": "a-q1", "image": str(a), "question": "Side?", "answers": ["left", "right"]},
+        {"id": "b-q0", "image": str(b), "question": "Modality?", "answers": ["ct", "mri"]},
+    ]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fake_openai.reply = by_answers(
+        {("yes", "no"): "2 9", ("left", "right"): "I cannot tell.", ("ct", "mri"): "7 7"}
+    )
+    argv = ["stllava", "judge", "--answers", str(run / "answers.jsonl"), "--out", str(run / "judged.jsonl")]
+    argv += ["--expert", "openai", "--expert-model", "judge-vlm", "--base-url", fake_openai.base_url]
+    assert main(argv) == 0
+    judged = {r["id"]: r for r in map(json.loads, (run / "judged.jsonl").read_text().splitlines())}
+    assert judged["a-q0"]["scores"] == [2.0, 9.0] and judged["b-q0"]["scores"] == [7.0, 7.0]
+    assert judged["a-q1"]["skipped"] == "malformed judge reply"
+    assert (run / "judge-cache.sqlite").exists() and fake_openai.n_requests == 3
+    (run / "judged.jsonl").unlink()
+    assert main(argv) == 0  # judged again from scratch: every judgment comes from the cache
+    assert fake_openai.n_requests == 3
+
+    (run / "answers.jsonl").write_text(json.dumps({**rows[0], "id": "new", "question": "Other?"}) + "\n")
+    fake_openai.faults.append(Fault(status=401, message=f"Incorrect API key provided: {FAKE_KEY}"))
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    assert "judge-vlm" in out.err and fake_openai.base_url in out.err and "401" in out.err
+    assert FAKE_KEY not in out.out + out.err
+    assert files_containing(tmp_path, FAKE_KEY) == []
