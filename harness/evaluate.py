@@ -347,6 +347,8 @@ def evaluate(
                     break
                 batch = mine[start : start + cfg.batch_size]
                 answers, bad = _generate_batch(model, policy, batch, settings, cfg.skip_bad)
+                # the convention's own answer extraction (e.g. LLaVA-Med v1.0 cuts at "###")
+                answers = [None if a is None else policy.postprocess(a) for a in answers]
                 skipped += bad
                 appender.write(
                     _row(s, a, policy, spec, key, fingerprint)

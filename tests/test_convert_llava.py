@@ -24,7 +24,7 @@ from harness.models.convert_llava import convert_llava  # noqa: E402
 CORPUS = (
     "a chat between curious human and an artificial intelligence assistant . the gives helpful , detailed "
     "polite answers to human's questions user : [ inst ] / is there lesion in left lung ? what modality "
-    "this image ct mri yes no"
+    "this image ct mri yes no ### hi there how can help you today"
 )
 TEXT = dict(
     vocab_size=None,  # set from the tokenizer
@@ -459,3 +459,52 @@ def test_tokenization_check_detects_the_sentencepiece_prefix_difference():
     assert result["raw_text"]["first_difference"] == 4 and result["raw_text"]["ids"][4] == 5
     # chat text ("<s>" written by the template): "[INST]" right after it loses its prefix too
     assert result["chat_template"]["first_difference"] == 1
+
+
+@pytest.mark.parametrize("policy_name", ["llava-med-v1.5", "llava-med-v1"])
+def test_medvqa_eval_on_a_converted_checkpoint(tiny, phantom_root, policy_name):
+    """`medvqa eval` scores a converted checkpoint under a published policy: the raw policy text is
+    the model input, the policy's decoding is applied and recorded, and LLaVA-Med v1.0's answer
+    extraction (cut at "###") is what lands in predictions.jsonl."""
+    from benchmarks.phantom import Phantom
+    from harness.cli import main
+    from harness.io import read_json, read_jsonl
+    from harness.models import load_model
+    from harness.prompts import get_policy
+    from harness.types import GenerationRequest, GenerationSettings
+
+    root, vision = tiny
+    out = root / "eval-model"
+    if not out.exists():
+        convert_llava(_source(root / "eval", kind="mistral"), str(vision), out)
+    run = root / f"run-{policy_name}"
+    args = ["eval", "--model", f"hf:{out}", "--benchmark", "phantom", "--root", str(phantom_root)]
+    args += ["--limit", "6", "--batch-size", "6", "--max-new-tokens", "24", "--n-boot", "0"]
+    assert main([*args, "--prompt-policy", policy_name, "--out", str(run)]) == 0
+
+    scores = read_json(run / "scores.json")
+    policy = get_policy(policy_name)
+    assert scores["prompt_policy"] == policy_name and scores["n"] == 6
+    expected_sampling = policy_name == "llava-med-v1"
+    assert scores["generation"]["do_sample"] is expected_sampling
+    assert scores["generation"]["temperature"] == (0.7 if expected_sampling else 0.0)
+    rows = read_jsonl(run / "predictions.jsonl")
+    assert len(rows) == 6
+
+    # the same requests straight through the adapter: predictions = the policy's extraction of them
+    samples = {s.id: s for s in Phantom().load("test", phantom_root)}
+    requests = [
+        GenerationRequest(
+            image=samples[r["question_id"]].image,
+            id=r["question_id"],
+            prompt=policy.render(samples[r["question_id"]].question, samples[r["question_id"]].answer_type),
+        )
+        for r in rows
+    ]
+    assert all(r.prompt.text.count("<image>") == 1 for r in requests)
+    assert [r["prompt"] for r in rows] == [r.prompt.text for r in requests]
+    raw = load_model(f"hf:{out}").generate(requests, GenerationSettings(**scores["generation"]))
+    assert [r["text"] for r in rows] == [policy.postprocess(t) for t in raw]
+    if policy_name == "llava-med-v1":
+        assert any("###" in t for t in raw)  # the cut was exercised
+        assert not any("###" in r["text"] for r in rows)
