@@ -330,3 +330,41 @@ def test_served_tiny_model_matches_the_hf_adapter(
     direct = hf.generate(reqs, settings)
     assert served == direct and any(direct), direct
     assert fake_openai.n_requests == len(samples)
+
+
+def test_medvqa_eval_with_an_openai_spec(fake_openai, fake_key, phantom_root, tmp_path, capsys) -> None:
+    """`medvqa eval --model openai:...` end to end: files written, the spec and fingerprint recorded,
+    the key nowhere; a 401 mid-run exits 2 and leaves the flushed predictions intact."""
+    import json
+
+    from harness.cli import main
+
+    fake_openai.reply = lambda body: "yes"
+    spec = f"openai:test-vlm@{fake_openai.base_url},api_key_env=MEDVQA_TEST_KEY,max_concurrency=4"
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", spec, "--benchmark", "phantom", "--root", str(phantom_root), "--limit", "8"]
+    argv += ["--batch-size", "4", "--out", str(out), "--no-progress", "--n-boot", "10"]
+    assert main(argv) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    assert (
+        scores["model"]["spec"] == spec
+        and scores["model"]["fingerprint"]
+        == OpenAIModel(f"test-vlm@{fake_openai.base_url}", api_key_env="MEDVQA_TEST_KEY").fingerprint
+    )
+    assert scores["n"] == 8 and fake_openai.n_requests == 8
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 8
+
+    # A key revoked mid-run: batch 1 (4 answers) is flushed, batch 2's first request gets 401.
+    out2 = tmp_path / "eval-401"
+    argv2 = [*argv[:-4], str(out2), "--no-progress", "--n-boot", "10"]
+    fake_openai.faults.extend(
+        [Fault(), Fault(), Fault(), Fault(), Fault(status=401, message=f"bad key {FAKE_KEY}")]
+    )
+    assert main(argv2) == 2
+    err = capsys.readouterr().err
+    assert "test-vlm" in err and "401" in err and FAKE_KEY not in err
+    assert len((out2 / "predictions.jsonl").read_text().splitlines()) == 4
+    before = fake_openai.n_requests
+    assert main(argv2) == 0  # resumes: only the 4 missing answers are asked for
+    assert fake_openai.n_requests - before == 4
+    assert files_containing(tmp_path, FAKE_KEY) == []
