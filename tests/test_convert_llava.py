@@ -508,3 +508,31 @@ def test_medvqa_eval_on_a_converted_checkpoint(tiny, phantom_root, policy_name):
     if policy_name == "llava-med-v1":
         assert any("###" in t for t in raw)  # the cut was exercised
         assert not any("###" in r["text"] for r in rows)
+
+
+def test_vision_tower_weights_in_the_source(tiny):
+    """Like the original loader: tower weights saved in the source are used only when
+    unfreeze_mm_vision_tower is set; otherwise the --vision-tower checkpoint is used (and said)."""
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    root, vision = tiny
+    tower = {k: v + 0.5 for k, v in load_file(str(vision / "model.safetensors")).items()}
+    saved = {f"model.vision_tower.vision_tower.vision_model.{k}": v for k, v in tower.items()}
+    key = "embeddings.class_embedding"
+    for unfreeze in (False, True):
+        src = _source(
+            root / f"tower-{unfreeze}",
+            extra_config={"unfreeze_mm_vision_tower": unfreeze},
+            extra_weights=saved,
+        )
+        out = root / f"tower-{unfreeze}-out"
+        record = convert_llava(src, str(vision), out)
+        got = LlavaForConditionalGeneration.from_pretrained(out).model.vision_tower.state_dict()[key]
+        if unfreeze:
+            assert record["vision_tower_weights"] == "source checkpoint"
+            torch.testing.assert_close(got, tower[key])
+        else:
+            assert record["vision_tower_weights"] == "vision tower checkpoint"
+            assert any("ignored" in n for n in record["notes"])
+            torch.testing.assert_close(got, tower[key] - 0.5)

@@ -394,6 +394,8 @@ def convert_llava(
         raise BadInput(
             "no --vision-tower given and config.json has no mm_vision_tower", path=src / "config.json"
         )
+    if out.exists() and not out.is_dir():
+        raise BadInput("output path exists and is a file", path=out)
     if out.exists() and any(out.iterdir()) and not force:
         raise BadInput("output folder exists and is not empty (use --force to replace it)", path=out)
     if out.resolve() == src.resolve():
