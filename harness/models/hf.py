@@ -228,6 +228,7 @@ class HFModel:
 
         self.model_dir, adapter_from_dir = resolve_model_dir(target)
         self.adapter_dir = Path(adapter).expanduser() if adapter else adapter_from_dir
+        self.config = self._load_config()
         self.processor = self._load_processor()
         self.model = self._load_model(attn_implementation)
         if self.adapter_dir is not None:
@@ -264,6 +265,10 @@ class HFModel:
                 source, trust_remote_code=self.trust_remote_code, revision=self.revision
             )
         except OSError as exc:
+            if Path(source).is_dir():
+                raise BadInput(
+                    f"cannot load a processor ({str(exc).splitlines()[0]})", path=source, field="--model"
+                ) from None
             raise self._hub_error(exc) from None
         except ValueError as exc:
             raise BadInput(
@@ -278,11 +283,23 @@ class HFModel:
             )
         return processor
 
-    def _load_model(self, attn_implementation: str | None) -> Any:
-        import torch
-        from transformers import AutoConfig, AutoModelForImageTextToText
+    def _load_config(self) -> Any:
+        from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+        local = Path(self.model_dir) / "config.json"
+        if local.is_file():
+            try:
+                model_type = str(json.loads(local.read_text(encoding="utf-8")).get("model_type", ""))
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                raise BadInput("config.json is not a JSON object", path=local, field="--model") from None
+            if model_type.startswith("llava_") or model_type == "llava_med":
+                raise BadInput(
+                    f"original-format LLaVA checkpoint (model_type {model_type!r}): convert it first with "
+                    "`medvqa model convert-llava --src DIR --vision-tower CLIP --out NEW_DIR`",
+                    path=local,
+                    field="model_type",
+                )
         try:
             config = AutoConfig.from_pretrained(
                 self.model_dir, trust_remote_code=self.trust_remote_code, revision=self.revision
@@ -302,11 +319,16 @@ class HFModel:
         ):
             raise BadInput(
                 f"not an image-text model (model_type {config.model_type!r} has no "
-                "AutoModelForImageTextToText class); original-format LLaVA checkpoints need "
-                "`medvqa model convert-llava` first",
+                "AutoModelForImageTextToText class)",
                 path=self.model_dir,
                 field="--model",
             )
+        return config
+
+    def _load_model(self, attn_implementation: str | None) -> Any:
+        import torch
+        from transformers import AutoModelForImageTextToText
+
         kwargs: dict[str, Any] = {
             "trust_remote_code": self.trust_remote_code,
             "revision": self.revision,
@@ -315,8 +337,14 @@ class HFModel:
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         try:
-            model = AutoModelForImageTextToText.from_pretrained(self.model_dir, config=config, **kwargs)
+            model = AutoModelForImageTextToText.from_pretrained(self.model_dir, config=self.config, **kwargs)
         except OSError as exc:
+            if Path(self.model_dir).is_dir():
+                raise BadInput(
+                    f"cannot load the weights ({str(exc).splitlines()[0]})",
+                    path=self.model_dir,
+                    field="--model",
+                ) from None
             raise self._hub_error(exc) from None
         return model.to(self.device)
 

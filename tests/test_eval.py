@@ -1,0 +1,250 @@
+"""`medvqa eval` on Phantom + the tiny LLaVA: files, resume, cache keys, bad input, accelerate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.evaluate import EvalConfig, evaluate
+from harness.io import read_jsonl
+
+LIMIT = 48
+
+
+def _cfg(model: str, root: Path, out: Path, **kw) -> EvalConfig:
+    base = dict(
+        benchmark="phantom", root=str(root), out=str(out), limit=LIMIT, batch_size=8, max_new_tokens=4
+    )
+    return EvalConfig(model=model, **{**base, **kw})
+
+
+class Counting:
+    """Wraps a VQAModel and counts the questions it is asked (to prove what was reused)."""
+
+    def __init__(self, model):
+        self.inner, self.spec, self.asked = model, model.spec, 0
+
+    @property
+    def fingerprint(self):
+        return self.inner.fingerprint
+
+    def generate(self, requests, settings):
+        self.asked += len(requests)
+        return self.inner.generate(requests, settings)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from harness.models import load_model
+
+    return load_model(f"hf:{tiny_model_dir}")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny, phantom_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "ref"
+    scores = evaluate(_cfg(tiny.spec, phantom_root, out), model=tiny, log=lambda m: None)
+    return out, scores
+
+
+def test_run_files_follow_the_contract(reference_run, tiny) -> None:
+    out, scores = reference_run
+    on_disk = json.loads((out / "scores.json").read_text())
+    assert on_disk == scores
+    for key in (
+        "benchmark",
+        "benchmark_version",
+        "split",
+        "closed_rule",
+        "prompt_policy",
+        "model",
+        "generation",
+    ):
+        assert key in scores
+    assert scores["model"] == {**scores["model"], "spec": tiny.spec, "fingerprint": tiny.fingerprint}
+    assert scores["generation"]["max_new_tokens"] == 4 and scores["generation"]["do_sample"] is False
+    assert scores["prompt_policy"] == "short-answer" and "transformers" in scores["versions"]
+    assert scores["n"] == LIMIT == scores["n_open"] + scores["n_closed"]
+    for scorer in ("llava-med", "strict"):
+        m = scores["scorers"][scorer]
+        assert {"closed_accuracy", "open_recall", "open_f1"} <= set(m)
+        assert set(m["closed_accuracy"]) == {"value", "n", "ci_low", "ci_high"}
+    preds = read_jsonl(out / "predictions.jsonl")
+    assert len(preds) == LIMIT
+    assert {"question_id", "prompt", "text", "answer_id", "model_id", "metadata", "key"} <= set(preds[0])
+    assert preds[0]["prompt"].endswith("Answer with a single word or phrase.")
+    scored = read_jsonl(out / "scored.jsonl")
+    assert [r["id"] for r in scored] == [p["question_id"] for p in preds]
+    closed = [r["strict"]["closed_accuracy"] for r in scored if r["answer_type"] == "CLOSED"]
+    assert scores["scorers"]["strict"]["closed_accuracy"]["value"] == pytest.approx(sum(closed) / len(closed))
+    # the answer file scores the same with `medvqa score` (no model)
+    gt = out / "gt.jsonl"
+    from benchmarks.phantom import Phantom
+
+    samples = Phantom().load("test", Path(scores["root"]))[:LIMIT]
+    gt.write_text("".join(json.dumps(s.to_json()) + "\n" for s in samples))
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "score",
+            "--gt",
+            str(gt),
+            "--pred",
+            str(out / "predictions.jsonl"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["scorers"]["strict"]["closed_accuracy"]["value"] == pytest.approx(
+        scores["scorers"]["strict"]["closed_accuracy"]["value"]
+    )
+
+
+def test_batch_size_does_not_change_scores(reference_run, tiny, phantom_root, tmp_path) -> None:
+    ref_out, ref = reference_run
+    scores = evaluate(
+        _cfg(tiny.spec, phantom_root, tmp_path / "b1", batch_size=1), model=tiny, log=lambda m: None
+    )
+    assert scores["scorers"] == ref["scorers"]
+    assert (tmp_path / "b1" / "predictions.jsonl").read_text() == (ref_out / "predictions.jsonl").read_text()
+
+
+def test_resume_after_kill_and_torn_line(reference_run, tiny, phantom_root, tmp_path) -> None:
+    ref_out, ref = reference_run
+    out = tmp_path / "killed"
+    counting = Counting(tiny)
+    assert (
+        evaluate(_cfg(tiny.spec, phantom_root, out), model=counting, log=lambda m: None, stop_after_batches=3)
+        == {}
+    )
+    assert counting.asked == 24 and not (out / "scores.json").exists()
+    # a kill in the middle of a write leaves half a line behind
+    data = (out / "predictions.jsonl").read_bytes()
+    (out / "predictions.jsonl").write_bytes(data[: len(data) - 40])
+    counting.asked = 0
+    messages: list[str] = []
+    scores = evaluate(_cfg(tiny.spec, phantom_root, out), model=counting, log=messages.append)
+    assert counting.asked == LIMIT - 23  # the 23 intact rows were reused, the torn 24th redone
+    assert any("resuming: 23 of 48" in m for m in messages)
+    assert scores["scorers"] == ref["scorers"]
+    assert (out / "predictions.jsonl").read_text() == (ref_out / "predictions.jsonl").read_text()
+
+
+def test_finished_run_is_not_recomputed(reference_run, tiny, monkeypatch) -> None:
+    out, ref = reference_run
+    import harness.models
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished eval must not load the model")
+
+    monkeypatch.setattr(harness.models, "load_model", refuse)
+    messages: list[str] = []
+    again = evaluate(_cfg(tiny.spec, Path(ref["root"]), out), log=messages.append)
+    assert again == ref and "already done" in messages[-1]
+
+
+def test_new_checkpoint_never_reuses_predictions(reference_run, tiny, phantom_root, tmp_path) -> None:
+    from harness.models import load_model
+    from harness.models.tiny import init_tiny, preset_config
+
+    ref_out, ref = reference_run
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    # "retrain" into a new folder: different weights, same everything else
+    other = load_model(f"hf:{init_tiny(tmp_path / 'ckpt2', preset_config('phantom', seed=1))}")
+    assert other.fingerprint != tiny.fingerprint
+    counting = Counting(other)
+    messages: list[str] = []
+    scores = evaluate(_cfg(other.spec, phantom_root, out), model=counting, log=messages.append)
+    assert counting.asked == LIMIT
+    assert scores["model"]["fingerprint"] == other.fingerprint and scores["key"] != ref["key"]
+    rows = read_jsonl(out / "predictions.jsonl")
+    assert len(rows) == LIMIT and {r["fingerprint"] for r in rows} == {other.fingerprint}
+    (stale,) = (out / "stale").glob("*.jsonl")  # the old model's answers are kept aside, not mixed in
+    assert len(read_jsonl(stale)) == LIMIT
+    assert any("another model" in m for m in messages)
+    # a different prompt policy or decoding is a different key too
+    counting.asked = 0
+    evaluate(_cfg(other.spec, phantom_root, out, prompt_policy="plain"), model=counting, log=lambda m: None)
+    assert counting.asked == LIMIT
+
+
+def test_cli_eval_and_bad_input_exit_2(tiny_model_dir, phantom_root, tmp_path, capsys) -> None:
+    from benchmarks.phantom import PhantomConfig, write_phantom
+
+    root = tmp_path / "ph"
+    write_phantom(root, PhantomConfig(seed=5, train_images=0, test_images=6, size=32, captions=False))
+    rows = [json.loads(line) for line in (root / "test" / "samples.jsonl").read_text().splitlines()]
+    bad_image = root / rows[12]["image"]  # an image of the second batch (batch size 4)
+    bad_image.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    args = ["eval", "--model", f"hf:{tiny_model_dir}", "--benchmark", "phantom", "--root", str(root)]
+    args += ["--out", str(out), "--batch-size", "4", "--max-new-tokens", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "does not decode" in err and str(bad_image) in err and "image" in err
+    kept = read_jsonl(out / "predictions.jsonl")
+    assert len(kept) >= 4 and not (out / "scores.json").exists()  # what was written stays intact
+    assert main([*args, "--skip-bad"]) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    n_bad = sum(1 for r in rows if root / r["image"] == bad_image)
+    assert scores["n_skipped"] == n_bad and scores["n"] == len(rows) - n_bad
+    assert len(read_jsonl(out / "skipped.jsonl")) == n_bad
+    capsys.readouterr()
+    assert (
+        main(
+            ["eval", "--model", f"hf:{tmp_path / 'no-model'}", "--benchmark", "phantom", "--root", str(root)]
+        )
+        == 2
+    )
+    assert "model path does not exist" in capsys.readouterr().err
+    assert main([*args[:5], "--root", str(tmp_path / "nowhere")]) == 2
+    assert main([*args, "--split", "validation"]) == 2
+    assert main([*args, "--prompt-policy", "nope"]) == 2
+
+
+def test_accelerate_two_processes_equal_one(reference_run, tiny_model_dir, phantom_root, tmp_path) -> None:
+    ref_out, ref = reference_run
+    accelerate = Path(sys.executable).with_name("accelerate")
+    out = tmp_path / "ddp"
+    cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "harness.cli", "eval"]
+    cmd += ["--model", f"hf:{tiny_model_dir}", "--benchmark", "phantom", "--root", str(phantom_root)]
+    cmd += ["--out", str(out), "--limit", str(LIMIT), "--batch-size", "8", "--max-new-tokens", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["scorers"] == ref["scorers"] and scores["key"] == ref["key"]
+    assert (out / "predictions.jsonl").read_text() == (ref_out / "predictions.jsonl").read_text()
+    assert not list(out.glob("predictions.rank*.jsonl"))
+
+
+def test_light_commands_do_not_import_torch(reference_run) -> None:
+    out, _ = reference_run
+    code = (
+        "import sys\n"
+        "from harness.cli import main, build_parser\n"
+        "build_parser().format_help()\n"
+        "for a in (['eval', '--help'], ['model', 'init-tiny', '--help']):\n"
+        "    try:\n"
+        "        main(a)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'accelerate') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "[]"

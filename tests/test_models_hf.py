@@ -1,0 +1,174 @@
+"""The hf: adapter on the tiny LLaVA: specs, batch-size invariance, fingerprints, adapters, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from harness.errors import BadInput
+from harness.models import load_model, parse_model_spec
+from harness.models.hf import HFModel, render_prompt_text
+from harness.prompts import get_policy
+from harness.types import GenerationRequest, GenerationSettings, Prompt
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(f"hf:{tiny_model_dir}")
+
+
+@pytest.fixture(scope="module")
+def requests_(phantom_root):
+    from benchmarks.phantom import Phantom
+
+    policy = get_policy("short-answer")
+    samples = Phantom().load("test", phantom_root)[:24]
+    return [GenerationRequest(s.image, policy.render(s.question, s.answer_type), s.id) for s in samples]
+
+
+def test_parse_model_spec() -> None:
+    assert parse_model_spec("hf:runs/x,adapter=a,dtype=bfloat16") == (
+        "hf",
+        "runs/x",
+        {"adapter": "a", "dtype": "bfloat16"},
+    )
+    assert parse_model_spec("llava-hf/llava-1.5-7b-hf") == ("hf", "llava-hf/llava-1.5-7b-hf", {})
+    assert parse_model_spec("/abs/path,device=cpu") == ("hf", "/abs/path", {"device": "cpu"})
+    assert parse_model_spec("openai:gpt-4o@http://127.0.0.1:8000/v1,max_concurrency=2") == (
+        "openai",
+        "gpt-4o@http://127.0.0.1:8000/v1",
+        {"max_concurrency": "2"},
+    )
+    with pytest.raises(BadInput, match="key=value"):
+        parse_model_spec("hf:x,adapter")
+    with pytest.raises(BadInput, match="unexpected keyword"):
+        load_model("hf:/nonexistent,colour=blue")
+
+
+def test_batched_generation_equals_batch_of_one(tiny, requests_) -> None:
+    settings = GenerationSettings(max_new_tokens=6)
+    one = [tiny.generate([r], settings)[0] for r in requests_]
+    batched = []
+    for i in range(0, len(requests_), 8):
+        batched += tiny.generate(requests_[i : i + 8], settings)
+    assert batched == one
+    assert all(isinstance(t, str) and t for t in one)
+    assert tiny.tokenizer.padding_side == "left"
+
+
+def test_raw_text_prompt_used_verbatim(tiny, requests_) -> None:
+    chat = requests_[0].prompt
+    text = render_prompt_text(tiny.processor, chat)
+    assert text.startswith("<s><user> <image> ") and text.endswith("<assistant>")
+    # the same string given as a raw prompt: the tokenizer adds no BOS here, so identical inputs
+    raw = GenerationRequest(requests_[0].image, Prompt(text=text, policy="raw"))
+    a = tiny.encode([requests_[0]])["input_ids"]
+    b = tiny.encode([raw])["input_ids"]
+    assert a.tolist() == b.tolist()
+    settings = GenerationSettings(max_new_tokens=4)
+    assert tiny.generate([raw], settings) == tiny.generate([requests_[0]], settings)
+
+
+def test_fingerprint_tracks_weights(tiny, tiny_model_dir, tmp_path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert HFModel.spec_fingerprint(str(copy)) == tiny.fingerprint  # same bytes, same identity
+    assert HFModel.spec_fingerprint(str(tiny_model_dir)) == tiny.fingerprint
+    assert HFModel.spec_fingerprint(str(tiny_model_dir), dtype="bfloat16") != tiny.fingerprint
+    # one changed weight = a new checkpoint
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(copy / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    assert HFModel.spec_fingerprint(str(copy)) != tiny.fingerprint
+
+
+def _lora(base_dir, out, seed: int = 0):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def test_peft_adapter_not_merged(tiny, tiny_model_dir, requests_, tmp_path) -> None:
+    from peft import PeftModel
+
+    adapter = _lora(tiny_model_dir, tmp_path / "lora")
+    with_adapter = load_model(f"hf:{tiny_model_dir},adapter={adapter}")
+    assert isinstance(with_adapter.model, PeftModel)  # applied, not merged
+    assert with_adapter.fingerprint != tiny.fingerprint
+    settings = GenerationSettings(max_new_tokens=6)
+    assert with_adapter.generate(requests_[:8], settings) != tiny.generate(requests_[:8], settings)
+    # a folder holding only the adapter loads its base from adapter_config.json (trainer checkpoints)
+    alone = load_model(f"hf:{adapter}")
+    assert alone.fingerprint == with_adapter.fingerprint
+    assert alone.generate(requests_[:4], settings) == with_adapter.generate(requests_[:4], settings)
+
+
+def test_adapter_that_does_not_fit(tiny_model_dir, tmp_path) -> None:
+    from harness.models.tiny import init_tiny, preset_config
+
+    other = init_tiny(tmp_path / "wide", preset_config("phantom", hidden=64, heads=2, corpus="builtin"))
+    adapter = _lora(other, tmp_path / "wide-lora")
+    with pytest.raises(BadInput, match="adapter does not fit") as err:
+        load_model(f"hf:{tiny_model_dir},adapter={adapter}")
+    assert err.value.field == "adapter"
+    with pytest.raises(BadInput, match="adapter folder does not exist"):
+        load_model(f"hf:{tiny_model_dir},adapter={tmp_path / 'nope'}")
+
+
+def test_bad_models(tmp_path) -> None:
+    with pytest.raises(BadInput, match="does not exist"):
+        load_model(f"hf:{tmp_path / 'missing' / 'model'}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(BadInput, match="not a model folder"):
+        load_model(f"hf:{empty}")
+    from transformers import LlamaConfig
+
+    text_only = tmp_path / "text-only"
+    LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=10).save_pretrained(
+        text_only
+    )
+    with pytest.raises(BadInput, match="not an image-text model"):
+        load_model(f"hf:{text_only}")
+    (text_only / "config.json").write_text(json.dumps({"model_type": "llava_mistral"}))
+    with pytest.raises(BadInput, match="convert-llava"):
+        load_model(f"hf:{text_only}")
+
+
+def test_hub_id_offline_is_clear(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BadInput, match="not in the local cache and HF_HUB_OFFLINE is set"):
+        load_model("hf:medvqa-test/definitely-not-cached")
+
+
+def test_image_that_does_not_decode(tiny, requests_, tmp_path) -> None:
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    req = GenerationRequest(str(bad), requests_[0].prompt, "q-broken")
+    with pytest.raises(BadInput, match="does not decode") as err:
+        tiny.generate([requests_[1], req], GenerationSettings(max_new_tokens=2))
+    assert err.value.field == "image" and "q-broken" in str(err.value) and str(bad) in str(err.value)
+    with pytest.raises(BadInput, match="not found"):
+        tiny.generate(
+            [GenerationRequest(str(tmp_path / "nope.png"), requests_[0].prompt)], GenerationSettings()
+        )
+
+
+def test_sampling_is_seeded(tiny, requests_) -> None:
+    s = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=1.5, top_p=1.0, seed=3)
+    assert tiny.generate(requests_[:4], s) == tiny.generate(requests_[:4], s)
