@@ -397,17 +397,30 @@ class ChatClient:
                         f"{self._where()} {what} after {attempt + 1} attempt(s)", retryable=True
                     ) from None
                 reason = "timeout" if timed_out else "connection error"
+            except (openai.OpenAIError, ValueError) as exc:  # e.g. a body that is not JSON
+                self._count(failed=1)
+                raise EndpointError(
+                    f"{self._where()}: the reply is not a chat completion ({exc.__class__.__name__}: "
+                    f"{redact(str(exc)[:200], self._secret.reveal())})"
+                ) from None
             else:
-                self._count(completed=1)
                 usage = getattr(response, "usage", None)
                 if usage is not None:
                     self._count(
                         prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
                         completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
                     )
-                if not response.choices:
-                    return ""
-                return response.choices[0].message.content or ""
+                choices = getattr(response, "choices", None)
+                message = (
+                    getattr(choices[0], "message", None) if isinstance(choices, list) and choices else None
+                )
+                if message is None:
+                    self._count(failed=1)
+                    raise EndpointError(
+                        f"{self._where()}: the reply is not a chat completion (no choices[0].message)"
+                    )
+                self._count(completed=1)
+                return getattr(message, "content", None) or ""
             delay = self._backoff(attempt, headers)
             log.info(
                 "%s: %s, retry %d of %d in %.2f s",

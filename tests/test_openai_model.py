@@ -368,3 +368,19 @@ def test_medvqa_eval_with_an_openai_spec(fake_openai, fake_key, phantom_root, tm
     assert main(argv2) == 0  # resumes: only the 4 missing answers are asked for
     assert fake_openai.n_requests - before == 4
     assert files_containing(tmp_path, FAKE_KEY) == []
+
+
+def test_a_reply_that_is_not_a_chat_completion_is_an_endpoint_error(openai_server, fake_key, png) -> None:
+    from werkzeug import Response
+
+    path, _ = png
+    model = OpenAIModel(f"m@{openai_server.url_for('/v1')}", api_key_env="MEDVQA_TEST_KEY", max_retries=0)
+    req = [GenerationRequest(str(path), chat_prompt("q"))]
+    for body in ("<html>proxy error</html>", '{"object": "error"}'):
+        openai_server.clear()
+        openai_server.expect_request("/v1/chat/completions").respond_with_response(
+            Response(body, 200, content_type="application/json")
+        )
+        with pytest.raises(EndpointError, match="not a chat completion"):
+            model.generate(req, GenerationSettings())
+    openai_server.clear()
