@@ -231,8 +231,13 @@ def test_accelerate_two_processes_equal_one(reference_run, tiny_model_dir, phant
     assert not list(out.glob("predictions.rank*.jsonl"))
 
 
-def test_light_commands_do_not_import_torch(reference_run) -> None:
-    out, _ = reference_run
+def test_light_commands_do_not_import_torch(reference_run, tmp_path) -> None:
+    out, scores = reference_run
+    from benchmarks.phantom import Phantom
+
+    gt = tmp_path / "gt.jsonl"
+    samples = Phantom().load("test", Path(scores["root"]))[:LIMIT]
+    gt.write_text("".join(json.dumps(s.to_json()) + "\n" for s in samples))
     code = (
         "import sys\n"
         "from harness.cli import main, build_parser\n"
@@ -242,6 +247,7 @@ def test_light_commands_do_not_import_torch(reference_run) -> None:
         "        main(a)\n"
         "    except SystemExit:\n"
         "        pass\n"
+        f"assert main(['score', '--gt', {str(gt)!r}, '--pred', {str(out / 'predictions.jsonl')!r}]) == 0\n"
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'accelerate') if m in sys.modules]\n"
         "print(heavy)\n"
     )
