@@ -384,3 +384,12 @@ def test_a_reply_that_is_not_a_chat_completion_is_an_endpoint_error(openai_serve
         with pytest.raises(EndpointError, match="not a chat completion"):
             model.generate(req, GenerationSettings())
     openai_server.clear()
+
+
+def test_400_is_bad_input_naming_the_record(fake_openai, fake_key, png) -> None:
+    path, _ = png
+    fake_openai.faults.append(Fault(status=400, message="The model does not support image input."))
+    model = make_model(fake_openai)
+    with pytest.raises(BadInput, match=r"record q7.*HTTP 400.*does not support image input.*accepts images"):
+        model.generate([GenerationRequest(str(path), chat_prompt("q"), id="q7")], GenerationSettings())
+    assert fake_openai.n_requests == 1  # not retried

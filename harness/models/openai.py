@@ -26,6 +26,7 @@ from harness.errors import BadInput
 from harness.openai_support import (
     DEFAULT_API_KEY_ENV,
     ChatClient,
+    EndpointError,
     image_data_url,
     image_sha256,
     map_bounded,
@@ -234,7 +235,16 @@ class OpenAIModel:
                     with self._hits_lock:
                         self.cache_hits += 1
                     return str(hit)
-            text = self.client.complete(messages, **params).strip()
+            try:
+                text = self.client.complete(messages, **params).strip()
+            except EndpointError as exc:
+                if exc.status in (400, 413, 422):  # this request can never work: a usage error
+                    raise BadInput(
+                        f"{exc}; check that the model accepts images and these options "
+                        f"({', '.join(sorted(params))})",
+                        record=request.id or None,
+                    ) from None
+                raise
             if key is not None:
                 cache.put(key, text, request={"id": request.id, "model": self.model, **params})
             return text
