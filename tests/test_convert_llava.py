@@ -153,6 +153,12 @@ def _source(
         "use_mm_proj": True,
         "tokenizer_model_max_length": 2048,
         "tokenizer_padding_side": "right",
+        "use_cache": False,  # as training runs save it
+        # LLaVA-Med v1.5's segmentation-token experiment fields
+        "feature_outs": "encoder+decoder",
+        "img_size": 640,
+        "vision_backbone": "convnextlarge",
+        "segtok_posembed": "sincos",
     }
     if kind == "mistral":
         config["sliding_window"] = None
@@ -257,6 +263,9 @@ def test_converted_logits_match_the_original_forward(tiny, kind, projector, fmt)
     out = root / f"out-{kind}-{projector}"
     record = convert_llava(src, str(vision), out)
     assert record["projector"] == projector
+    text_config = json.loads((out / "config.json").read_text())["text_config"]
+    assert text_config["model_type"] == kind and text_config["use_cache"] is True
+    assert "img_size" not in text_config and "mm_hidden_size" not in text_config
     assert (out / "conversion.json").is_file()
 
     image = _image()  # not square: exercises the `pad` preprocessing

@@ -338,6 +338,8 @@ def text_config_from_source(config: Mapping[str, Any], text_model_type: str) -> 
 
     fields = {k: v for k, v in config.items() if k not in _WRAPPER_KEYS and not k.startswith("mm_")}
     fields.pop("_name_or_path", None)
+    # Training runs often save use_cache=false; the KV cache changes no output, only speed.
+    fields["use_cache"] = True
     return AutoConfig.for_model(text_model_type, **fields)
 
 
