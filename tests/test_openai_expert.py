@@ -315,3 +315,37 @@ def test_medvqa_stllava_judge_with_the_openai_expert(
     assert "judge-vlm" in out.err and fake_openai.base_url in out.err and "401" in out.err
     assert FAKE_KEY not in out.out + out.err
     assert files_containing(tmp_path, FAKE_KEY) == []
+
+
+def test_swap_check_cancels_position_bias(fake_openai, fake_key, images, tmp_path) -> None:
+    (a, _), _ = images
+    expert = make_expert(fake_openai, tmp_path, swap_check=True)
+    fake_openai.reply = lambda body: "8 3"  # a judge that always prefers whatever comes first
+    assert expert.judge(str(a), "Is it normal?", ["yes", "no"]) == [5.5, 5.5]
+    assert fake_openai.n_requests == 2
+    texts = sorted(b["messages"][1]["content"][1]["text"] for b in fake_openai.bodies)
+    assert ["[Answer 1]\nno\n" in t and "[Answer 2]\nyes\n" in t for t in texts] == [True, False]
+    assert ["[Answer 1]\nyes\n" in t and "[Answer 2]\nno\n" in t for t in texts] == [False, True]
+
+    content = {"yes": "9", "no": "2", "left": "6", "right": "4"}
+
+    def consistent(body: dict) -> str:  # scores follow the answers, not their order
+        found = re.findall(
+            r"\[Answer \d\]\n(.*?)\n\[End of Answer", body["messages"][1]["content"][1]["text"]
+        )
+        return " ".join(content[x] for x in found)
+
+    fake_openai.reply = consistent
+    results = expert.judge_many_detailed(
+        [(str(a), "Is it abnormal?", ["yes", "no"]), (str(a), "Side?", ["left", "right"])]
+    )
+    assert [r.scores for r in results] == [[9.0, 2.0], [6.0, 4.0]]
+    assert "answers swapped" in results[0].reply
+
+    fake_openai.reply = lambda body: (
+        "9 2" if "[Answer 1]\nyes" in body["messages"][1]["content"][1]["text"] else "?"
+    )
+    (bad,) = expert.judge_many_detailed([(str(a), "Fluid?", ["yes", "no"])])
+    assert bad.status == "malformed" and bad.scores is None
+    counts = expert.counts()
+    assert (counts["items"], counts["judged"], counts["malformed"], counts["calls"]) == (4, 3, 1, 8)

@@ -181,6 +181,12 @@ class OpenAIExpertConfig:
         metadata={"help": "first retry delay in seconds (doubles, with jitter; Retry-After wins)"},
     )
     backoff_max: float = field(default=30.0, metadata={"help": "longest retry delay in seconds"})
+    swap_check: bool = field(
+        default=False,
+        metadata={
+            "help": "also judge each item with the answers in reverse order and average (against position bias; 2x cost)"
+        },
+    )
     cache: bool = field(default=True, metadata={"help": "store every reply in the SQLite cache and reuse it"})
     cache_path: str | None = field(
         default=None,
@@ -220,6 +226,21 @@ class Judgment:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _combine_swapped(first: Judgment, swapped: Judgment) -> Judgment:
+    """One judgment from an item judged in both answer orders (`swapped` has reversed answers)."""
+    cached = first.cached and swapped.cached
+    for half in (first, swapped):
+        if half.status == "failed":
+            return Judgment(None, "failed", None, cached=False, error=half.error)
+    for half in (first, swapped):
+        if half.status == "malformed":
+            return Judgment(None, "malformed", half.reply, cached=cached)
+    assert first.scores is not None and swapped.scores is not None
+    scores = [(a + b) / 2 for a, b in zip(first.scores, reversed(swapped.scores), strict=True)]
+    reply = f"{first.reply}\n---- answers swapped ----\n{swapped.reply}"
+    return Judgment(scores, "ok", reply, cached=cached)
 
 
 def _as_item(obj: Any, index: int) -> JudgeItem:
@@ -319,7 +340,8 @@ class OpenAIExpert:
             self._counts[name] += delta
 
     def counts(self) -> dict[str, int]:
-        """items, calls (requests sent, one per uncached judgment), cache_hits, judged, malformed,
+        """items, calls (requests sent, one per uncached judgment request; two per item with
+        `swap_check`), cache_hits (requests answered from the cache), judged, malformed,
         failed, plus the client's http_requests (retries included), retries and token usage (the
         cost of this run: cached judgments cost nothing)."""
         with self._lock:
@@ -388,9 +410,41 @@ class OpenAIExpert:
         endpoint, at most `max_concurrency` at a time, each reply cached as it arrives. Identical
         items in one batch are asked once. `on_result(index, judgment)` is called (in this thread) as
         each item is resolved. A wrong key / model / URL raises BadInput; other failures only mark
-        their items `failed` (not cached, so the next run asks again)."""
+        their items `failed` (not cached, so the next run asks again).
+
+        With `swap_check`, each item is also judged with its answers in reverse order and the two
+        score lists are averaged (a failed or malformed half makes the item failed / malformed)."""
         parsed = [_as_item(obj, i) for i, obj in enumerate(items)]
         self._count("items", len(parsed))
+        results: list[Judgment | None] = [None] * len(parsed)
+
+        def emit(i: int, judgment: Judgment) -> None:
+            results[i] = judgment
+            self._count({"ok": "judged", "malformed": "malformed", "failed": "failed"}[judgment.status])
+            if on_result is not None:
+                on_result(i, judgment)
+
+        if not self.config.swap_check:
+            self._judge_requests(parsed, emit)
+        else:
+            expanded = []
+            for item in parsed:
+                expanded += [item, JudgeItem(item.image, item.question, tuple(reversed(item.answers)))]
+            halves: dict[int, Judgment] = {}
+
+            def collect(k: int, judgment: Judgment) -> None:
+                halves[k] = judgment
+                i = k // 2
+                if 2 * i in halves and 2 * i + 1 in halves:
+                    emit(i, _combine_swapped(halves.pop(2 * i), halves.pop(2 * i + 1)))
+
+            self._judge_requests(expanded, collect)
+        return [r for r in results if r is not None]
+
+    def _judge_requests(
+        self, parsed: Sequence[JudgeItem], on_result: Callable[[int, Judgment], None]
+    ) -> None:
+        """One request per distinct item (cache first, then the endpoint); `on_result` per item."""
         cache = self._get_cache()
         hashes: dict[Any, str] = {}  # per image: hashed once per call
 
@@ -404,21 +458,15 @@ class OpenAIExpert:
         for i, item in enumerate(parsed):
             groups.setdefault(self.cache_key(item, image_hash(item.image)), []).append(i)
 
-        results: list[Judgment | None] = [None] * len(parsed)
-
         def resolve(key: str, reply: str | None, *, cached: bool, error: str | None = None) -> None:
             for n, i in enumerate(groups[key]):
                 if error is not None:
                     judgment = Judgment(None, "failed", None, cached=False, error=error)
-                    self._count("failed")
                 else:
                     scores = parse_scores(reply, len(parsed[i].answers))
                     status: Literal["ok", "malformed"] = "ok" if scores is not None else "malformed"
                     judgment = Judgment(scores, status, reply, cached=cached or n > 0)
-                    self._count("judged" if scores is not None else "malformed")
-                results[i] = judgment
-                if on_result is not None:
-                    on_result(i, judgment)
+                on_result(i, judgment)
 
         misses: list[str] = []
         for key in groups:
@@ -459,7 +507,6 @@ class OpenAIExpert:
                 self.config.max_concurrency,
                 on_result=lambda j, out: resolve(misses[j], out[0], cached=False, error=out[1]),
             )
-        return [r for r in results if r is not None]
 
     def close(self) -> None:
         with self._lock:
