@@ -393,3 +393,12 @@ def test_400_is_bad_input_naming_the_record(fake_openai, fake_key, png) -> None:
     with pytest.raises(BadInput, match=r"record q7.*HTTP 400.*does not support image input.*accepts images"):
         model.generate([GenerationRequest(str(path), chat_prompt("q"), id="q7")], GenerationSettings())
     assert fake_openai.n_requests == 1  # not retried
+
+
+def test_retry_after_beyond_the_limit_fails_at_once(fake_openai, fake_key, png) -> None:
+    path, _ = png
+    fake_openai.faults.append(Fault(status=429, headers={"retry-after": "3600"}, message="quota exhausted"))
+    model = make_model(fake_openai)
+    with pytest.raises(EndpointError, match=r"HTTP 429: quota exhausted"):
+        model.generate([GenerationRequest(str(path), chat_prompt("q"))], GenerationSettings())
+    assert fake_openai.n_requests == 1  # an hour-long wait is not sat out
