@@ -303,24 +303,33 @@ def evaluate(
     fingerprint = model.fingerprint if model is not None else _model_fingerprint_light(spec, device or None)
     key = run_key(fingerprint, bench, cfg.split, policy, settings) if fingerprint else None
 
-    # A finished run: same key, same questions → no model, no work.
-    if key and (out / SCORES).is_file():
+    def finished() -> dict[str, Any] | None:
+        """scores.json of this key and these questions (a finished run), else None."""
+        if not key or not (out / SCORES).is_file():
+            return None
         try:
             previous = read_json(out / SCORES)
         except BadInput:
-            previous = {}
+            return None
         if previous.get("key") == key and previous.get("questions_hash") == ids_hash:
             log_main(_summary_line(previous, out, time.perf_counter() - started, " (already done)"))
             return previous
+        return None
 
+    # A finished run (same key, same questions) needs no model and no work.
+    if (previous := finished()) is not None:
+        return previous
     if key is None or not _is_complete(out, key, ids):
         if model is None:
             from harness.models import load_model
 
             overrides = {"device": device} if device and spec_adapter(spec) == "hf" else {}
             model = load_model(spec, **overrides)
+        light_key = key
         fingerprint = model.fingerprint
         key = run_key(fingerprint, bench, cfg.split, policy, settings)
+        if key != light_key and (previous := finished()) is not None:
+            return previous
 
     # Merge what earlier (possibly multi-process) runs left, then everyone reads the same state.
     if dist.main:

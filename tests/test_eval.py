@@ -14,6 +14,7 @@ import pytest
 from harness.cli import main
 from harness.evaluate import EvalConfig, evaluate
 from harness.io import read_jsonl
+from tests._openai_server import fake_key, fake_openai, openai_server  # noqa: F401 - fixtures
 
 LIMIT = 48
 
@@ -254,3 +255,32 @@ def test_light_commands_do_not_import_torch(reference_run, tmp_path) -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_eval_openai_endpoint_on_loopback(phantom_root, tmp_path, fake_openai, fake_key, capsys) -> None:  # noqa: F811
+    """`medvqa eval --model openai:...@http://127.0.0.1`: same run files; resumes without requests."""
+    from tests._openai_server import Fault, files_containing
+
+    fake_openai.reply = lambda body: "yes"
+    fake_openai.faults.append(Fault(status=500))  # retried, not fatal
+    spec = (
+        f"openai:test-vlm@{fake_openai.base_url},api_key_env=MEDVQA_TEST_KEY,backoff=0.01,max_concurrency=4"
+    )
+    out = tmp_path / "gpt"
+    args = ["eval", "--model", spec, "--benchmark", "phantom", "--root", str(phantom_root), "--out", str(out)]
+    args += ["--limit", "20", "--batch-size", "8", "--n-boot", "0"]
+    assert main(args) == 0
+    assert fake_openai.n_requests == 21  # 20 questions + the retried 500
+    scores = json.loads((out / "scores.json").read_text())
+    n_closed_yes = sum(
+        1 for r in read_jsonl(out / "scored.jsonl") if r["answer_type"] == "CLOSED" and r["gold"] == "yes"
+    )
+    assert scores["scorers"]["strict"]["closed_accuracy"]["value"] == pytest.approx(
+        100 * n_closed_yes / scores["n_closed"]
+    )
+    body = fake_openai.bodies[-1]
+    assert body["model"] == "test-vlm" and body.get("temperature", 0) == 0
+    assert files_containing(out, fake_key) == []  # the key is never written to a run file
+    capsys.readouterr()
+    assert main(args) == 0 and fake_openai.n_requests == 21  # finished: nothing asked again
+    assert "already done" in capsys.readouterr().err
