@@ -54,6 +54,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_dataclass_arguments(p, _eval_config_cls())
+    from harness.prompts import DEFAULT_POLICY, policy_names
+
+    for action in p._actions:
+        if action.dest in ("model", "benchmark", "root"):
+            action.required = True
+            action.help = (action.help or "").replace(" (default: None)", "")
+        elif action.dest == "prompt_policy":
+            action.help = (
+                f"prompt policy: {', '.join(policy_names())}; NAME+options / NAME-options switch the "
+                f"closed-question [yes, no] options (default: the benchmark's, else {DEFAULT_POLICY})"
+            )
     p.add_argument("--fresh", action="store_true", help="discard this run folder's earlier predictions first")
     p.add_argument("--json", action="store_true", help="print scores.json to stdout at the end")
     p.set_defaults(func=run)
@@ -67,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     for name in ("model", "benchmark", "root"):
         if not getattr(args, name, None):
-            raise BadInput(f"--{name} is required")
+            raise BadInput(f"--{name} must not be empty")
     values = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(EvalConfig)
