@@ -36,7 +36,7 @@ from harness.errors import BadInput
 from harness.registry import benchmarks
 from harness.types import Benchmark, VQASample
 
-GENERATOR_VERSION = "1.1"
+GENERATOR_VERSION = "1.2"
 BUILD_HINT = "build one with: medvqa data phantom --out DIR"
 
 MODALITIES: tuple[str, ...] = ("ct", "mri", "x-ray")
@@ -776,8 +776,25 @@ def sample_questions(
 _SPLIT_STREAM = {"train": 1, "test": 2}
 
 
-def _image_id(split: str, i: int) -> str:
-    return f"{split}-{i:05d}"
+# Fields that change what image i (and its questions) looks like; the counts and captions do not.
+_CONTENT_FIELDS_EXCLUDED = ("train_images", "test_images", "captions")
+
+
+def data_key(config: PhantomConfig) -> str:
+    """Short hash of the generator version and every setting that shapes an image.
+
+    It is part of every image and question id, so two Phantom folders built with different seeds,
+    sizes or knobs never share an id (prediction caches key on ids), while a folder with more
+    images keeps the ids (and bytes) of the smaller one.
+    """
+    from harness.types import stable_hash
+
+    content = {k: v for k, v in config.to_json().items() if k not in _CONTENT_FIELDS_EXCLUDED}
+    return stable_hash({"version": GENERATOR_VERSION, **content}, length=6)
+
+
+def _image_id(split: str, i: int, key: str) -> str:
+    return f"{split}-{i:05d}-{key}"
 
 
 def write_phantom(out_dir: str | Path, config: PhantomConfig | None = None) -> dict[str, Any]:
@@ -804,13 +821,14 @@ def write_phantom(out_dir: str | Path, config: PhantomConfig | None = None) -> d
     building = {"benchmark": "phantom", "version": GENERATOR_VERSION, "status": "building"}
     _write_text(root / "phantom.json", json.dumps(building, indent=2, sort_keys=True) + "\n")
     counts: dict[str, dict[str, int]] = {}
+    key = data_key(config)
     for split, n_images in (("train", config.train_images), ("test", config.test_images)):
         split_dir = root / split
         (split_dir / "images").mkdir(parents=True, exist_ok=True)
         scenes, samples, captions = [], [], []
         n_open = n_closed = n_yes = 0
         for i in range(n_images):
-            image_id = _image_id(split, i)
+            image_id = _image_id(split, i, key)
             # One independent stream per image: image i does not depend on how many are drawn.
             rng = np.random.default_rng([config.seed, _SPLIT_STREAM[split], i])
             scene = sample_scene(rng, image_id, split, config)
@@ -870,6 +888,7 @@ def write_phantom(out_dir: str | Path, config: PhantomConfig | None = None) -> d
         "benchmark": "phantom",
         "version": GENERATOR_VERSION,
         "status": "complete",
+        "data_key": key,
         "config": config.to_json(),
         "counts": counts,
     }
@@ -879,6 +898,7 @@ def write_phantom(out_dir: str | Path, config: PhantomConfig | None = None) -> d
         "version": GENERATOR_VERSION,
         "seed": config.seed,
         "size": config.size,
+        "data_key": key,
         "splits": counts,
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -1020,7 +1040,11 @@ class Phantom(Benchmark):
 
     def detect_layout(self, root: Path) -> str:
         manifest = read_manifest(root)
-        return f"phantom generator v{manifest['version']} (seed {manifest.get('config', {}).get('seed')})"
+        config = manifest.get("config", {})
+        return (
+            f"phantom generator v{manifest['version']} (seed {config.get('seed')}, {config.get('size')} px, "
+            f"data key {manifest.get('data_key')})"
+        )
 
     def closed_rule(self, root: Path) -> str:
         return "dataset answer_type (generated yes/no questions)"
@@ -1102,6 +1126,7 @@ __all__: Sequence[str] = (
     "answer_matches",
     "caption_for",
     "corpus_texts",
+    "data_key",
     "load_captions",
     "load_scenes",
     "normalize_answer",

@@ -24,6 +24,7 @@ from benchmarks.phantom import (
     answer_matches,
     caption_for,
     corpus_texts,
+    data_key,
     load_captions,
     load_scenes,
     parse_question,
@@ -62,18 +63,27 @@ def test_same_seed_same_bytes_different_seed_different(built, tmp_path):
     other = tmp_path / "other"
     write_phantom(other, PhantomConfig(seed=4, train_images=60, test_images=20, size=32))
     third = _hash_tree(other)
-    assert third.keys() == first.keys()
-    differing = [k for k in first if first[k] != third[k]]
-    assert len(differing) > 0.9 * len(first)
+    assert len(third) == len(first) and not set(third) & {k for k in first if "/images/" in k}
+    assert (other / "train/samples.jsonl").read_bytes() != (root / "train/samples.jsonl").read_bytes()
+    differing = [a[1] != b[1] for a, b in zip(sorted(first.items()), sorted(third.items()))]
+    assert sum(differing) > 0.9 * len(first)  # the pixels differ, not only the names
 
 
 def test_image_i_does_not_depend_on_how_many_are_drawn(built, tmp_path):
     root, _ = built
     fewer = tmp_path / "fewer"
     write_phantom(fewer, PhantomConfig(seed=3, train_images=10, test_images=0, size=32))
-    for i in range(10):
-        rel = f"train/images/train-{i:05d}.png"
-        assert (root / rel).read_bytes() == (fewer / rel).read_bytes()
+    names = sorted(p.name for p in (fewer / "train/images").iterdir())
+    assert len(names) == 10
+    for name in names:
+        assert (root / "train/images" / name).read_bytes() == (fewer / "train/images" / name).read_bytes()
+
+
+def test_ids_differ_between_differently_built_folders():
+    key = data_key(SMALL)
+    assert key == data_key(PhantomConfig(seed=3, train_images=5, test_images=1, size=32, captions=False))
+    assert key != data_key(PhantomConfig(seed=4, train_images=60, test_images=20, size=32))
+    assert key != data_key(PhantomConfig(seed=3, train_images=60, test_images=20, size=64))
 
 
 def test_counts_and_closed_share(built):
@@ -97,7 +107,9 @@ def test_images_have_the_configured_size(built):
     from PIL import Image
 
     root, _ = built
-    with Image.open(root / "train/images/train-00000.png") as im:
+    first = sorted((root / "train/images").iterdir())[0]
+    assert first.name == f"train-00000-{data_key(SMALL)}.png"
+    with Image.open(first) as im:
         assert im.size == (32, 32) and im.mode == "L"
 
 
@@ -253,10 +265,10 @@ def test_unknown_split_and_bad_records(built, tmp_path):
     phantom = Phantom()
     kept = phantom.load("test", copy, skip_bad=True)
     assert len(kept) == len(lines) - 1 and phantom.n_skipped == 1
-    lines[0] = json.dumps({**bad, "image": "test/images/test-00000.png"})
+    lines[0] = json.dumps({**bad, "image": json.loads(lines[1])["image"]})
     (copy / "test/samples.jsonl").write_text("\n".join(lines) + "\n")
     assert len(Phantom().load("test", copy)) == len(lines)
-    (copy / "test/images/test-00002.png").unlink()
+    sorted((copy / "test/images").iterdir())[2].unlink()
     with pytest.raises(BadInput, match="not found"):
         Phantom().load("test", copy)
 
