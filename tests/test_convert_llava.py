@@ -54,6 +54,19 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+def _sentencepiece_tokenizer():
+    """A Llama (sentencepiece-style BPE, byte fallback) tokenizer as transformers 5 builds it:
+    legacy=False, i.e. Metaspace prepend_scheme "first"."""
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3}
+    for i in range(256):
+        vocab[f"<0x{i:02X}>"] = len(vocab)
+    for word in ("▁[", "INST", "]", "▁What", "▁is", "▁shown", "▁in", "▁this", "▁image", "?", "/"):
+        vocab.setdefault(word, len(vocab))
+    return LlamaTokenizer(vocab=vocab, merges=[], legacy=False, add_bos_token=True)
+
+
 def _vision_tower(root: Path, full_clip: bool = False) -> Path:
     from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
     from transformers.models.clip import CLIPImageProcessorPil
@@ -98,13 +111,14 @@ def _source(
     fmt: str = "safetensors",
     extra_config: dict | None = None,
     extra_weights: dict | None = None,
+    tokenizer: str = "word",
 ) -> Path:
     """A tiny original-format LLaVA checkpoint: config.json with the mm_* fields + weights + tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     src = root / f"src-{kind}-{projector}-{fmt}"
     src.mkdir(parents=True)
-    tok = _tokenizer()
+    tok = _sentencepiece_tokenizer() if tokenizer == "sentencepiece" else _tokenizer()
     tok.save_pretrained(src)
     fields = dict(TEXT, vocab_size=len(tok))
     torch.manual_seed(2)
@@ -545,3 +559,34 @@ def test_vision_tower_weights_in_the_source(tiny):
             assert record["vision_tower_weights"] == "vision tower checkpoint"
             assert any("ignored" in n for n in record["notes"])
             torch.testing.assert_close(got, tower[key] - 0.5)
+
+
+def test_sentencepiece_prefix_after_image_matches_the_original_chunks(tiny):
+    """transformers 5 builds Llama tokenizers with legacy=False: text right after <image> (and after
+    a literal <s>) loses the "▁" that the original chunk-by-chunk tokenization gives it. The
+    converter switches the tokenizer to prefix it, and checks the reloaded processor."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from harness.prompts import get_policy
+
+    root, vision = tiny
+    src = _source(root / "sp", kind="mistral", tokenizer="sentencepiece")
+    assert AutoTokenizer.from_pretrained(src).backend_tokenizer.pre_tokenizer.prepend_scheme == "first"
+    out = root / "sp-out"
+    record = convert_llava(src, str(vision), out)
+    assert record["tokenization"]["identical"] is True
+    assert any("prefix" in n for n in record["notes"])
+    assert json.loads((out / "tokenizer_config.json").read_text())["legacy"] is True
+
+    processor = AutoProcessor.from_pretrained(out)
+    src_tok = AutoTokenizer.from_pretrained(src)
+    text = get_policy("llava-med-v1.5").render("What is shown in this image?", "OPEN").text
+    ids = processor(text=[text], images=[_image()], return_tensors="pt")["input_ids"][0].tolist()
+    pre, post = text.split("<image>")
+    original = src_tok(pre)["input_ids"] + [processor.image_token_id] * N_IMAGE_TOKENS
+    original += src_tok(post, add_special_tokens=False)["input_ids"]
+    assert ids == original
+    assert (
+        src_tok.convert_ids_to_tokens(original[1 + len(src_tok(pre)["input_ids"]) - 1 + N_IMAGE_TOKENS])
+        == "▁"
+    )

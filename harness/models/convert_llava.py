@@ -523,13 +523,16 @@ def convert_llava(
         num_additional_image_tokens=1,  # CLIP's CLS token
     )
     tokenization = check_tokenization(processor, image_token_id)
-    for path in ("chat_template", "raw_text"):
-        if not tokenization[path]["identical"]:
+    if not tokenization["identical"] and prefix_text_after_special_tokens(tokenizer):
+        fixed = check_tokenization(processor, image_token_id)
+        if fixed["identical"]:
+            tokenization = fixed
             notes.append(
-                f"{path.replace('_', '-')} prompts do not reproduce the original chunked tokenization "
-                f"(first difference at token {tokenization[path]['first_difference']}; see conversion.json "
-                "'tokenization'): scores may differ slightly from the original code's"
+                "tokenizer: text after a special token now gets the '▁' prefix (Metaspace prepend_scheme "
+                "'always', legacy=true), as the original chunk-by-chunk tokenization gives it"
             )
+        else:
+            prefix_text_after_special_tokens(tokenizer, undo=True)
     record = {
         "converter": "medvqa model convert-llava",
         "source": str(src.resolve()),
@@ -560,6 +563,18 @@ def convert_llava(
     try:
         model.save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))
+        # what a user gets is the reloaded processor: check the tokenization on that
+        from transformers import AutoProcessor
+
+        tokenization = check_tokenization(AutoProcessor.from_pretrained(str(tmp)), image_token_id)
+        record["tokenization"] = tokenization
+        for path in ("chat_template", "raw_text"):
+            if not tokenization[path]["identical"]:
+                notes.append(
+                    f"{path.replace('_', '-')} prompts do not reproduce the original chunked tokenization "
+                    f"(first difference at token {tokenization[path]['first_difference']}; see conversion.json "
+                    "'tokenization'): scores may differ slightly from the original code's"
+                )
         atomic_write_json(tmp / "conversion.json", record)
         if out.exists():
             shutil.rmtree(out)
@@ -568,6 +583,32 @@ def convert_llava(
         if tmp.exists():
             shutil.rmtree(tmp)
     return record
+
+
+def prefix_text_after_special_tokens(tokenizer: Any, *, undo: bool = False) -> bool:
+    """Make a sentencepiece-style (Metaspace) tokenizer prefix "▁" to text after special tokens.
+
+    The original code tokenizes the chunks around `<image>` one by one, so each chunk starts with
+    the "▁" a sentencepiece tokenizer prepends to a string; tokenizing the whole prompt with
+    `prepend_scheme="first"` (transformers' `legacy=False`) drops it after `<image>` and `<s>`.
+    `"always"` (`legacy=True`) restores it, and `legacy` is saved so a reload keeps it. Returns
+    whether anything was changed.
+    """
+    from tokenizers import pre_tokenizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    if not isinstance(pre, pre_tokenizers.Metaspace):
+        return False
+    before, after = ("always", "first") if undo else ("first", "always")
+    if pre.prepend_scheme != before:
+        return False
+    pre.prepend_scheme = after
+    backend.pre_tokenizer = pre
+    if hasattr(tokenizer, "legacy"):
+        tokenizer.legacy = not undo
+    tokenizer.init_kwargs["legacy"] = not undo
+    return True
 
 
 def check_tokenization(
