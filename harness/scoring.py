@@ -402,10 +402,18 @@ class ScoreResult:
                 "seed": self.seed,
             },
             "scorers": {
-                scorer: {metric: value.to_json() for metric, value in metrics.items()}
+                scorer: {metric: _json_metric(value) for metric, value in metrics.items()}
                 for scorer, metrics in self.summary.items()
             },
         }
+
+
+def _json_metric(value: MetricValue) -> dict[str, Any]:
+    """`MetricValue.to_json()`, with NaN (a metric without items) as null: files stay strict JSON."""
+    out = value.to_json()
+    if isinstance(out["value"], float) and math.isnan(out["value"]):
+        out["value"] = None
+    return out
 
 
 def _as_text(value: Any, what: str, sample_id: str) -> str:

@@ -16,6 +16,8 @@ from harness.scoring import (
     PERIOD_STRIP_COUNT,
     PUNCT,
     cluster_bootstrap_ci,
+    llava_med_exact_match,
+    llava_med_f1,
     normalize_llava_med,
     normalize_strict,
     score_item,
@@ -138,6 +140,7 @@ def test_strict_normalization(text, expected):
         ("2", "two", 100, 100),
         ("yes", "", 0, 0),
         ("no", "not sure", 100, 0),
+        ("the", "anything", 100, 0),  # a gold that normalizes to "" is a substring of everything
     ],
 )
 def test_closed_golden(gold, pred, llava_hit, strict_hit):
@@ -224,6 +227,20 @@ def test_fast_scorer_equals_the_reference_port_item_by_item():
             assert value == pytest.approx(100 * exp[metric], rel=1e-12, abs=1e-300), (metric, gold, pred)
     for metric, value in expected["means"].items():
         assert result.summary["llava-med"][metric].value == pytest.approx(100 * value, rel=1e-9)
+    # the readable one-metric helpers give the same numbers as the fused scoring path
+    for (kind, gold, pred), row in zip(items[:500], result.rows):
+        if kind == "OPEN":
+            g2 = normalize_llava_med(normalize_llava_med(gold.lower()))
+            p2 = normalize_llava_med(normalize_llava_med(pred.lower()))
+            f1, precision, recall = llava_med_f1(g2, p2)
+            assert (100 * f1, 100 * precision, 100 * recall) == pytest.approx(
+                (
+                    row["llava-med"]["open_f1"],
+                    row["llava-med"]["open_precision"],
+                    row["llava-med"]["open_recall"],
+                )
+            )
+            assert 100 * llava_med_exact_match(g2, p2) == pytest.approx(row["llava-med"]["open_exact_match"])
 
 
 # ------------------------------------------------------------------ score_samples
@@ -299,6 +316,12 @@ def test_a_set_without_open_items_reports_nan_and_no_ci():
     result = score_samples(_samples([("a", "CLOSED", "yes"), ("b", "CLOSED", "no")]), ["yes", "no"])
     recall = result.summary["llava-med"]["open_recall"]
     assert recall.n == 0 and math.isnan(recall.value) and recall.ci_low is None
+    assert result.to_json()["scorers"]["llava-med"]["open_recall"] == {
+        "value": None,
+        "n": 0,
+        "ci_low": None,
+        "ci_high": None,
+    }
     assert result.summary["llava-med"]["closed_accuracy"].value == 100.0
 
 
