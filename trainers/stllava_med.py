@@ -136,6 +136,16 @@ def _seed_for(*parts: Any) -> int:
     return int(stable_hash(list(parts), 8), 16) % (2**31 - 1)
 
 
+def _progress(log_path: Path | None, stage: str, done: int, total: int) -> None:
+    """A `train_log.jsonl` row for the sweep's heartbeat (stage, step, max_steps)."""
+    if log_path is None:
+        return
+    from harness.io import JsonlAppender
+
+    with JsonlAppender(log_path) as out:
+        out.write([{"stage": stage, "step": done, "max_steps": total}])
+
+
 def _done_ids(path: Path) -> set[str]:
     from harness.io import iter_jsonl
 
@@ -252,6 +262,7 @@ def generate_questions(
     *,
     seed: int,
     policy: str = "",
+    progress_log: Path | None = None,
 ) -> dict[str, int]:
     """k sampled questions per image → `questions.jsonl` (resumes: finished images are skipped)."""
     from harness.io import JsonlAppender
@@ -283,6 +294,7 @@ def generate_questions(
                 {"id": f"{_image_key(img)}-q{j}", "image": img, "question": q.strip()}
                 for (img, j), q in zip(chunk, texts, strict=True)
             )
+            _progress(progress_log, "questions", len(done) + start + len(chunk), len(done) + len(todo))
     return {"images": len(images), "questions": len(done) + len(todo)}
 
 
@@ -294,6 +306,7 @@ def generate_answers(
     *,
     seed: int,
     policy: str = "",
+    progress_log: Path | None = None,
 ) -> dict[str, int]:
     """Two sampled answers (different seeds) per question → `answers.jsonl` (resumable)."""
     from harness.io import JsonlAppender
@@ -338,6 +351,7 @@ def generate_answers(
                 }
                 for q, t, a1, a2 in zip(chunk, types, both[0], both[1], strict=True)
             )
+            _progress(progress_log, "answers", start + len(chunk), len(todo))
     return {"questions": len(questions), "answered": len(questions) - len(empty)}
 
 
@@ -377,7 +391,12 @@ def build_expert(
 
 
 def judge_answers(
-    answers_path: Path, out_path: Path, expert: Any, *, chunk_size: int = 256
+    answers_path: Path,
+    out_path: Path,
+    expert: Any,
+    *,
+    chunk_size: int = 256,
+    progress_log: Path | None = None,
 ) -> dict[str, int]:
     """Score each answer pair with the expert → `judged.jsonl` (resumable; judged rows are kept)."""
     from harness.io import JsonlAppender
@@ -408,6 +427,7 @@ def judge_answers(
                 else:
                     judged.append({**r, "scores": [float(s) for s in scores]})
             out.write(judged)
+            _progress(progress_log, "judge", start + len(chunk), len(todo))
     return judge_counts(out_path)
 
 
@@ -575,7 +595,8 @@ class STLLaVAMedTrainer(TrainerPlugin):
         files = {k: stages / v for k, v in STAGE_FILES.items()}
 
         stage1 = stages / "stage1"
-        train_stage1(request, cfg, stage1, log_path=out / "train_log.jsonl")  # every process: trl trains data-parallel under accelerate
+        # every process: trl trains data-parallel under accelerate
+        train_stage1(request, cfg, stage1, log_path=out / "train_log.jsonl")
         common.wait_for_everyone()
 
         counts: dict[str, Any] = {}
@@ -584,12 +605,19 @@ class STLLaVAMedTrainer(TrainerPlugin):
             if not images:
                 raise BadInput("stllava-med needs unlabeled images (none were given)")
             generator = _load_generator(f"hf:{stage1}")
-            counts.update(generate_questions(generator, images, files["questions"], cfg, seed=request.seed))
+            plog = out / "train_log.jsonl"
+            counts.update(
+                generate_questions(
+                    generator, images, files["questions"], cfg, seed=request.seed, progress_log=plog
+                )
+            )
             counts["parseable_questions"] = (
                 _parseable(files["questions"]) if cfg.expert == "phantom" else None
             )
             counts.update(
-                generate_answers(generator, files["questions"], files["answers"], cfg, seed=request.seed)
+                generate_answers(
+                    generator, files["questions"], files["answers"], cfg, seed=request.seed, progress_log=plog
+                )
             )
             del generator
             expert = build_expert(
@@ -599,7 +627,7 @@ class STLLaVAMedTrainer(TrainerPlugin):
                 cache_path=cfg.judge_cache or stages / "judge-cache.sqlite",
                 heldout_samples=request.heldout_samples,
             )
-            judge_answers(files["answers"], files["judged"], expert)
+            judge_answers(files["answers"], files["judged"], expert, progress_log=plog)
             counts.update(make_pairs(files["judged"], files["pairs"], cfg.tie_policy))
             log.info(
                 "stllava-med: %s", common.counts_line({k: v for k, v in counts.items() if v is not None})
