@@ -18,9 +18,9 @@
   prediction / number of prediction tokens. BLEU: nltk `sentence_bleu` (BLEU-4, no smoothing).
 
 `strict` keeps the normalization minus its quirks (every punctuation mark becomes a space, all
-periods except decimal points, digit-group commas joined) and scores: closed yes/no gold by a
-whole-word yes/no decision (both or neither present = wrong), other closed gold by normalized
-exact match; open by set-based token recall/precision/F1 and normalized exact match.
+periods but decimal points, no 32-period cap, digit-group commas joined) and scores: closed
+yes/no gold by a whole-word yes/no decision (both or neither present = wrong), other closed gold
+by normalized exact match; open by set-based token recall/precision/F1 and normalized exact match.
 
 All metrics are in percent. Every summary value is the mean of the per-item row values, with a
 95% bootstrap confidence interval clustered by image (images resampled with replacement, seeded).
@@ -179,9 +179,9 @@ def _normalize_twice(once: str) -> str:
     return once
 
 
-# strict: every mark is a separator, periods too unless between digits; 1,000 → 1000.
+# strict: every mark is a separator, periods too unless a decimal point; 1,000 → 1000.
 _STRICT_DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d)")
-_STRICT_PERIOD = re.compile(r"\.(?!\d)|(?<!\d)\.")
+_STRICT_PERIOD = re.compile(r"\.(?!\d)")
 _STRICT_TABLE = {ord(p): " " for p in (*PUNCT, ":")}
 
 
@@ -189,8 +189,8 @@ def normalize_strict(text: str) -> str:
     """The same normalization without the quirks: no context-dependent deletion, no 32-period cap.
 
     Unicode NFKC and lowercase; commas inside digit groups dropped (1,000 → 1000); periods turned
-    into spaces unless between digits (3.5 stays); the 21 marks and ":" become spaces; number words
-    → digits; articles dropped; the VQA contractions map.
+    into spaces unless followed by a digit (3.5 and .5 stay); the 21 marks and ":" become spaces;
+    number words → digits; articles dropped; the VQA contractions map.
 
     >>> normalize_strict("Yes, the left lung.")
     'yes left lung'
