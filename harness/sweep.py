@@ -341,7 +341,28 @@ def load_config(path: str | Path, *, out: str | Path | None = None) -> tuple[Swe
     )
     if cfg.run.jobs < 1:
         raise BadInput(f"{where} [run]: jobs must be >= 1")
+    _check_names(cfg, where)
     return cfg, run_dir
+
+
+def _check_names(cfg: SweepConfig, where: str) -> None:
+    """Registered trainer/benchmark names and trainer settings, checked before any job runs."""
+    from harness.registry import benchmarks, trainers
+
+    for label, name in [("[train]", cfg.train.benchmark)] + [
+        (f"[[eval]] {e.name!r}", e.benchmark) for e in cfg.evals
+    ]:
+        if name not in benchmarks:
+            raise BadInput(
+                f"{where} {label}: unknown benchmark {name!r}; known: {', '.join(benchmarks.names())}"
+            )
+    steps = [(f"[[trainers]] {t.label!r}", t.name, t.config) for t in cfg.trainers]
+    if cfg.base:
+        steps.append(("[base]", cfg.base.trainer, cfg.base.config))
+    for label, name, settings in steps:
+        if name not in trainers:
+            raise BadInput(f"{where} {label}: unknown trainer {name!r}; known: {', '.join(trainers.names())}")
+        check_trainer_settings(name, settings, f"{where} {label} [config]")
 
 
 # --------------------------------------------------------------------------------------------
@@ -616,10 +637,21 @@ class Sweep:
         by_id = {j.id: j for j in jobs}
         for j in jobs:  # keys in dependency order (deps always come first in the list)
             dep_keys = [by_id[d].key for d in j.deps]
+            files = {self._portable(str(p)): t for p, t in self._files.items() if str(p) in j.args}
             j.key = stable_hash(
-                {"args": j.args, "deps": dep_keys, "manifest": j.manifest_hash, "format": SWEEP_FORMAT}
+                {
+                    "args": [self._portable(a) for a in j.args],
+                    "files": files,
+                    "deps": dep_keys,
+                    "manifest": j.manifest_hash,
+                    "format": SWEEP_FORMAT,
+                }
             )
         return jobs
+
+    def _portable(self, arg: str) -> str:
+        """An argument with the run folder written as `{out}`: a moved or copied run keeps its keys."""
+        return arg.replace(str(self.run_dir), "{out}")
 
     # -- done markers ------------------------------------------------------------------------
 

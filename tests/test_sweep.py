@@ -1,0 +1,226 @@
+"""`medvqa sweep` / `medvqa demo`: config validation, the job plan, the smoke sweep end to end
+(real tiny model, real trl trainers, real eval), skip-on-rerun, and kill -9 + resume giving the
+same results.csv as the uninterrupted run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.errors import BadInput
+from harness.sweep import Sweep, load_config, settings_toml
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "phantom-smoke.toml"
+
+MINIMAL = """
+name = "mini"
+base_model = "hf:{out}/models/tiny"
+fractions = [0.5, 1.0]
+seeds = [0, 1]
+[train]
+benchmark = "phantom"
+root = "{out}/data/phantom"
+[[eval]]
+benchmark = "phantom"
+root = "{out}/data/phantom"
+limit = 40
+[[trainers]]
+name = "sft"
+[trainers.config]
+max_steps = 5
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "sweep.toml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_configs_validate(tmp_path):
+    for name in ("phantom.toml", "phantom-smoke.toml", "real-gpu.toml"):
+        cfg, run_dir = load_config(REPO / "configs" / name, out=tmp_path / name)
+        assert run_dir == (tmp_path / name).resolve()
+        jobs = Sweep(cfg, run_dir).jobs(with_manifests=False)  # also checks every trainer's settings
+        assert any(j.kind == "train" for j in jobs) and any(j.kind == "eval" for j in jobs)
+
+
+def test_plan_layout_and_keys(tmp_path):
+    cfg, run_dir = load_config(_write(tmp_path, MINIMAL), out=tmp_path / "run")
+    jobs = Sweep(cfg, run_dir).jobs(with_manifests=False)
+    ids = [j.id for j in jobs]
+    assert ids == [
+        "eval/base/phantom",
+        "train/sft/f0.5/s0", "eval/sft/f0.5/s0/phantom",
+        "train/sft/f0.5/s1", "eval/sft/f0.5/s1/phantom",
+        "train/sft/f1.0/s0", "eval/sft/f1.0/s0/phantom",
+        "train/sft/f1.0/s1", "eval/sft/f1.0/s1/phantom",
+    ]  # fmt: skip
+    train = jobs[1]
+    assert train.output == run_dir / "sft" / "f0.5" / "s0" / "checkpoint"
+    a = train.args
+    assert a[:2] == ["train", "--trainer"] and a[a.index("--fraction") + 1] == "0.5"
+    assert a[a.index("--model") + 1] == f"hf:{run_dir}/models/tiny"
+    cfg_file = Path(a[a.index("--config") + 1])
+    assert cfg_file.parent == run_dir / ".sweep" / "configs"
+    ev = jobs[2]
+    assert ev.deps == ["train/sft/f0.5/s0"] and ev.output == run_dir / "sft/f0.5/s0/eval/phantom"
+    assert ev.args[ev.args.index("--model") + 1] == f"hf:{train.output}" and "--limit" in ev.args
+    # keys do not depend on where the run folder lives (a copied run keeps its finished jobs)...
+    cfg2, run2 = load_config(_write(tmp_path, MINIMAL), out=tmp_path / "elsewhere" / "run")
+    assert [j.key for j in Sweep(cfg2, run2).jobs(with_manifests=False)] == [j.key for j in jobs]
+    # ...but do depend on the settings, and an eval's key follows its checkpoint's
+    cfg3, run3 = load_config(
+        _write(tmp_path, MINIMAL.replace("max_steps = 5", "max_steps = 6")), out=tmp_path / "run"
+    )
+    keys3 = {j.id: j.key for j in Sweep(cfg3, run3).jobs(with_manifests=False)}
+    assert keys3["train/sft/f0.5/s0"] != train.key and keys3["eval/sft/f0.5/s0/phantom"] != ev.key
+    assert keys3["eval/base/phantom"] == jobs[0].key
+
+
+def test_settings_toml_round_trips():
+    import tomllib
+
+    s = {"learning_rate": 1e-3, "max_steps": 30, "use_lora": False, "expert": 'a"b', "xs": [1, 2]}
+    assert tomllib.loads(settings_toml(s))["trainer"] == s
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (("max_steps = 5", "max_stepz = 5"), "unknown key(s) ['max_stepz']"),
+        (("max_steps = 5", 'max_steps = "5"'), "'max_steps' must be"),
+        (("fractions = [0.5, 1.0]", "fractions = [0.0, 1.0]"), "fractions"),
+        (('name = "mini"', 'name = "mini"\nbogus = 1'), "unknown top-level key(s) ['bogus']"),
+        (("limit = 40", "limit = 40\nsplt = 'x'"), "[[eval]] #1: unknown key(s) ['splt']"),
+        (('name = "sft"', 'name = "no-such-trainer"'), "unknown trainer 'no-such-trainer'"),
+    ],
+)
+def test_bad_configs_are_one_clear_error(tmp_path, capsys, edit, message):
+    path = _write(tmp_path, MINIMAL.replace(*edit))
+    assert main(["sweep", str(path), "--out", str(tmp_path / "run"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err and "Traceback" not in err
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(BadInput, match="not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The smoke preset run once, uninterrupted: the reference for the tests below."""
+    run = tmp_path_factory.mktemp("a") / "phantom-smoke"
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "sweep", str(SMOKE), "--out", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run, proc.stdout, time.perf_counter() - t0
+
+
+@pytest.mark.slow
+def test_smoke_sweep_end_to_end(smoke_run):
+    run, out, _ = smoke_run
+    assert "| sft@1.0 |" in out and "| stllava-med@0.25 |" in out  # the table is printed
+    for rel in ("sft/f0.25/s0", "sft/f1.0/s0", "stllava-med/f0.25/s0"):
+        assert (run / rel / "checkpoint" / "checkpoint.json").is_file()
+        assert (run / rel / "eval" / "phantom" / "scores.json").is_file()
+    rows = _rows(run / "report" / "results.csv")
+    lines = {(r["kind"], r["label"], r["fraction"]) for r in rows}
+    assert lines == {
+        ("base", "base model (align), no medical QA", ""),
+        ("sweep", "sft", "0.25"),
+        ("sweep", "sft", "1.0"),
+        ("sweep", "stllava-med", "0.25"),
+    }
+    st = next(r for r in rows if r["label"] == "stllava-med")
+    assert int(st["n_pairs"]) > 0 and st["loss"] == "sigmoid+sft"
+    sft = [
+        r
+        for r in rows
+        if r["label"] == "sft" and r["metric"] == "closed_accuracy" and r["scorer"] == "llava-med"
+    ]
+    assert {r["n"] for r in sft} == {"60"}  # 30 test images x 2 closed questions
+    # the trainer used exactly the fraction the sweep computed (nested: 0.25 within 1.0)
+    cfg, run_dir = load_config(SMOKE, out=run)
+    sweep = Sweep(cfg, run_dir)
+    for job in sweep.jobs():
+        assert sweep.is_done(job), job.id
+    for name in ("data_efficiency.md", "data_efficiency.csv", "data_efficiency.png"):
+        assert (run / "report" / name).stat().st_size > 200
+
+
+@pytest.mark.slow
+def test_rerun_skips_everything(smoke_run, capsys):
+    run, _, _ = smoke_run
+    before = (run / "report" / "results.csv").read_bytes()
+    t0 = time.perf_counter()
+    assert main(["sweep", str(SMOKE), "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done before, skipped") == 10 and " ...\n" not in out
+    assert time.perf_counter() - t0 < 30
+    assert (run / "report" / "results.csv").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_gives_the_same_results(smoke_run, tmp_path):
+    """Redo the largest SFT job and STLLaVA-Med's eval; kill -9 the sweep's process group while
+    training runs, rerun: the results.csv equals the uninterrupted run's byte for byte."""
+    ref_run, _, _ = smoke_run
+    run = tmp_path / "phantom-smoke"  # same folder name: results.csv names the run
+    shutil.copytree(ref_run, run)
+    shutil.rmtree(run / "report")
+    shutil.rmtree(run / "sft" / "f1.0")
+    shutil.rmtree(run / "stllava-med" / "f0.25" / "s0" / "eval")
+    for marker in (
+        "train__sft__f1.0__s0",
+        "eval__sft__f1.0__s0__phantom",
+        "eval__stllava-med__f0.25__s0__phantom",
+    ):
+        (run / ".sweep" / "done" / f"{marker}.json").unlink()
+    cmd = [sys.executable, "-m", "harness.cli", "sweep", str(SMOKE), "--out", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = run / "sft" / "f1.0" / "s0" / "checkpoint" / "train_log.jsonl"
+    deadline = time.time() + 180
+    while not log.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "sft" / "f1.0" / "s0" / "checkpoint" / "checkpoint.json").exists()
+    assert not (run / "report" / "results.csv").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "train sft @ 1 seed 0 ..." in done.stdout and "train sft @ 0.25 seed 0: done before" in done.stdout
+    assert (run / "report" / "results.csv").read_bytes() == (ref_run / "report" / "results.csv").read_bytes()
+
+
+def test_second_sweep_on_the_same_folder_is_refused(tmp_path, capsys):
+    import fcntl
+
+    _, run_dir = load_config(_write(tmp_path, MINIMAL), out=tmp_path / "run")
+    (run_dir / ".sweep").mkdir(parents=True)
+    with open(run_dir / ".sweep" / "lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["sweep", str(tmp_path / "sweep.toml"), "--out", str(run_dir)]) == 2
+    assert "another sweep is running" in capsys.readouterr().err
