@@ -30,6 +30,26 @@ def _ylim(current: tuple[float, float]) -> tuple[float, float]:
     return (max(0.0, lo), min(102.0, hi))
 
 
+def _fmt_count(x: float, _pos: Any = None) -> str:
+    if x >= 1e6:
+        return f"{x / 1e6:g}M"
+    if x >= 1e3:
+        return f"{x / 1e3:g}k"
+    return f"{x:g}"
+
+
+def _count_ticks(ax: Any, lo: float, hi: float) -> None:
+    """Plain counts (200, 1k, 530k) on the log axis; 1-2-5 ticks when the range is narrow."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    decades = math.log10(hi / lo) if lo > 0 else 6
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 2.5 else (1.0,)))
+    ax.xaxis.set_major_formatter(FuncFormatter(_fmt_count))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_data_efficiency(table: Table, out: str | Path, *, dpi: int = 130) -> Path:
     import matplotlib
 
@@ -130,6 +150,7 @@ def plot_data_efficiency(table: Table, out: str | Path, *, dpi: int = 130) -> Pa
             if xs_all:
                 lo, hi = min(xs_all), max(xs_all)
                 ax.set_xlim(lo / 1.8, hi * 1.8)
+                _count_ticks(ax, lo / 1.8, hi * 1.8)
             ax.set_title(f"{bench} — {METRIC_LABELS.get(metric, metric)}", fontsize=11)
             ax.set_xlabel("medical data used (labeled QA + preference pairs, log scale)", fontsize=9)
             ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (%, {table.scorer})", fontsize=9)

@@ -265,7 +265,7 @@ def record_rows(record: EvalRecord, run: str, run_dir: Path | None = None) -> li
         "kind": record.kind,
         "trainer": record.trainer,
         "label": record.label,
-        "fraction": _fmt_float(record.fraction),
+        "fraction": "" if record.fraction is None else repr(float(record.fraction)),
         "seed": _fmt_float(record.seed),
         "benchmark": record.benchmark,
         "split": str(s.get("split", "")),
