@@ -719,9 +719,13 @@ class Sweep:
             return [*shlex.split(job.launcher), *job.args]
         return [sys.executable, "-m", "harness.cli", *job.args]
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, job: Job) -> dict[str, str]:
+        """The job's environment. The shared base step runs alone, so it gets every job's threads
+        (a fixed rule: the same config always trains it with the same thread count)."""
         env = dict(os.environ)
         threads = self.cfg.run.threads or max(1, (os.cpu_count() or 1) // self.cfg.run.jobs)
+        if job.kind == "base":
+            threads *= self.cfg.run.jobs
         env.update(
             {
                 "OMP_NUM_THREADS": str(threads),
@@ -787,6 +791,16 @@ class Sweep:
                 lock.close()
 
     def _run(self, *, dry_run: bool, verbose: bool) -> int:
+        t0 = time.perf_counter()
+        self._n_ok = 0
+        failed = self._run_all(dry_run=dry_run, verbose=verbose)
+        if not dry_run:
+            self.log(
+                f"sweep: {self._n_ok} job(s) ok, {failed} failed or not run, {time.perf_counter() - t0:.0f} s"
+            )
+        return failed
+
+    def _run_all(self, *, dry_run: bool, verbose: bool) -> int:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # prepare jobs first (they may create the training data the manifests are computed from)
         plan = self.jobs(with_manifests=False)
@@ -801,7 +815,6 @@ class Sweep:
         return self._execute(rest, dry_run=dry_run, verbose=verbose, total=len(plan), offset=len(prepare))
 
     def _execute(self, jobs: list[Job], *, dry_run: bool, verbose: bool, total: int, offset: int) -> int:
-        env = self._env()
         logs = self.state_dir / "logs"
         pending = list(jobs)
         done: set[str] = set()
@@ -809,7 +822,7 @@ class Sweep:
         running: dict[str, tuple[subprocess.Popen[bytes], Job, float, Any]] = {}
         counter = offset
         ids = {j.id for j in jobs}
-        t_sweep = last_beat = time.perf_counter()
+        last_beat = time.perf_counter()
         while pending or running:
             # start what can start
             progressed = False
@@ -848,7 +861,7 @@ class Sweep:
                 self.log(f"[{counter}/{total}] {job.title} ...")
                 proc = subprocess.Popen(
                     self._command(job),
-                    env=env,
+                    env=self._env(job),
                     stdout=log_fh,
                     stderr=subprocess.STDOUT if log_fh else None,
                     preexec_fn=_die_with_parent,
@@ -879,10 +892,7 @@ class Sweep:
             if running and time.perf_counter() - last_beat > HEARTBEAT_S:
                 last_beat = time.perf_counter()
                 self.log("  running: " + "; ".join(_progress(j, t0) for _, j, t0, _ in running.values()))
-        if not dry_run and jobs:
-            self.log(
-                f"sweep: {len(done)} job(s) ok, {len(failed)} failed, {time.perf_counter() - t_sweep:.0f} s"
-            )
+        self._n_ok += len(done)
         return len(failed)
 
     def _check_outputs(self, job: Job) -> str | None:
