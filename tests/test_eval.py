@@ -284,3 +284,23 @@ def test_eval_openai_endpoint_on_loopback(phantom_root, tmp_path, fake_openai, f
     capsys.readouterr()
     assert main(args) == 0 and fake_openai.n_requests == 21  # finished: nothing asked again
     assert "already done" in capsys.readouterr().err
+
+
+def test_resume_from_rank_shards_of_a_killed_multiprocess_run(
+    reference_run, tiny, phantom_root, tmp_path
+) -> None:
+    """Shards left by a killed N-process run are merged and reused by a rerun with any process count."""
+    ref_out, ref = reference_run
+    out = tmp_path / "shards"
+    counting = Counting(tiny)
+    evaluate(_cfg(tiny.spec, phantom_root, out), model=counting, log=lambda m: None, stop_after_batches=2)
+    rows = read_jsonl(out / "predictions.jsonl")
+    (out / "predictions.jsonl").unlink()
+    for rank in (0, 1):  # what two ranks would have left: every other question each
+        text = "".join(json.dumps(r) + "\n" for r in rows[rank::2])
+        (out / f"predictions.rank{rank}.jsonl").write_text(text + '{"question_id": "torn')
+    counting.asked = 0
+    scores = evaluate(_cfg(tiny.spec, phantom_root, out), model=counting, log=lambda m: None)
+    assert counting.asked == LIMIT - 16
+    assert scores["scorers"] == ref["scorers"] and not list(out.glob("predictions.rank*"))
+    assert (out / "predictions.jsonl").read_text() == (ref_out / "predictions.jsonl").read_text()
