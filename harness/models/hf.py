@@ -69,21 +69,22 @@ def _file_digest(path: Path) -> str:
 
 
 def folder_fingerprint(folder: str | Path) -> dict[str, str]:
-    """{relative file name: digest} of the config and weight files of a model or adapter folder."""
+    """{file name: digest} of the config and weight files of a model or adapter folder.
+
+    Only the folder's own files count (what `from_pretrained` reads): trainer sub-folders such as
+    `checkpoint-500/` do not change the loaded model.
+    """
     folder = Path(folder)
     out: dict[str, str] = {}
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file():
-            continue
-        rel = path.relative_to(folder).as_posix()
-        if rel.startswith(".") or "/." in rel:
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
             continue
         if (
             path.name in CONFIG_FILES
             or path.name.endswith(WEIGHT_SUFFIXES)
             or path.name.endswith(".index.json")
         ):
-            out[rel] = _file_digest(path)
+            out[path.name] = _file_digest(path)
     return out
 
 
