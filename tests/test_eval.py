@@ -304,3 +304,44 @@ def test_resume_from_rank_shards_of_a_killed_multiprocess_run(
     assert counting.asked == LIMIT - 16
     assert scores["scorers"] == ref["scorers"] and not list(out.glob("predictions.rank*"))
     assert (out / "predictions.jsonl").read_text() == (ref_out / "predictions.jsonl").read_text()
+
+
+def test_sigkill_mid_run_then_resume(reference_run, tiny_model_dir, phantom_root, tmp_path) -> None:
+    """A real `kill -9` of `medvqa eval` while it writes; the rerun completes from the flushed rows."""
+    import signal
+    import time
+
+    ref_out, ref = reference_run
+    out = tmp_path / "sigkill"
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness.cli",
+        "eval",
+        "--model",
+        f"hf:{tiny_model_dir}",
+        "--benchmark",
+        "phantom",
+    ]
+    cmd += ["--root", str(phantom_root), "--out", str(out), "--limit", str(LIMIT), "--max-new-tokens", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*cmd, "--batch-size", "1"], env=env, stderr=subprocess.PIPE, text=True)
+    preds = out / "predictions.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if preds.is_file() and preds.read_bytes().count(b"\n") >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    if proc.returncode != -signal.SIGKILL:
+        pytest.skip(f"eval finished before it could be killed (exit {proc.returncode})")
+    n_kept = preds.read_bytes().count(b"\n")
+    assert 3 <= n_kept < LIMIT and not (out / "scores.json").exists()
+    res = subprocess.run([*cmd, "--batch-size", "8"], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert (
+        f"resuming: {n_kept} of {LIMIT}" in res.stderr or f"resuming: {n_kept - 1} of {LIMIT}" in res.stderr
+    )
+    assert json.loads((out / "scores.json").read_text())["scorers"] == ref["scorers"]
+    assert preds.read_text() == (ref_out / "predictions.jsonl").read_text()
