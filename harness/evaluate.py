@@ -368,6 +368,8 @@ def evaluate(
         bar.close()
     if stopped:
         return {}
+    if dist.world > 1:  # rank 0 lists every rank's skipped images
+        atomic_write_jsonl(out / f"skipped.rank{dist.rank}.jsonl", skipped)
     dist.barrier()
 
     scores: dict[str, Any] = {}
@@ -404,14 +406,19 @@ def evaluate(
             "limit": cfg.limit,
             "root": str(root),
             "key": key,
-            "questions_hash": ids_hash if not n_unanswered else stable_hash([s.id for s in answered]),
+            # the questions asked (a rerun with images that still fail to decode is "already done")
+            "questions_hash": ids_hash,
             "ci": summary["ci"],
             "scorers": summary["scorers"],
         }
         if hasattr(model, "describe"):
             scores["model"]["details"] = model.describe()
+        for shard in sorted(out.glob("skipped.rank*.jsonl")):
+            skipped += [] if shard.name == f"skipped.rank{dist.rank}.jsonl" else _read_rows(shard)
+            shard.unlink()
+        (out / "skipped.jsonl").unlink(missing_ok=True)
         if skipped:
-            atomic_write_jsonl(out / "skipped.jsonl", skipped)
+            atomic_write_jsonl(out / "skipped.jsonl", sorted(skipped, key=lambda r: order.get(r["id"], 0)))
         atomic_write_json(out / SCORES, scores)
         say(_summary_line(scores, out, time.perf_counter() - started))
     dist.barrier()
@@ -479,7 +486,7 @@ def remove_run(out: str | Path) -> None:
     out = Path(out)
     for name in (PREDICTIONS, SCORES, SCORED, "skipped.jsonl"):
         (out / name).unlink(missing_ok=True)
-    for shard in out.glob("predictions.rank*.jsonl"):
+    for shard in [*out.glob("predictions.rank*.jsonl"), *out.glob("skipped.rank*.jsonl")]:
         shard.unlink()
     if (out / "stale").is_dir():
         shutil.rmtree(out / "stale")

@@ -203,6 +203,9 @@ def test_cli_eval_and_bad_input_exit_2(tiny_model_dir, phantom_root, tmp_path, c
     assert scores["n_skipped"] == n_bad and scores["n"] == len(rows) - n_bad
     assert len(read_jsonl(out / "skipped.jsonl")) == n_bad
     capsys.readouterr()
+    assert main([*args, "--skip-bad"]) == 0  # finished: the broken image is not retried
+    assert "already done" in capsys.readouterr().err
+    capsys.readouterr()
     assert (
         main(
             ["eval", "--model", f"hf:{tmp_path / 'no-model'}", "--benchmark", "phantom", "--root", str(root)]
