@@ -36,7 +36,7 @@ from harness.errors import BadInput
 from harness.registry import benchmarks
 from harness.types import Benchmark, VQASample
 
-GENERATOR_VERSION = "1.2"
+GENERATOR_VERSION = "1.3"
 BUILD_HINT = "build one with: medvqa data phantom --out DIR"
 
 MODALITIES: tuple[str, ...] = ("ct", "mri", "x-ray")
@@ -212,26 +212,26 @@ _LESION_SITES: dict[tuple[str, str], dict[tuple[str, str], tuple[float, float]]]
     ("head", "axial"): {
         ("upper", "left"): (-0.28, -0.3),
         ("upper", "right"): (0.28, -0.3),
-        ("lower", "left"): (-0.2, 0.47),
-        ("lower", "right"): (0.2, 0.47),
+        ("lower", "left"): (-0.28, 0.5),
+        ("lower", "right"): (0.28, 0.5),
     },
     ("head", "coronal"): {
         ("upper", "left"): (-0.28, -0.42),
         ("upper", "right"): (0.28, -0.42),
-        ("lower", "left"): (-0.2, 0.12),
-        ("lower", "right"): (0.2, 0.12),
+        ("lower", "left"): (-0.27, 0.16),
+        ("lower", "right"): (0.27, 0.16),
     },
     ("chest", "axial"): {
         ("upper", "left"): (-0.45, -0.2),
         ("upper", "right"): (0.45, -0.2),
         ("lower", "left"): (-0.45, 0.2),
-        ("lower", "right"): (0.2, 0.22),
+        ("lower", "right"): (0.3, 0.24),
     },
     ("chest", "coronal"): {
         ("upper", "left"): (-0.42, -0.35),
         ("upper", "right"): (0.42, -0.35),
         ("lower", "left"): (-0.42, 0.22),
-        ("lower", "right"): (0.2, 0.35),
+        ("lower", "right"): (0.32, 0.38),
     },
     ("abdomen", "axial"): {
         ("upper", "left"): (-0.42, -0.2),
@@ -242,11 +242,11 @@ _LESION_SITES: dict[tuple[str, str], dict[tuple[str, str], tuple[float, float]]]
     ("abdomen", "coronal"): {
         ("upper", "left"): (-0.4, -0.45),
         ("upper", "right"): (0.45, -0.4),
-        ("lower", "left"): (-0.3, 0.25),
-        ("lower", "right"): (0.3, 0.25),
+        ("lower", "left"): (-0.32, 0.27),
+        ("lower", "right"): (0.32, 0.27),
     },
 }
-_SIZE_RADIUS = {"small": (0.11, 0.13), "large": (0.17, 0.2)}  # normalized units ([-1, 1] spans the width)
+_SIZE_RADIUS = {"small": (0.12, 0.14), "large": (0.18, 0.21)}  # normalized units ([-1, 1] spans the width)
 
 
 def sample_scene(rng: Any, image_id: str, split: str, config: PhantomConfig) -> Scene:
@@ -355,7 +355,7 @@ def _draw_anatomy(c: _Canvas, region: str, plane: str, t: Mapping[str, float]) -
             c.paint(outer, t["fat"])
             c.paint(c.ellipse(0, 0, 0.62, 0.8), t["bone"])
             c.paint(skull_in, t["brain"])
-            c.paint(c.ellipse(0, 0.5, 0.4, 0.2) & skull_in, t["cerebellum"])
+            c.paint(c.ellipse(0, 0.5, 0.46, 0.2) & skull_in, t["cerebellum"])
             c.paint(c.ellipse(-0.12, -0.05, 0.08, 0.26), t["csf"])  # lateral ventricles
             c.paint(c.ellipse(0.12, -0.05, 0.08, 0.26), t["csf"])
         else:
@@ -365,7 +365,7 @@ def _draw_anatomy(c: _Canvas, region: str, plane: str, t: Mapping[str, float]) -
             c.paint(c.ellipse(0, -0.2, 0.64, 0.66), t["bone"])
             inner = c.ellipse(0, -0.2, 0.55, 0.57)
             c.paint(inner, t["brain"])
-            c.paint(c.ellipse(0, 0.14, 0.42, 0.18) & inner, t["cerebellum"])
+            c.paint(c.ellipse(0, 0.15, 0.46, 0.19) & inner, t["cerebellum"])
             c.paint(c.ellipse(-0.12, -0.25, 0.07, 0.16), t["csf"])
             c.paint(c.ellipse(0.12, -0.25, 0.07, 0.16), t["csf"])
     elif region == "chest":
@@ -374,7 +374,7 @@ def _draw_anatomy(c: _Canvas, region: str, plane: str, t: Mapping[str, float]) -
             c.paint(c.ellipse(0, 0.02, 0.88, 0.6), t["soft"])
             c.paint(c.ellipse(-0.45, -0.02, 0.3, 0.46), t["lung"])
             c.paint(c.ellipse(0.45, -0.02, 0.3, 0.46), t["lung"])
-            c.paint(c.ellipse(0.18, 0.2, 0.26, 0.22), t["heart"])
+            c.paint(c.ellipse(0.24, 0.2, 0.26, 0.22), t["heart"])
             _vertebra(c, 0.5, t)
             c.paint(c.ellipse(0, -0.5, 0.09, 0.05), t["bone"])  # sternum
         else:
@@ -383,7 +383,7 @@ def _draw_anatomy(c: _Canvas, region: str, plane: str, t: Mapping[str, float]) -
             c.paint(c.ellipse(0, -0.33, 0.87, 0.46) | c.rect(-0.77, -0.33, 0.77, 1.2), t["soft"])
             c.paint(c.ellipse(-0.42, -0.05, 0.3, 0.58), t["lung"])
             c.paint(c.ellipse(0.42, -0.05, 0.3, 0.58), t["lung"])
-            c.paint(c.ellipse(0.18, 0.35, 0.28, 0.24), t["heart"])
+            c.paint(c.ellipse(0.24, 0.35, 0.28, 0.24), t["heart"])
             c.paint(c.rect(-0.06, -0.8, 0.06, 1.2), t["bone"])  # spine
             c.paint(c.rect(-0.7, -0.72, -0.1, -0.66) | c.rect(0.1, -0.72, 0.7, -0.66), t["bone"])  # clavicles
     else:  # abdomen
