@@ -126,43 +126,59 @@ def seed_everything(seed: int) -> None:
 
 
 def spec_path(spec: str) -> str:
-    """The folder (or hub id) of an `hf:` model spec; a bare path is accepted too."""
-    if spec.startswith("hf:"):
-        return spec[3:]
-    if ":" in spec.split("/")[0] and not Path(spec).exists():
-        raise BadInput(f"trainers need an hf: model spec (a transformers checkpoint), got {spec!r}")
-    return spec
+    """The folder (or hub id) of an `hf:` model spec (`hf:DIR[,adapter=DIR,...]`; a bare path works too)."""
+    return _parse_spec(spec)[0]
+
+
+def _parse_spec(spec: str) -> tuple[str, str | None]:
+    from harness.models import parse_model_spec
+
+    adapter_name, target, options = parse_model_spec(spec)
+    if adapter_name != "hf":
+        raise BadInput(
+            f"trainers need an hf: model spec (a transformers checkpoint), got {spec!r}", field="--model"
+        )
+    return target, options.get("adapter")
+
+
+def _abs(path: str) -> str:
+    """Local folders as absolute paths (a saved adapter's base path then works from anywhere)."""
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
 
 
 def load_model_and_processor(spec: str, *, merge_adapter: bool = True) -> tuple[Any, Any]:
     """A trainable (float32 on CPU) image-text-to-text model and its processor.
 
-    A PEFT adapter folder is loaded on its base and merged, so that training continues from the
-    adapted weights (the reference for DPO is then exactly this model).
+    A PEFT adapter (an adapter folder, or `hf:BASE,adapter=DIR`) is loaded on its base and
+    merged, so that training continues from the adapted weights (the reference for DPO is then
+    exactly this model).
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    path = spec_path(spec)
+    target, adapter = _parse_spec(spec)
+    path = _abs(target)
     dtype = torch.float32
-    if Path(path, "adapter_config.json").is_file():
-        from peft import PeftModel
-
+    if adapter is None and Path(path, "adapter_config.json").is_file():
         adapter_cfg = json.loads(Path(path, "adapter_config.json").read_text(encoding="utf-8"))
         base = adapter_cfg.get("base_model_name_or_path")
         if not base:
             raise BadInput("adapter_config.json has no base_model_name_or_path", path=path)
-        model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype)
-        model = PeftModel.from_pretrained(model, path)
+        path, adapter = _abs(base), path
+    if Path(path).exists() and not Path(path, "config.json").is_file():
+        raise BadInput("not a transformers checkpoint folder (no config.json)", path=path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(path)
+    if adapter is not None:
+        from peft import PeftModel
+
+        adapter = _abs(adapter)
+        model = PeftModel.from_pretrained(model, adapter)
         if merge_adapter:
             model = model.merge_and_unload()
-        proc_src = path if Path(path, "processor_config.json").is_file() else base
-        processor = AutoProcessor.from_pretrained(proc_src)
-    else:
-        if Path(path).exists() and not Path(path, "config.json").is_file():
-            raise BadInput("not a transformers checkpoint folder (no config.json)", path=path)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(path)
+        if Path(adapter, "processor_config.json").is_file():
+            processor = AutoProcessor.from_pretrained(adapter)
     return model, processor
 
 

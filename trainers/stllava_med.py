@@ -248,10 +248,9 @@ def _image_key(image: str) -> str:
 
 
 def _load_generator(model_spec: str) -> Any:
-    from harness.registry import models
-    from trainers.common import spec_path
+    from harness.models import load_model
 
-    return models.get("hf")(spec_path(model_spec), spec=model_spec)
+    return load_model(model_spec)
 
 
 def generate_questions(

@@ -174,7 +174,7 @@ def _run_dpo(args: argparse.Namespace, cfg: Any, out: Path) -> dict[str, Any]:
     from trainers import common
     from trainers import stllava_med as st
 
-    stage1 = Path(common.spec_path(args.model).split(",")[0])
+    stage1 = Path(common.spec_path(args.model))
     if not stage1.is_dir():
         raise BadInput("--model must be a local stage-1 model folder (the DPO reference)", path=stage1)
     if (out / "checkpoint.json").is_file():
