@@ -52,7 +52,7 @@ QUADRANTS: tuple[tuple[str, str], ...] = (
     ("lower", "right"),
 )
 SIZES: tuple[str, ...] = ("small", "large")
-COUNT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three")
+COUNT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four")  # max_lesions <= 4
 # Which organ a lesion in each quadrant lies in, per region (image left = patient right: the liver).
 QUADRANT_ORGAN: dict[str, dict[tuple[str, str], str]] = {
     "head": {
@@ -630,7 +630,7 @@ def answer_for(scene: Scene, parsed: ParsedQuestion | None) -> str | None:
     if slot == "plane":
         return scene.plane
     if slot == "count":
-        return COUNT_WORDS[n] if n < len(COUNT_WORDS) else str(n)
+        return COUNT_WORDS[n]
     if slot == "location":
         return scene.lesions[0].location if n == 1 else None
     if slot == "organ":
@@ -677,7 +677,7 @@ def caption_for(scene: Scene) -> str:
         lesion = scene.lesions[0]
         return f"{head} showing one {lesion.size} lesion in the {lesion.organ} at the {lesion.location}."
     organs = " and ".join(scene.abnormal_organs)
-    return f"{head} showing {COUNT_WORDS[n] if n < len(COUNT_WORDS) else n} lesions in the {organs}."
+    return f"{head} showing {COUNT_WORDS[n]} lesions in the {organs}."
 
 
 def corpus_texts() -> list[str]:

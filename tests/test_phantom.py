@@ -302,3 +302,13 @@ def test_answer_matching_normalizes_numbers_articles_and_spelling():
     assert answer_matches("upper left", "Upper left.")
     assert not answer_matches("upper left", "upper right") and not answer_matches("yes", "no")
     assert not answer_matches("two", "three") and not answer_matches("liver", "liver lesion")
+
+
+def test_four_lesions_when_allowed(tmp_path):
+    config = PhantomConfig(train_images=40, test_images=0, size=16, p_normal=0.0, max_lesions=4)
+    write_phantom(tmp_path / "p", config)
+    scenes = load_scenes(tmp_path / "p", "train")
+    assert max(s.n_lesions for s in scenes.values()) == 4
+    four = next(s for s in scenes.values() if s.n_lesions == 4)
+    assert answer_for(four, parse_question("how many lesions are there?")) == "four"
+    assert "four lesions" in caption_for(four)
