@@ -435,7 +435,7 @@ def render_scene(scene: Scene, size: int, rng: Any, config: PhantomConfig | None
         weight = np.clip((1.15 - d) / 0.3, 0.0, 1.0)
         base = t[lesion.organ]
         target = base + (t["lesion"] - base) * config.lesion_contrast
-        c.img += weight * (target - c.img) * (weight > 0)
+        c.img += weight * (target - c.img)
     img = c.img
     if scene.modality == "mri":  # bias field: a smooth left-right/top-bottom intensity ramp
         angle = rng.uniform(0, 2 * np.pi)
