@@ -172,3 +172,17 @@ def test_image_that_does_not_decode(tiny, requests_, tmp_path) -> None:
 def test_sampling_is_seeded(tiny, requests_) -> None:
     s = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=1.5, top_p=1.0, seed=3)
     assert tiny.generate(requests_[:4], s) == tiny.generate(requests_[:4], s)
+
+
+def test_policy_stop_strings_never_break_generation(tiny, requests_) -> None:
+    """Stop strings are an optimisation: a tokenizer StopStringCriteria cannot handle just skips it."""
+    import dataclasses
+
+    from harness.prompts import register_policy
+
+    policy = register_policy(dataclasses.replace(get_policy("plain"), name="test-stop", stop=("###",)))
+    reqs = [GenerationRequest(r.image, policy.render("is this a ct?", "CLOSED"), r.id) for r in requests_[:4]]
+    plain = [GenerationRequest(r.image, get_policy("plain").render("is this a ct?", "CLOSED")) for r in reqs]
+    settings = GenerationSettings(max_new_tokens=4)
+    assert tiny.generate(reqs, settings) == tiny.generate(plain, settings)
+    assert tiny._usable_stops(("###",)) == ()  # the word-level tiny vocabulary

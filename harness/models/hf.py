@@ -175,6 +175,19 @@ def render_prompt_text(processor: Any, prompt: Prompt) -> str:
     )
 
 
+def _policy_stops(requests: Sequence[GenerationRequest]) -> tuple[str, ...]:
+    """The stop strings of the prompt policies in a batch (published separators such as '###')."""
+    from harness.prompts import get_policy
+
+    stops: set[str] = set()
+    for name in {r.prompt.policy for r in requests if r.prompt.policy}:
+        try:
+            stops.update(getattr(get_policy(name), "stop", ()) or ())
+        except BadInput:  # a prompt built outside the registry: no stops
+            continue
+    return tuple(sorted(stops))
+
+
 def adds_special_tokens(prompt: Prompt) -> bool:
     """Whether the tokenizer should add its BOS: a chat template writes its own, raw text does not."""
     return prompt.text is not None
@@ -439,6 +452,22 @@ class HFModel:
         )
         return inputs.to(self.device)
 
+    def _usable_stops(self, stops: tuple[str, ...]) -> tuple[str, ...]:
+        """`stops` if transformers' StopStringCriteria works with this tokenizer, else () (an
+        optimisation only: the policy still cuts the answer at its stop string)."""
+        if not stops:
+            return ()
+        cache = self.__dict__.setdefault("_stops_ok", {})
+        if stops not in cache:
+            from transformers import StopStringCriteria
+
+            try:
+                StopStringCriteria(tokenizer=self.tokenizer, stop_strings=list(stops))
+                cache[stops] = True
+            except (ValueError, KeyError, IndexError):  # e.g. word-level vocabularies
+                cache[stops] = False
+        return stops if cache[stops] else ()
+
     def generate(self, requests: Sequence[GenerationRequest], settings: GenerationSettings) -> list[str]:
         import torch
 
@@ -457,6 +486,9 @@ class HFModel:
             torch.manual_seed(settings.seed)
         else:
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        stops = self._usable_stops(_policy_stops(requests))
+        if stops:  # stop each sequence at its convention's separator (the policy cuts the text there)
+            gen_kwargs.update(stop_strings=list(stops), tokenizer=self.tokenizer)
         with torch.inference_mode():
             out = self.model.generate(**inputs, **gen_kwargs)
         new_tokens = out[:, inputs["input_ids"].shape[1] :]
