@@ -644,10 +644,18 @@ class Sweep:
                     "files": files,
                     "deps": dep_keys,
                     "manifest": j.manifest_hash,
+                    "versions": self._versions(j),
                     "format": SWEEP_FORMAT,
                 }
             )
         return jobs
+
+    def _versions(self, job: Job) -> dict[str, str]:
+        """Versions of the benchmarks a job reads (a new generator or loader version reruns it)."""
+        from harness.registry import benchmarks
+
+        names = [job.args[i + 1] for i, a in enumerate(job.args[:-1]) if a == "--benchmark"]
+        return {n: str(getattr(benchmarks.get(n), "version", "")) for n in names if n in benchmarks}
 
     def _portable(self, arg: str) -> str:
         """An argument with the run folder written as `{out}`: a moved or copied run keeps its keys."""
@@ -808,13 +816,32 @@ class Sweep:
         failed = self._execute(prepare, dry_run=dry_run, verbose=verbose, total=len(plan), offset=0)
         if failed:
             return failed
-        plan = self.jobs(with_manifests=not dry_run)
+        try:
+            plan = self.jobs(with_manifests=not dry_run)
+        except BadInput as exc:
+            # Set-up output that the current code refuses (e.g. data built by an older generator):
+            # rebuild it once, then plan again (a second failure is the user's to see).
+            if not prepare or dry_run:
+                raise
+            self.log(f"the training data does not load ({exc}); rerunning the [[prepare]] steps")
+            for job in prepare:
+                self._marker(job).unlink(missing_ok=True)
+            self._manifest_cache.clear()
+            self.__dict__.pop("_samples", None)
+            failed = self._execute(
+                prepare, dry_run=False, verbose=verbose, total=len(plan), offset=0, force=True
+            )
+            if failed:
+                return failed
+            plan = self.jobs(with_manifests=True)
         if not dry_run:
             self.write_metadata()
         rest = [j for j in plan if j.kind != "prepare"]
         return self._execute(rest, dry_run=dry_run, verbose=verbose, total=len(plan), offset=len(prepare))
 
-    def _execute(self, jobs: list[Job], *, dry_run: bool, verbose: bool, total: int, offset: int) -> int:
+    def _execute(
+        self, jobs: list[Job], *, dry_run: bool, verbose: bool, total: int, offset: int, force: bool = False
+    ) -> int:
         logs = self.state_dir / "logs"
         pending = list(jobs)
         done: set[str] = set()
@@ -840,7 +867,7 @@ class Sweep:
                 pending.remove(job)
                 counter += 1
                 progressed = True
-                if self.is_done(job):
+                if not force and self.is_done(job):
                     done.add(job.id)
                     self.log(f"[{counter}/{total}] {job.title}: done before, skipped")
                     continue
