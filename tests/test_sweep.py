@@ -224,3 +224,26 @@ def test_second_sweep_on_the_same_folder_is_refused(tmp_path, capsys):
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert main(["sweep", str(tmp_path / "sweep.toml"), "--out", str(run_dir)]) == 2
     assert "another sweep is running" in capsys.readouterr().err
+
+
+def test_reference_eval_dirs_reach_the_report(tmp_path):
+    """A [[reference]] with existing eval folders and a stated data amount becomes a table line."""
+    import random
+
+    from reports.tables import build_table, to_markdown
+    from tests.test_reports import _write_eval, fabricate
+
+    run_dir = fabricate(tmp_path / "mini", seeds=(0,), benches=("phantom",), references=False)
+    _write_eval(tmp_path / "elsewhere" / "phantom-test", "phantom", 0.8, 0.7, random.Random(1), "fp-ext")
+    text = MINIMAL + (
+        '\n[[reference]]\nname = "LLaVA-Med v1.5"\ndata_used = 530000\ndata_label = "530K medical samples"\n'
+        f'eval_dirs = {{ phantom = "{tmp_path / "elsewhere" / "phantom-test"}" }}\n'
+    )
+    cfg, run = load_config(_write(tmp_path, text), out=run_dir)
+    cfg.run.eval_base = False
+    Sweep(cfg, run).write_metadata()
+    table = build_table(run, n_boot=100)
+    ref = table.lines[-1]
+    assert ref.kind == "reference" and ref.data_used == 530000
+    assert ref.cells[("phantom", "closed_accuracy")].test is not None  # paired with sft@1.0 by question id
+    assert "| LLaVA-Med v1.5 |" in to_markdown(table)
