@@ -17,7 +17,7 @@ from harness.types import GenerationRequest, GenerationSettings
 N_QUESTIONS = 64
 BATCH_SIZE = 32
 MIN_SPEEDUP = 5.0
-SETTINGS = GenerationSettings(max_new_tokens=8)
+SETTINGS = GenerationSettings(max_new_tokens=16)
 _RESULTS: dict[str, dict] = {}
 
 
@@ -70,7 +70,7 @@ def test_generate_batch1(benchmark, model, requests_):
 
 
 def test_generate_batched(benchmark, model, requests_):
-    outputs = benchmark.pedantic(_batched, args=(model, requests_), rounds=3, iterations=1, warmup_rounds=1)
+    outputs = benchmark.pedantic(_batched, args=(model, requests_), rounds=5, iterations=1, warmup_rounds=1)
     assert len(outputs) == N_QUESTIONS
     _record("batched", benchmark, outputs)
 
