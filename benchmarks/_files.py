@@ -72,20 +72,6 @@ class FileBenchmark(Benchmark):
             raise BadInput(f"{self.name} has no split {split!r}; splits: {', '.join(self.splits)}")
         return split
 
-    def prompt_answer_type(self, sample: VQASample) -> str:
-        """The answer type a prompt policy may look at (pass it to `PromptPolicy.render`).
-
-        The dataset's own `answer_type` where it has one. Layouts without one define CLOSED as
-        "gold answer is yes/no" (`meta["answer_type_source"] == "gold"`); a prompt that said "answer
-        yes or no" for those would leak the label, so every such sample is prompted as OPEN.
-        """
-        return prompt_answer_type(sample)
-
-
-def prompt_answer_type(sample: VQASample) -> str:
-    """`sample.answer_type` if it came from the dataset's metadata, else "OPEN" (see FileBenchmark)."""
-    return "OPEN" if sample.meta.get("answer_type_source") == "gold" else sample.answer_type
-
 
 def option_fields(cls: type) -> list[tuple[str, Any, Any, str]]:
     """(name, type, default, help) for each field of an options dataclass."""
@@ -505,6 +491,17 @@ def collect(
         if sample is not None:
             out.append(sample)
     return out
+
+
+def parse_options(items: Iterable[str], *, flag: str = "--option") -> dict[str, str]:
+    """`["lang=zh", ...]` → `{"lang": "zh"}` (values stay strings; `make_benchmark` converts them)."""
+    options: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BadInput(f"{flag} expects KEY=VALUE, got {item!r}")
+        options[key.strip()] = value
+    return options
 
 
 def make_benchmark(name: str, options: Mapping[str, Any] | None = None) -> Benchmark:

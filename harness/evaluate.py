@@ -58,6 +58,10 @@ class EvalConfig:
     benchmark: str = field(metadata={"help": "registered benchmark name (medvqa benchmarks)"})
     root: str = field(metadata={"help": "the benchmark's data folder"})
     split: str = field(default="test", metadata={"help": "split to evaluate"})
+    benchmark_options: list[str] = field(
+        default_factory=list,
+        metadata={"help": "the benchmark's options as KEY=VALUE[,KEY=VALUE], e.g. lang=zh for slake"},
+    )
     limit: int = field(default=0, metadata={"help": "evaluate the first N questions only (0 = all)"})
     batch_size: int = field(default=8, metadata={"help": "questions per generation batch"})
     max_new_tokens: int | None = field(
@@ -260,8 +264,8 @@ def evaluate(
     `stop_after_batches` stops after that many batches on this rank without scoring (tests
     simulate a kill with it; the returned dict is then empty).
     """
+    from benchmarks import make_benchmark, parse_options
     from harness.prompts import get_policy
-    from harness.registry import benchmarks
     from harness.scoring import resolve_scorers, score_samples
 
     started = time.perf_counter()
@@ -277,7 +281,7 @@ def evaluate(
     if cfg.limit < 0:
         raise BadInput("--limit must be >= 0")
     scorers = resolve_scorers(cfg.scorers.split(",") if isinstance(cfg.scorers, str) else cfg.scorers)
-    bench = benchmarks.get(cfg.benchmark)()
+    bench = make_benchmark(cfg.benchmark, parse_options(cfg.benchmark_options, flag="--benchmark-options"))
     if cfg.split not in bench.splits:
         raise BadInput(
             f"benchmark {cfg.benchmark!r} has no split {cfg.split!r}; splits: {', '.join(bench.splits)}"
@@ -445,7 +449,7 @@ def _generate_batch(
     model: Any, policy: Any, batch: Sequence[VQASample], settings: GenerationSettings, skip_bad: bool
 ) -> tuple[list[str | None], list[dict[str, str]]]:
     requests = [
-        GenerationRequest(image=s.image, prompt=policy.render(s.question, s.answer_type), id=s.id)
+        GenerationRequest(image=s.image, prompt=policy.render(s.question, s.prompt_answer_type), id=s.id)
         for s in batch
     ]
     try:
@@ -474,7 +478,7 @@ def _row(sample: VQASample, text: str, policy: Any, spec: str, key: str, fingerp
         sample,
         text,
         model_id=spec,
-        prompt=policy.render_text(sample.question, sample.answer_type),
+        prompt=policy.render_text(sample.question, sample.prompt_answer_type),
         metadata={"benchmark": sample.benchmark, "split": sample.split, "prompt_policy": policy.name},
         key=key,
         fingerprint=fingerprint,

@@ -155,10 +155,9 @@ def policy_names() -> list[str]:
 register_policy(
     PromptPolicy(
         name="short-answer",
-        description="the model's own chat template + 'Answer with a single word or phrase.'; "
-        "CLOSED questions (by answer_type) also get the [yes, no] options",
+        description="the model's own chat template + 'Answer with a single word or phrase.' "
+        "(short-answer+options adds the [yes, no] options to CLOSED questions, by answer_type)",
         instruction=SHORT_ANSWER,
-        closed_options=CLOSED_YES_NO,
     )
 )
 

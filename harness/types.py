@@ -51,6 +51,16 @@ class VQASample:
             return hashlib.sha256(self.image).hexdigest()[:16]
         return str(self.image)
 
+    @property
+    def prompt_answer_type(self) -> AnswerType:
+        """The answer type a prompt policy may see.
+
+        The dataset's own `answer_type` where it has one. Layouts without one define CLOSED as "gold
+        answer is yes/no" (`meta["answer_type_source"] == "gold"`); a prompt that offered "[yes, no]"
+        for exactly those would leak the label, so they are prompted as OPEN.
+        """
+        return "OPEN" if self.meta.get("answer_type_source") == "gold" else self.answer_type
+
     def to_json(self) -> dict[str, Any]:
         if isinstance(self.image, bytes):
             raise TypeError("samples holding image bytes cannot be written to JSONL; export the image first")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks._files import YES_NO_RULE, make_benchmark, prompt_answer_type
+from benchmarks._files import YES_NO_RULE, make_benchmark
 from harness.errors import BadInput
 from harness.registry import benchmarks
 from harness.types import VQASample
@@ -86,10 +86,10 @@ def test_prompt_type_never_comes_from_the_gold_answer(tmp_path: Path) -> None:
     hf = benchmarks.get("vqa-rad")()
     samples = hf.load("test", fx.make_vqa_rad_parquet(tmp_path / "hf"))
     assert {s.answer_type for s in samples} == {"OPEN", "CLOSED"}
-    assert {hf.prompt_answer_type(s) for s in samples} == {"OPEN"}
+    assert {s.prompt_answer_type for s in samples} == {"OPEN"}
     orig = benchmarks.get("vqa-rad")()
     samples = orig.load("test", fx.make_vqa_rad_original(tmp_path / "rad"))
-    assert [prompt_answer_type(s) for s in samples] == [s.answer_type for s in samples]
+    assert [s.prompt_answer_type for s in samples] == [s.answer_type for s in samples]
 
 
 def test_unknown_layout_says_what_was_expected(tmp_path: Path) -> None:
@@ -211,7 +211,7 @@ def test_llava_med_json_options_and_missing_answer_type(tmp_path: Path) -> None:
     samples = bench.load("test", tmp_path)
     assert [s.answer_type for s in samples] == ["CLOSED", "OPEN", "OPEN"]  # yes/no rule
     assert "yes/no" in bench.closed_rule(tmp_path)
-    assert {bench.prompt_answer_type(s) for s in samples} == {"OPEN"}
+    assert {s.prompt_answer_type for s in samples} == {"OPEN"}
 
 
 def test_convert_round_trip_matches_the_source(tmp_path: Path) -> None:
@@ -232,7 +232,7 @@ def test_convert_round_trip_matches_the_source(tmp_path: Path) -> None:
     ]
     assert [Path(s.image).read_bytes() for s in back] == [s.image for s in src]
     assert [s.image_id for s in back] == [s.image_id for s in src]  # meta rides along
-    assert {prompt_answer_type(s) for s in back} == {"OPEN"}  # still known to be gold-derived
+    assert {s.prompt_answer_type for s in back} == {"OPEN"}  # still known to be gold-derived
 
 
 def test_slake_zipped_images_hint(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
+from harness.errors import BadInput
 from harness.evaluate import EvalConfig, evaluate
 from harness.io import read_jsonl
 from tests._openai_server import fake_key, fake_openai, openai_server  # noqa: F401 - fixtures
@@ -348,3 +349,44 @@ def test_sigkill_mid_run_then_resume(reference_run, tiny_model_dir, phantom_root
     )
     assert json.loads((out / "scores.json").read_text())["scorers"] == ref["scorers"]
     assert preds.read_text() == (ref_out / "predictions.jsonl").read_text()
+
+
+def test_benchmark_options_reach_the_loader_and_the_run_key(tiny, tmp_path) -> None:
+    from tests.real_fixtures import make_slake
+
+    root = make_slake(tmp_path / "data")
+    english = evaluate(
+        _cfg(tiny.spec, root, tmp_path / "en", benchmark="slake"), model=tiny, log=lambda m: None
+    )
+    every = evaluate(
+        _cfg(tiny.spec, root, tmp_path / "all", benchmark="slake", benchmark_options=["lang=all"]),
+        model=tiny,
+        log=lambda m: None,
+    )
+    assert (english["n"], every["n"]) == (4, 6)
+    assert every["benchmark_version"] != english["benchmark_version"]
+    with pytest.raises(BadInput, match="lang"):
+        evaluate(
+            _cfg(tiny.spec, root, tmp_path / "x", benchmark="slake", benchmark_options=["lang=fr"]),
+            model=tiny,
+        )
+    with pytest.raises(BadInput, match="KEY=VALUE"):
+        evaluate(
+            _cfg(tiny.spec, root, tmp_path / "y", benchmark="slake", benchmark_options=["zh"]), model=tiny
+        )
+
+
+def test_gold_derived_closed_questions_are_prompted_as_open(tiny, tmp_path) -> None:
+    """Parquet layouts have no answer_type: CLOSED = gold is yes/no, so the prompt must not offer [yes, no]."""
+    from tests.real_fixtures import make_vqa_rad_parquet
+
+    root = make_vqa_rad_parquet(tmp_path / "data")
+    out = tmp_path / "run"
+    evaluate(
+        _cfg(tiny.spec, root, out, benchmark="vqa-rad", prompt_policy="short-answer+options"),
+        model=tiny,
+        log=lambda m: None,
+    )
+    rows = read_jsonl(out / "predictions.jsonl")
+    assert any(r["answer_type"] == "CLOSED" for r in rows)
+    assert all("[yes, no]" not in r["prompt"] for r in rows)

@@ -64,10 +64,7 @@ def test_short_answer_is_still_the_default_chat_policy():
     policy = get_policy()
     assert policy.name == "short-answer" and policy.style == "chat" and not policy.generation
     text = policy.render(QUESTION, "CLOSED").messages[-1]["content"][1]["text"]
-    assert (
-        text
-        == "Is there a lesion in the left lung? " + CLOSED_YES_NO + " Answer with a single word or phrase."
-    )
+    assert text == "Is there a lesion in the left lung? Answer with a single word or phrase."
 
 
 def test_recommended_generation_settings():

@@ -32,8 +32,7 @@ def test_short_answer_is_default_and_pinned() -> None:
                 {"type": "image"},
                 {
                     "type": "text",
-                    "text": "Is this a CT scan? Please choose from the following two options: [yes, no] "
-                    "Answer with a single word or phrase.",
+                    "text": "Is this a CT scan? Answer with a single word or phrase.",
                 },
             ],
         },
@@ -42,13 +41,18 @@ def test_short_answer_is_default_and_pinned() -> None:
 
 
 def test_closed_options_switch() -> None:
-    off = get_policy("short-answer-options")
-    assert off.name == "short-answer-options"
-    assert _text(off.render("Is it normal?", "CLOSED")) == f"Is it normal? {SHORT_ANSWER}"
+    # Off by default: SLAKE's CLOSED questions include non-yes/no answers ("Liver").
+    assert get_policy("short-answer-options") is get_policy("short-answer")
+    with_options = get_policy("short-answer+options")
+    assert with_options.name == "short-answer+options"
+    assert (
+        _text(with_options.render("Is it normal?", "CLOSED"))
+        == f"Is it normal? {CLOSED_YES_NO} {SHORT_ANSWER}"
+    )
+    assert _text(with_options.render("Is it normal?", "OPEN")) == f"Is it normal? {SHORT_ANSWER}"
     on = get_policy("plain+options")
     assert _text(on.render("Is it normal?", "CLOSED")) == f"Is it normal? {CLOSED_YES_NO}"
     assert _text(on.render("Where?", "OPEN")) == "Where?"
-    assert get_policy("short-answer+options") is get_policy("short-answer")
 
 
 def test_render_never_sees_the_answer() -> None:

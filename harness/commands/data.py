@@ -198,12 +198,9 @@ def run_phantom(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise BadInput(f"--option expects KEY=VALUE, got {item!r}")
-        options[key.strip()] = value
+    from benchmarks import parse_options
+
+    options: dict[str, Any] = parse_options(args.option)
     if args.lang is not None:
         if args.benchmark != "slake" and "lang" not in options:
             from benchmarks._files import option_fields
@@ -220,7 +217,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _benchmark(args: argparse.Namespace) -> Any:
-    from benchmarks._files import make_benchmark
+    from benchmarks import make_benchmark
 
     return make_benchmark(args.benchmark, _options(args))
 
