@@ -728,12 +728,10 @@ class Sweep:
         return [sys.executable, "-m", "harness.cli", *job.args]
 
     def _env(self, job: Job) -> dict[str, str]:
-        """The job's environment. The shared base step runs alone, so it gets every job's threads
-        (a fixed rule: the same config always trains it with the same thread count)."""
+        """The job's environment: `threads` CPU threads (the same for every job, so a rerun of any
+        job computes with the same thread count; more threads than free cores stall OpenMP)."""
         env = dict(os.environ)
         threads = self.cfg.run.threads or max(1, (os.cpu_count() or 1) // self.cfg.run.jobs)
-        if job.kind == "base":
-            threads *= self.cfg.run.jobs
         env.update(
             {
                 "OMP_NUM_THREADS": str(threads),
