@@ -164,6 +164,12 @@ class ReferenceSpec:
         default_factory=dict, metadata={"help": "or: existing eval folders, benchmark name -> folder"}
     )
     prompt_policy: str = field(default="", metadata={"help": "prompt policy for its evals (its convention)"})
+    launcher: str = field(
+        default="",
+        metadata={
+            "help": "launcher of its evals (default: [run] eval_launcher); e.g. 'python -m harness.cli' for openai:"
+        },
+    )
     args: list[str] = field(default_factory=list, metadata={"help": "extra `medvqa eval` flags"})
 
 
@@ -631,7 +637,7 @@ class Sweep:
                         list(prep_ids),
                         f"eval {r.name} on {e.name}",
                         out,
-                        eval_launcher,
+                        r.launcher or eval_launcher,
                     )
                 )
         by_id = {j.id: j for j in jobs}
