@@ -73,7 +73,10 @@ class RunSettings:
         default=True, metadata={"help": "also evaluate the base model (a 'no medical QA' reference line)"}
     )
     stop_on_error: bool = field(
-        default=True, metadata={"help": "stop scheduling new jobs after a failure (running ones finish)"}
+        default=False,
+        metadata={
+            "help": "stop starting jobs after a failure (default: run every job that does not need the failed one)"
+        },
     )
     env: dict[str, str] = field(default_factory=dict, metadata={"help": "extra environment for every job"})
 
@@ -605,7 +608,7 @@ class Sweep:
                             "train",
                             args,
                             list(base_deps),
-                            f"train {t.label} @ {f:g} seed {s}",
+                            f"train {t.label} @ {float(f)!r} seed {s}",
                             ckpt,
                             cfg.run.launcher,
                             manifest_hash=mh,
@@ -619,7 +622,7 @@ class Sweep:
                                 "eval",
                                 self._eval_args(f"hf:{ckpt}", e, out, ()),
                                 [tid],
-                                f"eval {t.label} @ {f:g} seed {s} on {e.name}",
+                                f"eval {t.label} @ {float(f)!r} seed {s} on {e.name}",
                                 out,
                                 eval_launcher,
                             )
@@ -881,6 +884,7 @@ class Sweep:
                     continue
                 if failed and self.cfg.run.stop_on_error:
                     failed.add(job.id)
+                    self.log(f"[skip] {job.title}: not started after a failure (stop_on_error)")
                     continue
                 self._clear_stale(job)
                 for path, text in self._files.items():
