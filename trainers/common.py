@@ -396,6 +396,9 @@ def drop_trl_checkpoints(output_dir: Path) -> None:
 
 def run_trainer(trainer: Any, output_dir: Path) -> Any:
     """`trainer.train()`, resuming from the newest trl checkpoint in `output_dir` if one exists."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # TrainingProgress logs instead (no raw dict prints)
     resume = resume_checkpoint(output_dir)
     if resume:
         log.info("resuming from %s", resume)
