@@ -101,6 +101,9 @@ class EvalSpec:
     root: str = field(metadata={"help": "its data folder"})
     split: str = field(default="test", metadata={"help": "evaluation split"})
     name: str = field(default="", metadata={"help": "folder name under eval/ (default: the benchmark)"})
+    options: dict[str, str] = field(
+        default_factory=dict, metadata={"help": 'the benchmark\'s options, e.g. { lang = "zh" } for slake'}
+    )
     limit: int = field(default=0, metadata={"help": "evaluate the first N questions only (0 = all)"})
     prompt_policy: str = field(
         default="", metadata={"help": "prompt policy; empty = the benchmark's default"}
@@ -498,6 +501,8 @@ class Sweep:
         ]
         if e.limit:
             args += ["--limit", str(e.limit)]
+        if e.options:
+            args += ["--benchmark-options", ",".join(f"{k}={v}" for k, v in sorted(e.options.items()))]
         if policy or e.prompt_policy:
             args += ["--prompt-policy", policy or e.prompt_policy]
         return args + list(e.args) + list(extra)
