@@ -35,7 +35,8 @@ METRIC_LABELS = {
 @dataclass
 class Cell:
     summaries: dict[str, SeedSummary] = field(default_factory=dict)  # scorer -> mean/CI over seeds
-    test: TestResult | None = None
+    test: TestResult | None = None  # against the baseline (SFT@100%)
+    same_fraction_test: TestResult | None = None  # against the baseline trainer at this line's fraction
 
 
 @dataclass
@@ -201,6 +202,15 @@ def build_table(
                         metric,
                         n_boot=n_boot,
                     )
+                peer = groups.get(("sweep", base_key[0], fraction))
+                if kind == "sweep" and label != base_key[0] and peer and scorer in cell.summaries:
+                    cell.same_fraction_test = paired_test(
+                        scored_by_seed(brecs, bench),
+                        scored_by_seed(peer, bench),
+                        scorer,
+                        metric,
+                        n_boot=n_boot,
+                    )
                 if cell.summaries:
                     line.cells[(bench, metric)] = cell
         lines.append(line)
@@ -280,10 +290,33 @@ def to_markdown(table: Table) -> str:
         f"p: paired test against {base_name} on the same questions (McNemar for closed accuracy, exact "
         "binomial below 25 discordant pairs; paired bootstrap over images for open recall), "
         "seeds paired with seeds.",
+        *_same_fraction_notes(table),
         "Data used = labeled QA + preference pairs"
         + (f"; % of the full SFT set ({table.n_full:,} labeled QA)." if table.n_full else "."),
     ]
     return "\n".join(out + notes) + "\n"
+
+
+def _same_fraction_notes(table: Table) -> list[str]:
+    """One sentence per non-baseline trainer line against the baseline trainer on the same labeled data."""
+    base_label = parse_baseline(table.baseline)[0]
+    out = []
+    for line in table.lines:
+        parts = []
+        for (bench, metric), cell in line.cells.items():
+            t = cell.same_fraction_test
+            if t is None:
+                continue
+            parts.append(
+                f"{bench} {METRIC_LABELS.get(metric, metric)} {t.diff:+.1f} points (p {format_p(t.p)})"
+            )
+        if parts:
+            out.append(
+                f"{line.name} vs {base_label}@{float(line.fraction)!r} (same labeled data): "
+                + ", ".join(parts)
+                + "."
+            )
+    return out
 
 
 def csv_columns(table: Table) -> list[str]:
@@ -307,6 +340,7 @@ def csv_columns(table: Table) -> list[str]:
                 if sc:
                     cols += [f"{bench}/{metric}/{sc}/{x}" for x in ("mean", "ci_low", "ci_high", "ci_method")]
             cols += [f"{bench}/{metric}/{x}" for x in ("test", "diff_vs_baseline", "p_vs_baseline")]
+            cols += [f"{bench}/{metric}/{x}" for x in ("diff_vs_same_fraction", "p_vs_same_fraction")]
     return cols
 
 
@@ -340,6 +374,9 @@ def to_csv(table: Table) -> str:
                 row[f"{bench}/{metric}/test"] = cell.test.test
                 row[f"{bench}/{metric}/diff_vs_baseline"] = _num(cell.test.diff, 4)
                 row[f"{bench}/{metric}/p_vs_baseline"] = f"{cell.test.p:.6g}"
+            if cell.same_fraction_test:
+                row[f"{bench}/{metric}/diff_vs_same_fraction"] = _num(cell.same_fraction_test.diff, 4)
+                row[f"{bench}/{metric}/p_vs_same_fraction"] = f"{cell.same_fraction_test.p:.6g}"
         w.writerow({k: row.get(k, "") for k in cols})
     return buf.getvalue()
 

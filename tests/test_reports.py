@@ -237,6 +237,8 @@ def test_table_values_tests_and_markdown(tmp_path):
     assert any(ln.startswith("| sft@1.0 |") and "(baseline)" in ln for ln in lines)
     assert any(ln.startswith("| LLaVA-Med v1.5 |") and "530K medical samples" in ln for ln in lines)
     assert "McNemar" in md
+    assert st.cells[("vqa-rad", "closed_accuracy")].same_fraction_test.p < 0.05  # 72% vs 62% on 240 questions
+    assert "stllava-med@0.09 vs sft@0.09 (same labeled data): phantom closed acc +" in md
     wide = list(csv.DictReader(io.StringIO(to_csv(table))))
     assert wide[1]["model"] == "sft@0.09" and float(wide[1]["phantom/closed_accuracy/p_vs_baseline"]) < 0.001
 
