@@ -312,3 +312,58 @@ def test_four_lesions_when_allowed(tmp_path):
     four = next(s for s in scenes.values() if s.n_lesions == 4)
     assert answer_for(four, parse_question("how many lesions are there?")) == "four"
     assert "four lesions" in caption_for(four)
+
+
+def _pixels(root: Path, split: str):
+    import numpy as np
+    from PIL import Image
+
+    scenes = load_scenes(root, split)
+    ids = sorted(scenes)
+    images = np.stack(
+        [np.asarray(Image.open(root / split / "images" / f"{i}.png"), dtype=np.float32) for i in ids]
+    )
+    return [scenes[i] for i in ids], images
+
+
+def test_pixels_carry_modality_region_and_plane(built):
+    """Nearest class mean on raw pixels reads the global attributes: the images are not noise."""
+    import numpy as np
+
+    root, _ = built
+    train_scenes, train_x = _pixels(root, "train")
+    test_scenes, test_x = _pixels(root, "test")
+    # Modality from the intensity histogram, region and plane from the silhouette.
+    features = {
+        "modality": lambda x: np.stack([np.histogram(i, bins=16, range=(0, 256))[0] for i in x]).astype(
+            float
+        ),
+        "region": lambda x: x.reshape(len(x), -1),
+        "plane": lambda x: x.reshape(len(x), -1),
+    }
+    for attribute, feature in features.items():
+        labels = [getattr(s, attribute) for s in train_scenes]
+        classes = sorted(set(labels))
+        f_train, f_test = feature(train_x), feature(test_x)
+        means = np.stack([f_train[[lab == c for lab in labels]].mean(axis=0) for c in classes])
+        distances = ((f_test[:, None] - means[None]) ** 2).sum(axis=2)
+        predicted = [classes[k] for k in distances.argmin(axis=1)]
+        accuracy = np.mean([p == getattr(s, attribute) for p, s in zip(predicted, test_scenes)])
+        assert accuracy >= 0.75, (attribute, accuracy)  # chance: 1/3 or 1/2
+
+
+def test_lesions_stand_out_from_their_surroundings(built):
+    import numpy as np
+
+    root, _ = built
+    scenes, images = _pixels(root, "train")
+    size = images.shape[1]
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    contrasts = []
+    for scene, image in zip(scenes, images):
+        for lesion in scene.lesions:
+            d = np.hypot(xx - lesion.x * size, yy - lesion.y * size) / (lesion.radius * size)
+            inside, ring = image[d < 0.6], image[(d > 1.4) & (d < 2.0)]
+            contrasts.append(inside.mean() - ring.mean())
+    assert len(contrasts) > 30
+    assert np.median(contrasts) > 40 and np.mean(np.array(contrasts) > 10) > 0.95
