@@ -343,7 +343,12 @@ def _precision(cfg: TrainConfig) -> dict[str, bool]:
 
 def trl_kwargs(cfg: TrainConfig, output_dir: Path, seed: int) -> dict[str, Any]:
     """Arguments for trl's `SFTConfig`/`DPOConfig`: CPU-safe, no reporting, resumable if asked."""
+    import warnings
+
     import torch
+
+    # trl defaults gradient_checkpointing=True; turning it off by its (deprecated) name warns.
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
 
     return {
         "output_dir": str(output_dir),
