@@ -407,6 +407,9 @@ def test_reference_expert_uses_heldout_training_qa_only(train_samples):
     assert expert.judge(s.image, "an unseen question?", ["a", "b"]) is None
     with pytest.raises(BadInput, match="training data only"):
         Ref(samples=[dataclasses.replace(s, split="test")])
+    from trainers.stllava_med import build_expert  # how the trainer builds it: TrainRequest.heldout_samples
+
+    assert build_expert("reference", heldout_samples=train_samples[10:30]).n_samples == 20
 
 
 # --- CLI ---------------------------------------------------------------------------------------
@@ -523,3 +526,46 @@ def test_cli_stllava_steps_on_explicit_files(stllava_run, tmp_path, capsys):
     assert counts["judged"] + counts["unjudgeable"] == 18 and counts["pairs"] == counts["judged"]
     assert main(["stllava", "judge", "--answers", str(a), "--out", str(j), "--expert", "nobody"]) == 2
     assert "unknown expert 'nobody'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigkilled_questions_step_resumes(stllava_run, tmp_path):
+    """A real `kill -9` of `medvqa stllava questions`; the rerun keeps every finished row."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    checkpoint, _, request = stllava_run
+    images = tmp_path / "images.txt"
+    images.write_text("\n".join(request.unlabeled_images) + "\n", encoding="utf-8")
+    out = tmp_path / "questions.jsonl"
+    argv = [
+        sys.executable,
+        "-m",
+        "harness.cli",
+        "stllava",
+        "questions",
+        "--images",
+        str(images),
+        "--out",
+        str(out),
+    ]
+    argv += ["--model", f"hf:{checkpoint.path / 'stages' / 'stage1'}", "--k-questions", "20"]
+    argv += ["--generation-batch-size", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.is_file() and out.stat().st_size > 0:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = read_jsonl(out, allow_truncated_tail=True)
+    total = 20 * len(request.unlabeled_images)
+    assert 0 < len(before) < total  # killed mid-way
+    assert subprocess.run(argv, env=env, capture_output=True).returncode == 0
+    after = read_jsonl(out)
+    assert after[: len(before)] == before and len(after) == total == len({r["id"] for r in after})
