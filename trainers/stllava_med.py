@@ -593,6 +593,11 @@ class STLLaVAMedTrainer(TrainerPlugin):
         stages.mkdir(parents=True, exist_ok=True)
         files = {k: stages / v for k, v in STAGE_FILES.items()}
 
+        if not request.unlabeled_images:
+            raise BadInput(
+                "stllava-med needs unlabeled images for stage 2 (none were given; with --fraction 1.0 every "
+                "training image is labeled)"
+            )
         stage1 = stages / "stage1"
         # every process: trl trains data-parallel under accelerate
         train_stage1(request, cfg, stage1, log_path=out / "train_log.jsonl")
