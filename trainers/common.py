@@ -311,7 +311,7 @@ class RowBuilder:
 
 
 def qa_rows(samples: Sequence[VQASample], builder: RowBuilder) -> list[dict]:
-    return [builder.qa_row(s.image, s.question, s.answer_type, s.answer, kind="qa") for s in samples]
+    return [builder.qa_row(s.image, s.question, s.prompt_answer_type, s.answer, kind="qa") for s in samples]
 
 
 def to_dataset(rows: Sequence[Mapping[str, Any]]) -> Any:

@@ -186,7 +186,7 @@ def stage1_rows(samples: Sequence[Any], builder: Any, cfg: STLLaVAMedConfig, see
     rng = random.Random(_seed_for("sq", seed))
     rows = []
     for s in samples:
-        rows.append(builder.qa_row(s.image, s.question, s.answer_type, s.answer, kind="qa"))
+        rows.append(builder.qa_row(s.image, s.question, s.prompt_answer_type, s.answer, kind="qa"))
         if rng.random() < cfg.sq_ratio:
             rows.append(builder.instruction_row(s.image, cfg.ask_instruction, s.question, kind="ask"))
     return rows
