@@ -349,3 +349,31 @@ def test_swap_check_cancels_position_bias(fake_openai, fake_key, images, tmp_pat
     assert bad.status == "malformed" and bad.scores is None
     counts = expert.counts()
     assert (counts["items"], counts["judged"], counts["malformed"], counts["calls"]) == (4, 3, 1, 8)
+
+
+def test_judge_step_does_not_record_failed_requests_so_a_rerun_asks_again(
+    fake_openai, fake_key, images, tmp_path
+) -> None:
+    """A request that fails after its retries is not an unjudgeable item: it is left out of
+    judged.jsonl (and not cached), so rerunning the step pays for it once more."""
+    import json
+
+    from trainers import stllava_med as st
+
+    (a, _), (b, _) = images
+    rows = [
+        {"id": "a-q0", "image": str(a), "question": "Is it normal?", "answers": ["yes", "no"]},
+        {"id": "b-q0", "image": str(b), "question": "Modality?", "answers": ["ct", "mri"]},
+    ]
+    answers, judged = tmp_path / "answers.jsonl", tmp_path / "judged.jsonl"
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fake_openai.reply = by_answers({("yes", "no"): "2 9", ("ct", "mri"): "8 1"})
+    expert = make_expert(fake_openai, tmp_path, max_retries=0, max_concurrency=1)
+    fake_openai.faults.append(Fault(status=500))  # the first request fails, no retry left
+    counts = st.judge_answers(answers, judged, expert)
+    assert counts["failed"] == 1 and counts["judged"] == 1 and counts["unjudgeable"] == 0
+    assert len(judged.read_text().splitlines()) == 1
+
+    counts = st.judge_answers(answers, judged, expert)
+    assert counts == {"judged": 2, "unjudgeable": 0, "failed": 0}
+    assert {r["id"] for r in map(json.loads, judged.read_text().splitlines())} == {"a-q0", "b-q0"}

@@ -404,6 +404,7 @@ def judge_answers(
     done = _done_ids(out_path)
     todo = [r for r in rows if str(r["id"]) not in done]
     log.info("judge: %d answer pairs, %d to judge", len(rows), len(todo))
+    n_failed = 0
     with JsonlAppender(out_path) as out:
         skipped_before = [r for r in todo if r.get("skipped")]
         if skipped_before:
@@ -414,20 +415,26 @@ def judge_answers(
             items = [(r["image"], r["question"], list(r["answers"])) for r in chunk]
             if hasattr(expert, "judge_many_detailed"):
                 results = expert.judge_many_detailed(items)
-                outcomes = [(j.scores, j.skipped or "unjudgeable") for j in results]
+                outcomes = [(j.scores, j.skipped or "unjudgeable", j.status == "failed") for j in results]
             elif hasattr(expert, "judge_many"):
-                outcomes = [(s, "unjudgeable") for s in expert.judge_many(items)]
+                outcomes = [(s, "unjudgeable", False) for s in expert.judge_many(items)]
             else:
-                outcomes = [(expert.judge(*it), "unjudgeable") for it in items]
+                outcomes = [(expert.judge(*it), "unjudgeable", False) for it in items]
             judged = []
-            for r, (scores, reason) in zip(chunk, outcomes, strict=True):
-                if scores is None:
+            for r, (scores, reason, failed) in zip(chunk, outcomes, strict=True):
+                if failed:  # a request that failed after its retries is not an answer: a rerun asks again
+                    n_failed += 1
+                elif scores is None:
                     judged.append({**r, "skipped": reason})
                 else:
                     judged.append({**r, "scores": [float(s) for s in scores]})
             out.write(judged)
             _progress(progress_log, "judge", start + len(chunk), len(todo))
-    return judge_counts(out_path)
+    if n_failed:
+        log.warning(
+            "judge: %d requests failed after retries; rerun this step to ask for them again", n_failed
+        )
+    return {**judge_counts(out_path), "failed": n_failed}
 
 
 def judge_counts(judged_path: Path) -> dict[str, int]:
