@@ -71,6 +71,11 @@ def plot_data_efficiency(table: Table, out: str | Path, *, dpi: int = 130) -> Pa
     style = {
         lab: (_COLORS[i % len(_COLORS)], _MARKERS[i % len(_MARKERS)]) for i, lab in enumerate(sweep_labels)
     }
+    base_label = table.baseline.partition("@")[0]
+    legend_label = {}  # the loss of a non-baseline trainer in its legend entry (e.g. DPO "sigmoid+sft")
+    for ln in table.lines:
+        if ln.kind == "sweep" and ln.label != base_label and ln.loss:
+            legend_label[ln.label] = f"{ln.label} (loss: {ln.loss})"
     refs = [ln for ln in table.lines if ln.kind == "reference"]
     ref_style = {ln.label: _COLORS[(len(sweep_labels) + i) % len(_COLORS)] for i, ln in enumerate(refs)}
 
@@ -104,7 +109,7 @@ def plot_data_efficiency(table: Table, out: str | Path, *, dpi: int = 130) -> Pa
                     markersize=6,
                     capsize=4,
                     linewidth=2,
-                    label=lab,
+                    label=legend_label.get(lab, lab),
                 )
                 handles.setdefault(lab, h)
                 for x, y, _, ln in pts:
