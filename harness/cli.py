@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from collections.abc import Sequence
@@ -45,7 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_progress_bars() -> None:
+    """Our own bars are off when stderr is not a terminal; make the libraries' bars follow suit
+    (huggingface_hub/transformers and datasets read these before their first bar)."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_library_progress_bars()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
