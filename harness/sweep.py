@@ -128,6 +128,12 @@ class TrainerSpec:
     fractions: list[float] = field(default_factory=list, metadata={"help": "override the sweep's fractions"})
     seeds: list[int] = field(default_factory=list, metadata={"help": "override the sweep's seeds"})
     preset: str = field(default="", metadata={"help": "the trainer's named preset (e.g. phantom, paper)"})
+    priority: int = field(
+        default=0,
+        metadata={
+            "help": "jobs of higher priority start first (give the longest trainer the highest: less idle time)"
+        },
+    )
     config: dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": "the trainer's config fields over the preset (its dataclass, checked)"},
@@ -433,6 +439,7 @@ class Job:
     manifest_hash: str = ""
     creates: str = ""
     key: str = ""  # filled by `plan`: hash of the command and the keys of its dependencies
+    priority: int = 0  # among ready jobs, higher starts first (then config order)
 
 
 def fraction_tag(f: float) -> str:
@@ -617,6 +624,7 @@ class Sweep:
                             ckpt,
                             cfg.run.launcher,
                             manifest_hash=mh,
+                            priority=t.priority,
                         )
                     )
                     for e in cfg.evals:
@@ -865,7 +873,9 @@ class Sweep:
         while pending or running:
             # start what can start
             progressed = False
-            for job in list(pending):
+            # short evals first (they unblock nothing long but finish lines early), then by priority
+            order = sorted(pending, key=lambda j: (j.kind != "eval", -j.priority))
+            for job in order:
                 if len(running) >= self.cfg.run.jobs:
                     break
                 if any(d in failed for d in job.deps):
