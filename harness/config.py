@@ -39,35 +39,64 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser | Any, cls: type, *, prefix: str = "") -> None:
-    """Add one flag per field of `cls`; defaults are left to the dataclass (argparse default None)."""
-    group = parser.add_argument_group(f"{cls.__name__} ({prefix or 'options'})") if prefix else parser
-    for f, tp in _fields(cls):
-        base, _ = _base_type(tp)
-        help_text = f.metadata.get("help", "")
-        default = (
-            f.default
-            if f.default is not dataclasses.MISSING
-            else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-            )
-        )
-        help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
-        help_text = help_text.replace("%", "%%")  # argparse formats help with %: a literal "50%" must survive
-        dest = prefix + f.name
-        flag = _flag(prefix + f.name)
-        kwargs: dict[str, Any] = {"dest": dest, "default": None, "help": help_text}
-        origin = typing.get_origin(base)
-        if base is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif origin is typing.Literal:
-            choices = typing.get_args(base)
-            group.add_argument(flag, choices=choices, type=type(choices[0]), **kwargs)
-        elif origin in (list, tuple):
-            (item,) = typing.get_args(base)[:1]
-            group.add_argument(flag, type=lambda s, item=item: [item(x) for x in s.split(",") if x], **kwargs)
-        else:
-            group.add_argument(flag, type=base if base in (int, float, str) else str, **kwargs)
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser | Any,
+    *classes: type,
+    prefix: str = "",
+    dest_prefix: str | None = None,
+    title: str | None = None,
+    description: str | None = None,
+    show_defaults: bool = True,
+) -> list[str]:
+    """Add one flag per field of the dataclasses (a field several of them share, once).
+
+    Defaults are left to the dataclass (argparse default None), so `dataclass_from_args` can tell a
+    flag that was given from one that was not. `prefix` goes in front of flag and dest
+    (`--expert-model` → `expert_model`); `dest_prefix`, when given, in front of the dest only.
+    `show_defaults=False` where the effective default is not the field's (e.g. a preset sets it).
+    Returns the field names added.
+    """
+    if title is not None:
+        group = parser.add_argument_group(title, description)
+    elif prefix:
+        group = parser.add_argument_group(f"{classes[0].__name__} ({prefix})")
+    else:
+        group = parser
+    dest_prefix = prefix if dest_prefix is None else dest_prefix
+    added: list[str] = []
+    for cls in classes:
+        for f, tp in _fields(cls):
+            if f.name in added:
+                continue
+            added.append(f.name)
+            base, _ = _base_type(tp)
+            help_text = f.metadata.get("help", "")
+            if show_defaults:
+                default = (
+                    f.default
+                    if f.default is not dataclasses.MISSING
+                    else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+                )
+                help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
+            help_text = help_text.replace(
+                "%", "%%"
+            )  # argparse formats help with %: a literal "50%" must survive
+            flag = _flag(prefix + f.name)
+            kwargs: dict[str, Any] = {"dest": dest_prefix + f.name, "default": None, "help": help_text}
+            origin = typing.get_origin(base)
+            if base is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            elif origin is typing.Literal:
+                choices = typing.get_args(base)
+                group.add_argument(flag, choices=choices, type=type(choices[0]), **kwargs)
+            elif origin in (list, tuple):
+                (item,) = typing.get_args(base)[:1]
+                parse_list = lambda s, item=item: [item(x) for x in s.split(",") if x]  # noqa: E731
+                group.add_argument(flag, type=parse_list, metavar=f.name.upper(), **kwargs)
+            else:
+                scalar = base if base in (int, float, str) else str
+                group.add_argument(flag, type=scalar, metavar=f.name.upper(), **kwargs)
+    return added
 
 
 def dataclass_from_args(

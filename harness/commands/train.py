@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -39,43 +38,17 @@ def _builtin_config_classes() -> list[type]:
 
 
 def add_trainer_flags(parser: argparse.ArgumentParser, classes: list[type]) -> list[str]:
-    """One flag per field of the given config dataclasses (shared fields once); returns the dests."""
-    from harness.config import _base_type
+    """One flag per field of the given config dataclasses (shared fields once); returns the names."""
+    from harness.config import add_dataclass_arguments
 
-    group = parser.add_argument_group(
-        "trainer settings",
-        "fields of the trainer's config dataclass (defaults: the trainer's / the --preset's)",
+    return add_dataclass_arguments(
+        parser,
+        *classes,
+        dest_prefix="cfg_",
+        title="trainer settings",
+        description="fields of the trainer's config dataclass (defaults: the trainer's / the --preset's)",
+        show_defaults=False,
     )
-    seen: list[str] = []
-    for cls in classes:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in seen or not f.init:
-                continue
-            seen.append(f.name)
-            base, _ = _base_type(hints[f.name])
-            flag = "--" + f.name.replace("_", "-")
-            kwargs: dict[str, Any] = {
-                "dest": f"cfg_{f.name}",
-                "default": None,
-                "help": f.metadata.get("help", ""),
-            }
-            origin = typing.get_origin(base)
-            if base is not bool and origin is not typing.Literal:
-                kwargs["metavar"] = f.name.upper()
-            if base is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-            elif origin is typing.Literal:
-                choices = typing.get_args(base)
-                group.add_argument(flag, choices=choices, type=type(choices[0]), **kwargs)
-            elif origin in (list, tuple):
-                (item,) = typing.get_args(base)[:1]
-                group.add_argument(
-                    flag, type=lambda s, item=item: [item(x) for x in s.split(",") if x], **kwargs
-                )
-            else:
-                group.add_argument(flag, type=base if base in (int, float, str) else str, **kwargs)
-    return seen
 
 
 def resolve_config(trainer_cls: type, args: argparse.Namespace) -> Any:
