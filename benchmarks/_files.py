@@ -73,6 +73,39 @@ class FileBenchmark(Benchmark):
         return split
 
 
+class OriginalOrParquetBenchmark(FileBenchmark):
+    """A benchmark shipped both as its original release and as a Hugging Face parquet export.
+
+    Subclasses implement `_locate(root) -> (layout, folder)` with layout "original" or "parquet",
+    and one loader per layout.
+    """
+
+    def load(
+        self, split: str, root: Path, *, skip_bad: bool = False, check_images: str = "verify"
+    ) -> list[VQASample]:
+        split = self.canonical_split(split)
+        layout, where = self._locate(root)
+        problems = Problems(skip_bad)
+        checker = ImageChecker(check_images)
+        load_layout = self._load_original if layout == "original" else self._load_parquet
+        samples = load_layout(split, where, problems, checker)
+        self.skipped = problems.skipped
+        return samples
+
+    def _locate(self, root: Path) -> tuple[str, Path]:
+        raise NotImplementedError
+
+    def _load_original(
+        self, split: str, where: Path, problems: Problems, checker: ImageChecker
+    ) -> list[VQASample]:
+        raise NotImplementedError
+
+    def _load_parquet(
+        self, split: str, where: Path, problems: Problems, checker: ImageChecker
+    ) -> list[VQASample]:
+        raise NotImplementedError
+
+
 def option_fields(cls: type) -> list[tuple[str, Any, Any, str]]:
     """(name, type, default, help) for each field of an options dataclass."""
     hints = typing.get_type_hints(cls)

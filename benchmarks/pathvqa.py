@@ -21,8 +21,8 @@ from typing import ClassVar
 from benchmarks._files import (
     IMAGE_SUFFIXES,
     YES_NO_RULE,
-    FileBenchmark,
     ImageChecker,
+    OriginalOrParquetBenchmark,
     Problems,
     collect,
     find_root,
@@ -49,7 +49,7 @@ def _is_original(d: Path) -> bool:
 
 
 @benchmarks.register("pathvqa")
-class PathVQA(FileBenchmark):
+class PathVQA(OriginalOrParquetBenchmark):
     """PathVQA pathology VQA (original pvqa pickles + images, or Hugging Face parquet).
 
     Options: none.
@@ -87,20 +87,6 @@ class PathVQA(FileBenchmark):
 
     def closed_rule(self, root: Path) -> str:
         return YES_NO_RULE
-
-    def load(
-        self, split: str, root: Path, *, skip_bad: bool = False, check_images: str = "verify"
-    ) -> list[VQASample]:
-        split = self.canonical_split(split)
-        layout, where = self._locate(root)
-        problems = Problems(skip_bad)
-        checker = ImageChecker(check_images)
-        if layout == "original":
-            samples = self._load_original(split, where, problems, checker)
-        else:
-            samples = self._load_parquet(split, where, problems, checker)
-        self.skipped = problems.skipped
-        return samples
 
     def _sample(
         self, split: str, n: int, image: Path | bytes, image_id: str, question: str, answer: str

@@ -20,8 +20,8 @@ from benchmarks._files import (
     DATASET_RULE,
     YES_NO_RULE,
     Duplicates,
-    FileBenchmark,
     ImageChecker,
+    OriginalOrParquetBenchmark,
     Problems,
     answer_type_field,
     collect,
@@ -51,7 +51,7 @@ def _is_original(d: Path) -> bool:
 
 
 @benchmarks.register("vqa-rad")
-class VQARad(FileBenchmark):
+class VQARad(OriginalOrParquetBenchmark):
     """VQA-RAD radiology VQA (original JSON release or Hugging Face parquet).
 
     Options: none.
@@ -88,20 +88,6 @@ class VQARad(FileBenchmark):
 
     def closed_rule(self, root: Path) -> str:
         return DATASET_RULE if self._locate(root)[0] == "original" else YES_NO_RULE
-
-    def load(
-        self, split: str, root: Path, *, skip_bad: bool = False, check_images: str = "verify"
-    ) -> list[VQASample]:
-        split = self.canonical_split(split)
-        layout, where = self._locate(root)
-        problems = Problems(skip_bad)
-        checker = ImageChecker(check_images)
-        if layout == "original":
-            samples = self._load_original(split, where, problems, checker)
-        else:
-            samples = self._load_parquet(split, where, problems, checker)
-        self.skipped = problems.skipped
-        return samples
 
     def _load_original(
         self, split: str, where: Path, problems: Problems, checker: ImageChecker
