@@ -95,3 +95,17 @@ def test_system_and_image_after_question() -> None:
         "content": [{"type": "text", "text": "You are a radiologist."}],
     }
     assert [p["type"] for p in prompt.messages[1]["content"]] == ["text", "image"]
+
+
+def test_cli_lists_and_shows_policies(capsys) -> None:
+    from harness.cli import main
+
+    assert main(["prompts"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("short-answer", "llava-med-v1", "llava-med-v1.5", "stllava-med"))
+    assert main(["prompts", "--show", "llava-med-v1.5+options"]) == 0
+    shown = capsys.readouterr().out
+    assert "[INST] <image>\nIs this a CT scan? " + CLOSED_YES_NO + " [/INST]" in shown
+    assert "[INST] <image>\nWhat organ is shown? [/INST]" in shown
+    assert main(["prompts", "--show", "nope"]) == 2
+    assert "known: llava-med-v1" in capsys.readouterr().err
