@@ -211,7 +211,9 @@ def test_kill_9_and_resume_gives_the_same_results(smoke_run, tmp_path):
     assert not (run / "report" / "results.csv").exists()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "train sft @ 1.0 seed 0 ..." in done.stdout and "train sft @ 0.25 seed 0: done before" in done.stdout
+    assert (
+        "train sft @ 1.0 seed 0 ..." in done.stdout and "train sft @ 0.25 seed 0: done before" in done.stdout
+    )
     assert (run / "report" / "results.csv").read_bytes() == (ref_run / "report" / "results.csv").read_bytes()
 
 
