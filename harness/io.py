@@ -57,6 +57,21 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         ) from None
 
 
+def read_toml(path: str | os.PathLike[str], *, what: str = "TOML file") -> dict[str, Any]:
+    """Parse a TOML file; a missing or malformed file is a BadInput naming it."""
+    import tomllib
+
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInput(f"{what} not found", path=path) from None
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"not UTF-8 text ({exc.reason})", path=path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"malformed TOML: {exc}", path=path) from None
+
+
 def iter_jsonl(
     path: str | os.PathLike[str], *, allow_truncated_tail: bool = False
 ) -> Iterator[tuple[int, Any]]:

@@ -33,7 +33,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 
 from harness.config import dataclass_from_mapping
 from harness.errors import BadInput
-from harness.io import atomic_write_json, atomic_write_text, read_json
+from harness.io import atomic_write_json, atomic_write_text, read_json, read_toml
 from harness.types import stable_hash
 
 SWEEP_FORMAT = 1
@@ -268,12 +267,7 @@ def load_config(path: str | Path, *, out: str | Path | None = None) -> tuple[Swe
     """Parse and validate a sweep TOML; returns the config and the run folder (`--out` or runs/<name>)."""
     path = Path(path)
     where = str(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadInput("sweep config not found", path=path) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise BadInput(f"malformed TOML: {exc}", path=path) from None
+    raw = read_toml(path, what="sweep config")
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
         raise BadInput(f"{where}: unknown top-level key(s) {unknown}; known: {sorted(_TOP_KEYS)}")

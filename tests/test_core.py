@@ -167,3 +167,25 @@ def test_cli_help_is_fast_and_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out, out
+
+
+def test_read_toml_errors_name_the_file(tmp_path):
+    from harness.io import read_toml
+
+    (tmp_path / "ok.toml").write_text('name = "x"\n[train]\nsteps = 3\n')
+    assert read_toml(tmp_path / "ok.toml") == {"name": "x", "train": {"steps": 3}}
+    (tmp_path / "bad.toml").write_text("name = \n")
+    with pytest.raises(BadInput, match=r"bad\.toml: malformed TOML"):
+        read_toml(tmp_path / "bad.toml")
+    with pytest.raises(BadInput, match=r"sweep config not found"):
+        read_toml(tmp_path / "missing.toml", what="sweep config")
+
+
+def test_train_config_file_errors_exit_2(tmp_path, capsys):
+    (tmp_path / "sft.toml").write_text("learning_rate = [\n")
+    argv = ["train", "--trainer", "sft", "--model", "hf:x", "--benchmark", "phantom", "--root", str(tmp_path)]
+    assert (
+        main([*argv, "--out", str(tmp_path / "o"), "--config", str(tmp_path / "sft.toml"), "--show-config"])
+        == 2
+    )
+    assert "sft.toml: malformed TOML" in capsys.readouterr().err

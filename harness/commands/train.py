@@ -53,10 +53,9 @@ def add_trainer_flags(parser: argparse.ArgumentParser, classes: list[type]) -> l
 
 def resolve_config(trainer_cls: type, args: argparse.Namespace) -> Any:
     """preset → --config TOML table → flags, checked against the trainer's config dataclass."""
-    import tomllib
-
     from harness.config import dataclass_from_mapping
     from harness.errors import BadInput
+    from harness.io import read_toml
 
     cfg_cls = trainer_cls.config_class
     presets = getattr(trainer_cls, "presets", {}) or {}
@@ -67,12 +66,7 @@ def resolve_config(trainer_cls: type, args: argparse.Namespace) -> Any:
     values = dataclasses.asdict(dataclasses.replace(cfg_cls(), **dict(presets.get(args.preset or "", {}))))
     if args.config:
         path = Path(args.config)
-        try:
-            table = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise BadInput("config file not found", path=path) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise BadInput(f"malformed TOML ({exc})", path=path) from None
+        table = read_toml(path, what="config file")
         table = table.get("trainer", table)
         dataclass_from_mapping(cfg_cls, table, where=str(path))  # validates keys and types
         values.update(table)
