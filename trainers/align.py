@@ -13,7 +13,6 @@ ships `captions.jsonl`) or from `--captions FILE.jsonl` (`{"image", "caption"}` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from harness.registry import trainers
@@ -49,39 +48,15 @@ class AlignTrainer(TrainerPlugin):
     presets = ALIGN_PRESETS
 
     def train(self, request: TrainRequest) -> Checkpoint:
-        from trainers import common
-
         cfg = self._config(request)
-        out = Path(request.out_dir)
-        common.seed_everything(request.seed)
-        model, processor = common.load_model_and_processor(request.base_model)
-        builder = common.RowBuilder(processor, cfg.prompt_policy)
-        rows = [
-            builder.instruction_row(s.image, cfg.instruction or s.question, s.answer, kind="caption")
-            for s in request.train_samples
-        ]
-        model = common.fit_sft(
-            model,
-            processor,
-            rows,
+        return self._train_supervised(
+            request,
             cfg,
-            work_dir=out / "_trl",
-            log_path=out / "train_log.jsonl",
-            seed=request.seed,
-            stage="align",
-            merge_lora=False,
-        )
-        common.save_model(model, processor, out)
-        common.drop_trl_checkpoints(out / "_trl")
-        meta = common.checkpoint_meta(
-            trainer=self.name,
-            request=request,
-            config=cfg,
-            n_labeled=0,
+            lambda builder: [
+                builder.instruction_row(s.image, cfg.instruction or s.question, s.answer, kind="caption")
+                for s in request.train_samples
+            ],
             loss="nll (caption only)",
-            n_captions=len(rows),
-            prompt_policy=builder.policy.name,
-            adapter=cfg.use_lora,
+            n_labeled=0,
+            n_captions=len(request.train_samples),
         )
-        common.write_checkpoint(out, meta)
-        return Checkpoint(path=out, meta=meta)

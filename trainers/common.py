@@ -22,7 +22,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -600,3 +600,51 @@ class TrainerPlugin:
 
     def train(self, request: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _train_supervised(
+        self,
+        request: Any,
+        cfg: Any,
+        make_rows: Callable[[RowBuilder], list[dict[str, Any]]],
+        *,
+        loss: str,
+        n_labeled: int,
+        **meta: Any,
+    ) -> Any:
+        """One SFT stage from the request's base model to a finished checkpoint folder.
+
+        `make_rows(builder)` turns the request's samples into prompt/completion rows; `loss`,
+        `n_labeled` and `meta` go into `checkpoint.json` (written last: its presence = finished).
+        """
+        from harness.types import Checkpoint
+
+        out = Path(request.out_dir)
+        seed_everything(request.seed)
+        model, processor = load_model_and_processor(request.base_model)
+        builder = RowBuilder(processor, cfg.prompt_policy)
+        rows = make_rows(builder)
+        model = fit_sft(
+            model,
+            processor,
+            rows,
+            cfg,
+            work_dir=out / "_trl",
+            log_path=out / "train_log.jsonl",
+            seed=request.seed,
+            stage=self.name,
+            merge_lora=False,
+        )
+        save_model(model, processor, out)
+        drop_trl_checkpoints(out / "_trl")
+        checkpoint = checkpoint_meta(
+            trainer=self.name,
+            request=request,
+            config=cfg,
+            n_labeled=n_labeled,
+            loss=loss,
+            prompt_policy=builder.policy.name,
+            adapter=cfg.use_lora,
+            **meta,
+        )
+        write_checkpoint(out, checkpoint)
+        return Checkpoint(path=out, meta=checkpoint)

@@ -10,7 +10,6 @@ tiny model); `--use-lora` trains a peft LoRA adapter instead and saves the adapt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from harness.registry import trainers
@@ -49,35 +48,12 @@ class SFTTrainerPlugin(TrainerPlugin):
     presets = SFT_PRESETS
 
     def train(self, request: TrainRequest) -> Checkpoint:
-        from trainers import common
+        from trainers.common import qa_rows
 
-        cfg = self._config(request)
-        out = Path(request.out_dir)
-        common.seed_everything(request.seed)
-        model, processor = common.load_model_and_processor(request.base_model)
-        builder = common.RowBuilder(processor, cfg.prompt_policy)
-        rows = common.qa_rows(request.train_samples, builder)
-        model = common.fit_sft(
-            model,
-            processor,
-            rows,
-            cfg,
-            work_dir=out / "_trl",
-            log_path=out / "train_log.jsonl",
-            seed=request.seed,
-            stage="sft",
-            merge_lora=False,
-        )
-        common.save_model(model, processor, out)
-        common.drop_trl_checkpoints(out / "_trl")
-        meta = common.checkpoint_meta(
-            trainer=self.name,
-            request=request,
-            config=cfg,
-            n_labeled=len(request.train_samples),
+        return self._train_supervised(
+            request,
+            self._config(request),
+            lambda builder: qa_rows(request.train_samples, builder),
             loss="nll (completion only)",
-            prompt_policy=builder.policy.name,
-            adapter=cfg.use_lora,
+            n_labeled=len(request.train_samples),
         )
-        common.write_checkpoint(out, meta)
-        return Checkpoint(path=out, meta=meta)
