@@ -569,3 +569,29 @@ def test_sigkilled_questions_step_resumes(stllava_run, tmp_path):
     assert subprocess.run(argv, env=env, capture_output=True).returncode == 0
     after = read_jsonl(out)
     assert after[: len(before)] == before and len(after) == total == len({r["id"] for r in after})
+
+
+def test_question_sampling_seeds_do_not_depend_on_where_the_data_lives(tiny_model_dir, tmp_path):
+    """Same config + same seed = same questions, whether the run's images sit in one folder or another."""
+    from transformers import AutoProcessor
+
+    from trainers import stllava_med as st
+
+    class Recorder:
+        processor = AutoProcessor.from_pretrained(tiny_model_dir)
+
+        def __init__(self):
+            self.seeds = []
+
+        def generate(self, requests, settings):
+            self.seeds.append(settings.seed)
+            return ["is the image normal?"] * len(requests)
+
+    cfg = dataclasses.replace(st.STLLaVAMedConfig(), k_questions=2, generation_batch_size=2)
+    runs = []
+    for folder in ("here", "there/deeper"):
+        recorder = Recorder()
+        images = [str(tmp_path / folder / f"train-{i:05d}.png") for i in range(3)]
+        st.generate_questions(recorder, images, tmp_path / folder / "questions.jsonl", cfg, seed=7)
+        runs.append(recorder.seeds)
+    assert runs[0] == runs[1] and len(set(runs[0])) == 3

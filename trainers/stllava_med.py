@@ -284,7 +284,7 @@ def generate_questions(
                 do_sample=True,
                 temperature=cfg.question_temperature,
                 top_p=cfg.question_top_p,
-                seed=_seed_for("questions", seed, chunk[0][0], chunk[0][1]),
+                seed=_seed_for("questions", seed, _image_key(chunk[0][0]), chunk[0][1]),
             )
             texts = generator.generate(
                 [GenerationRequest(image=img, prompt=prompt) for img, _ in chunk], settings
