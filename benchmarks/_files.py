@@ -76,9 +76,38 @@ class FileBenchmark(Benchmark):
 class OriginalOrParquetBenchmark(FileBenchmark):
     """A benchmark shipped both as its original release and as a Hugging Face parquet export.
 
-    Subclasses implement `_locate(root) -> (layout, folder)` with layout "original" or "parquet",
-    and one loader per layout.
+    Subclasses say how to recognise the original release (`_is_original(folder)`), describe both
+    layouts (`original_layout`, `parquet_layout`, shown by `detect_layout` and in the error when
+    neither is found), and implement one loader per layout.
     """
+
+    original_layout: ClassVar[str] = ""
+    parquet_layout: ClassVar[str] = ""
+
+    @staticmethod
+    def _is_original(folder: Path) -> bool:
+        raise NotImplementedError
+
+    def _locate(self, root: Path) -> tuple[str, Path]:
+        """("original" | "hf-parquet", the folder that holds that layout) under `root`."""
+        root = Path(root)
+        found = find_root(root, self._is_original)
+        if found is not None:
+            return "original", found
+        found = find_root(root, has_parquet)
+        if found is not None:
+            return "hf-parquet", found
+        raise no_layout(
+            self.name,
+            root,
+            [f"{self.original_layout} (original release)", f"{self.parquet_layout} (Hugging Face)"],
+        )
+
+    def detect_layout(self, root: Path) -> str:
+        layout, where = self._locate(root)
+        if layout == "original":
+            return f"original release ({self.original_layout}) at {where}"
+        return f"Hugging Face parquet ({self.parquet_layout}) at {where}"
 
     def load(
         self, split: str, root: Path, *, skip_bad: bool = False, check_images: str = "verify"
@@ -91,9 +120,6 @@ class OriginalOrParquetBenchmark(FileBenchmark):
         samples = load_layout(split, where, problems, checker)
         self.skipped = problems.skipped
         return samples
-
-    def _locate(self, root: Path) -> tuple[str, Path]:
-        raise NotImplementedError
 
     def _load_original(
         self, split: str, where: Path, problems: Problems, checker: ImageChecker

@@ -25,9 +25,6 @@ from benchmarks._files import (
     OriginalOrParquetBenchmark,
     Problems,
     collect,
-    find_root,
-    has_parquet,
-    no_layout,
     parquet_files,
     parquet_image,
     read_parquet_rows,
@@ -44,10 +41,6 @@ from harness.types import VQASample
 PARQUET_SPLITS = {"train": ("train",), "val": ("validation", "val", "valid"), "test": ("test",)}
 
 
-def _is_original(d: Path) -> bool:
-    return (d / "qas").is_dir() and (d / "images").is_dir()
-
-
 @benchmarks.register("pathvqa")
 class PathVQA(OriginalOrParquetBenchmark):
     """PathVQA pathology VQA (original pvqa pickles + images, or Hugging Face parquet).
@@ -61,29 +54,12 @@ class PathVQA(OriginalOrParquetBenchmark):
     splits = ("train", "val", "test")
     split_aliases: ClassVar[dict[str, str]] = {"validation": "val", "valid": "val", "validate": "val"}
     description = "PathVQA pathology VQA (original pvqa pickles + images, or Hugging Face parquet)"
+    original_layout = "pvqa/qas/{split}/{split}_qa.pkl + pvqa/images/{split}/"
+    parquet_layout = "data/{train,validation,test}-*.parquet"
 
-    def _locate(self, root: Path) -> tuple[str, Path]:
-        root = Path(root)
-        found = find_root(root, _is_original)
-        if found is not None:
-            return "original", found
-        found = find_root(root, has_parquet)
-        if found is not None:
-            return "hf-parquet", found
-        raise no_layout(
-            self.name,
-            root,
-            [
-                "pvqa/qas/{split}/{split}_qa.pkl + pvqa/images/{split}/ (original release)",
-                "data/{train,validation,test}-*.parquet (Hugging Face)",
-            ],
-        )
-
-    def detect_layout(self, root: Path) -> str:
-        layout, where = self._locate(root)
-        if layout == "original":
-            return f"original release (qas/{{split}}/{{split}}_qa.pkl + images/{{split}}/) at {where}"
-        return f"Hugging Face parquet (data/{{train,validation,test}}-*.parquet) at {where}"
+    @staticmethod
+    def _is_original(d: Path) -> bool:
+        return (d / "qas").is_dir() and (d / "images").is_dir()
 
     def closed_rule(self, root: Path) -> str:
         return YES_NO_RULE

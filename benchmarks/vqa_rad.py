@@ -25,9 +25,6 @@ from benchmarks._files import (
     Problems,
     answer_type_field,
     collect,
-    find_root,
-    has_parquet,
-    no_layout,
     parquet_files,
     parquet_image,
     read_parquet_rows,
@@ -46,10 +43,6 @@ IMAGE_DIR = "VQA_RAD Image Folder"
 TEST_PHRASES = ("test_freeform", "test_para")
 
 
-def _is_original(d: Path) -> bool:
-    return (d / JSON_NAME).is_file()
-
-
 @benchmarks.register("vqa-rad")
 class VQARad(OriginalOrParquetBenchmark):
     """VQA-RAD radiology VQA (original JSON release or Hugging Face parquet).
@@ -62,29 +55,12 @@ class VQARad(OriginalOrParquetBenchmark):
     version = base_version
     splits = ("train", "test")
     description = "VQA-RAD radiology VQA (original JSON release or Hugging Face parquet)"
+    original_layout = f"'{JSON_NAME}' + '{IMAGE_DIR}/'"
+    parquet_layout = "data/{train,test}-*.parquet"
 
-    def _locate(self, root: Path) -> tuple[str, Path]:
-        root = Path(root)
-        found = find_root(root, _is_original)
-        if found is not None:
-            return "original", found
-        found = find_root(root, has_parquet)
-        if found is not None:
-            return "hf-parquet", found
-        raise no_layout(
-            self.name,
-            root,
-            [
-                f"'{JSON_NAME}' + '{IMAGE_DIR}/' (original release)",
-                "data/{train,test}-*.parquet (Hugging Face)",
-            ],
-        )
-
-    def detect_layout(self, root: Path) -> str:
-        layout, where = self._locate(root)
-        if layout == "original":
-            return f"original release ('{JSON_NAME}' + '{IMAGE_DIR}/') at {where}"
-        return f"Hugging Face parquet (data/{{train,test}}-*.parquet) at {where}"
+    @staticmethod
+    def _is_original(d: Path) -> bool:
+        return (d / JSON_NAME).is_file()
 
     def closed_rule(self, root: Path) -> str:
         return DATASET_RULE if self._locate(root)[0] == "original" else YES_NO_RULE
