@@ -4,6 +4,6 @@
 (e.g. `make_benchmark("slake", {"lang": "zh"})`); `parse_options` reads `KEY=VALUE` flags.
 """
 
-from benchmarks._files import make_benchmark, parse_options
+from medvqa.benchmarks._files import make_benchmark, parse_options
 
 __all__ = ["make_benchmark", "parse_options"]

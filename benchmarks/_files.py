@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, ClassVar
 
-from harness.errors import BadInput
-from harness.types import Benchmark, VQASample
+from medvqa.errors import BadInput
+from medvqa.types import Benchmark, VQASample
 
 YES_NO_RULE = "gold answer is yes/no (no answer_type in this layout)"
 DATASET_RULE = "dataset answer_type"
@@ -569,7 +569,7 @@ def make_benchmark(name: str, options: Mapping[str, Any] | None = None) -> Bench
     `make_benchmark("slake", {"lang": "zh"})` is `Slake(lang="zh")`. A benchmark without an options
     dataclass accepts no options (a BadInput lists what it accepts).
     """
-    from harness.registry import benchmarks
+    from medvqa.registry import benchmarks
 
     cls = benchmarks.get(name)
     options = dict(options or {})

@@ -17,7 +17,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from benchmarks._files import (
+from medvqa.benchmarks._files import (
     DATASET_RULE,
     Duplicates,
     FileBenchmark,
@@ -29,9 +29,9 @@ from benchmarks._files import (
     text_field,
     yes_no_type,
 )
-from harness.errors import BadInput
-from harness.registry import benchmarks
-from harness.types import VQASample
+from medvqa.errors import BadInput
+from medvqa.registry import benchmarks
+from medvqa.types import VQASample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +99,7 @@ class LlavaMedJson(FileBenchmark):
 
     def closed_rule(self, root: Path, split: str = "test") -> str:
         _, file, _ = self._paths(root, split)
-        from harness.answer_files import _records
+        from medvqa.answer_files import _records
 
         if all(isinstance(r, dict) and "answer_type" in r for _, r in _records(file)):
             return DATASET_RULE
@@ -108,7 +108,7 @@ class LlavaMedJson(FileBenchmark):
     def load(
         self, split: str, root: Path, *, skip_bad: bool = False, check_images: str = "verify"
     ) -> list[VQASample]:
-        from harness.answer_files import _llava_med_item, _records  # the same parser as `medvqa score`
+        from medvqa.answer_files import _llava_med_item, _records  # the same parser as `medvqa score`
 
         split = self.canonical_split(split)
         data_root, file, images = self._paths(root, split)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from benchmarks._files import (
+from medvqa.benchmarks._files import (
     IMAGE_SUFFIXES,
     YES_NO_RULE,
     ImageChecker,
@@ -34,9 +34,9 @@ from benchmarks._files import (
     text_field,
     yes_no_type,
 )
-from harness.errors import BadInput
-from harness.registry import benchmarks
-from harness.types import VQASample
+from medvqa.errors import BadInput
+from medvqa.registry import benchmarks
+from medvqa.types import VQASample
 
 PARQUET_SPLITS = {"train": ("train",), "val": ("validation", "val", "valid"), "test": ("test",)}
 

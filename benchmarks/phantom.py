@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import BadInput
-from harness.registry import benchmarks
-from harness.types import Benchmark, VQASample
+from medvqa.errors import BadInput
+from medvqa.registry import benchmarks
+from medvqa.types import Benchmark, VQASample
 
 GENERATOR_VERSION = "1.3"
 BUILD_HINT = "build one with: medvqa data phantom --out DIR"
@@ -787,7 +787,7 @@ def data_key(config: PhantomConfig) -> str:
     sizes or knobs never share an id (prediction caches key on ids), while a folder with more
     images keeps the ids (and bytes) of the smaller one.
     """
-    from harness.types import stable_hash
+    from medvqa.types import stable_hash
 
     content = {k: v for k, v in config.to_json().items() if k not in _CONTENT_FIELDS_EXCLUDED}
     return stable_hash({"version": GENERATOR_VERSION, **content}, length=6)
@@ -905,7 +905,7 @@ def write_phantom(out_dir: str | Path, config: PhantomConfig | None = None) -> d
 
 
 def _write_text(path: Path, text: str) -> None:
-    from harness.io import atomic_write_text
+    from medvqa.io import atomic_write_text
 
     atomic_write_text(path, text)
 
@@ -916,7 +916,7 @@ def _write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
     """The `phantom.json` of a folder; a BadInput with the build command if it is not a Phantom folder."""
-    from harness.io import read_json
+    from medvqa.io import read_json
 
     root = Path(root)
     path = root / "phantom.json"
@@ -971,7 +971,7 @@ def _inside(root: Path, rel: Any, path: Path, lineno: int, key: str) -> Path:
 
 def load_scenes(root: str | Path, split: str) -> dict[str, Scene]:
     """Scene records of a split, by image id."""
-    from harness.io import iter_jsonl
+    from medvqa.io import iter_jsonl
 
     root = Path(root)
     path = _split_file(root, split, "scenes.jsonl")
@@ -991,7 +991,7 @@ def scenes_by_image(root: str | Path, splits: Sequence[str] | None = None) -> di
     This is how a judge that receives only an image path (as `VQASample.image` holds it) finds the
     scene; `load_scenes` keys by image id instead.
     """
-    from harness.io import iter_jsonl
+    from medvqa.io import iter_jsonl
 
     root = Path(root)
     out: dict[str, Scene] = {}
@@ -1012,7 +1012,7 @@ def scenes_by_image(root: str | Path, splits: Sequence[str] | None = None) -> di
 
 def load_captions(root: str | Path, split: str) -> list[dict[str, Any]]:
     """Caption records of a split: {"image_id", "image" (absolute, inside root), "caption"}."""
-    from harness.io import iter_jsonl
+    from medvqa.io import iter_jsonl
 
     root = Path(root)
     path = _split_file(root, split, "captions.jsonl")
@@ -1050,7 +1050,7 @@ class Phantom(Benchmark):
         return "dataset answer_type (generated yes/no questions)"
 
     def load(self, split: str, root: Path, *, skip_bad: bool = False) -> list[VQASample]:
-        from harness.io import iter_jsonl
+        from medvqa.io import iter_jsonl
 
         root = Path(root)
         path = _split_file(root, split, "samples.jsonl")

@@ -16,7 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from benchmarks._files import (
+from medvqa.benchmarks._files import (
     DATASET_RULE,
     Duplicates,
     FileBenchmark,
@@ -29,10 +29,10 @@ from benchmarks._files import (
     resolve_inside,
     text_field,
 )
-from harness.errors import BadInput
-from harness.io import read_json
-from harness.registry import benchmarks
-from harness.types import VQASample
+from medvqa.errors import BadInput
+from medvqa.io import read_json
+from medvqa.registry import benchmarks
+from medvqa.types import VQASample
 
 SPLIT_FILES = {
     "train": ("train.json",),

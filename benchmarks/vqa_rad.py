@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks._files import (
+from medvqa.benchmarks._files import (
     DATASET_RULE,
     YES_NO_RULE,
     Duplicates,
@@ -33,10 +33,10 @@ from benchmarks._files import (
     text_field,
     yes_no_type,
 )
-from harness.errors import BadInput
-from harness.io import read_json
-from harness.registry import benchmarks
-from harness.types import VQASample
+from medvqa.errors import BadInput
+from medvqa.io import read_json
+from medvqa.registry import benchmarks
+from medvqa.types import VQASample
 
 JSON_NAME = "VQA_RAD Dataset Public.json"
 IMAGE_DIR = "VQA_RAD Image Folder"

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.errors import BadInput
-from harness.io import atomic_write_json, iter_jsonl, read_json
-from harness.types import VQASample, stable_hash
+from medvqa.errors import BadInput
+from medvqa.io import atomic_write_json, iter_jsonl, read_json
+from medvqa.types import VQASample, stable_hash
 
 IMAGE_TOKEN = "<image>"
 LLAVA_MED_BENCHMARK = "llava-med-json"

@@ -31,9 +31,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from harness.errors import BadInput
-from harness.io import JsonlAppender, iter_jsonl
-from harness.types import stable_hash
+from medvqa.errors import BadInput
+from medvqa.io import JsonlAppender, iter_jsonl
+from medvqa.types import stable_hash
 
 SCHEMA_VERSION = 1
 

@@ -15,8 +15,8 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
-from harness import __version__
-from harness.errors import BadInput
+from medvqa import __version__
+from medvqa.errors import BadInput
 
 DESCRIPTION = """\
 Benchmark and train medical VQA models (VQA-RAD, SLAKE, PathVQA, Phantom), and measure how
@@ -31,7 +31,7 @@ Start here:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import harness.commands as commands
+    import medvqa.commands as commands
 
     parser = argparse.ArgumentParser(
         prog="medvqa", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medvqa-harness {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     modules = [
-        importlib.import_module(f"harness.commands.{m.name}") for m in pkgutil.iter_modules(commands.__path__)
+        importlib.import_module(f"medvqa.commands.{m.name}") for m in pkgutil.iter_modules(commands.__path__)
     ]
     for module in sorted(modules, key=lambda m: getattr(m, "ORDER", 100)):
         module.add_parser(sub)

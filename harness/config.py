@@ -15,7 +15,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from harness.errors import BadInput
+from medvqa.errors import BadInput
 
 C = TypeVar("C")
 

@@ -15,7 +15,7 @@ Run folder (`out`):
 A killed eval continues from the last flushed batch; a finished one (scores.json with the same key
 and the same questions) is returned without loading the model.
 
-Multi-process (`accelerate launch [--cpu] --num_processes N -m harness.cli eval ...`): the
+Multi-process (`accelerate launch [--cpu] --num_processes N -m medvqa eval ...`): the
 remaining questions are sharded across ranks (rank r takes every N-th), each rank appends to
 `predictions.rank<r>.jsonl`, and rank 0 merges them into `predictions.jsonl` (in benchmark order)
 and scores: the same files and scores as one process.
@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import BadInput
-from harness.io import (
+from medvqa.errors import BadInput
+from medvqa.io import (
     JsonlAppender,
     atomic_write_json,
     atomic_write_jsonl,
@@ -42,7 +42,7 @@ from harness.io import (
     library_versions,
     read_json,
 )
-from harness.types import GenerationRequest, GenerationSettings, VQASample, stable_hash
+from medvqa.types import GenerationRequest, GenerationSettings, VQASample, stable_hash
 
 PREDICTIONS = "predictions.jsonl"
 SCORES = "scores.json"
@@ -166,8 +166,8 @@ def run_key(fingerprint: str, bench: Any, split: str, policy: Any, settings: Gen
 
 def _model_fingerprint_light(spec: str, device: str | None) -> str | None:
     """The model's fingerprint without loading it (when its adapter can tell), else None."""
-    from harness.models import parse_model_spec
-    from harness.registry import models
+    from medvqa.models import parse_model_spec
+    from medvqa.registry import models
 
     name, target, options = parse_model_spec(spec)
     cls = models.get(name)
@@ -264,9 +264,9 @@ def evaluate(
     `stop_after_batches` stops after that many batches on this rank without scoring (tests
     simulate a kill with it; the returned dict is then empty).
     """
-    from benchmarks import make_benchmark, parse_options
-    from harness.prompts import get_policy
-    from harness.scoring import resolve_scorers, score_samples
+    from medvqa.benchmarks import make_benchmark, parse_options
+    from medvqa.prompts import get_policy
+    from medvqa.scoring import resolve_scorers, score_samples
 
     started = time.perf_counter()
     dist = _Dist()
@@ -325,7 +325,7 @@ def evaluate(
         return previous
     if key is None or not _is_complete(out, key, ids):
         if model is None:
-            from harness.models import load_model
+            from medvqa.models import load_model
 
             overrides = {"device": device} if device and spec_adapter(spec) == "hf" else {}
             model = load_model(spec, **overrides)
@@ -432,7 +432,7 @@ def evaluate(
 
 
 def spec_adapter(spec: str) -> str:
-    from harness.models import parse_model_spec
+    from medvqa.models import parse_model_spec
 
     return parse_model_spec(spec)[0]
 
@@ -472,7 +472,7 @@ def _generate_batch(
 
 
 def _row(sample: VQASample, text: str, policy: Any, spec: str, key: str, fingerprint: str) -> dict[str, Any]:
-    from harness.answer_files import answer_row
+    from medvqa.answer_files import answer_row
 
     return answer_row(
         sample,

@@ -12,8 +12,8 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 
-from harness.errors import BadInput
-from harness.types import VQASample, stable_hash
+from medvqa.errors import BadInput
+from medvqa.types import VQASample, stable_hash
 
 
 def _rank(seed: int, image_id: str) -> str:

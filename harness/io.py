@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from harness.errors import BadInput
+from medvqa.errors import BadInput
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from harness.errors import BadInput
+from medvqa.errors import BadInput
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from harness.errors import BadInput
-from harness.types import Prompt
+from medvqa.errors import BadInput
+from medvqa.types import Prompt
 
 SHORT_ANSWER = "Answer with a single word or phrase."
 CLOSED_YES_NO = "Please choose from the following two options: [yes, no]"

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
-from harness.errors import BadInput
+from medvqa.errors import BadInput
 
 T = TypeVar("T")
 
@@ -83,11 +83,11 @@ benchmarks: Registry[Any] = Registry(
     "benchmark",
     "medvqa.benchmarks",
     {
-        "vqa-rad": "benchmarks.vqa_rad:VQARad",
-        "slake": "benchmarks.slake:Slake",
-        "pathvqa": "benchmarks.pathvqa:PathVQA",
-        "llava-med-json": "benchmarks.llava_med_json:LlavaMedJson",
-        "phantom": "benchmarks.phantom:Phantom",
+        "vqa-rad": "medvqa.benchmarks.vqa_rad:VQARad",
+        "slake": "medvqa.benchmarks.slake:Slake",
+        "pathvqa": "medvqa.benchmarks.pathvqa:PathVQA",
+        "llava-med-json": "medvqa.benchmarks.llava_med_json:LlavaMedJson",
+        "phantom": "medvqa.benchmarks.phantom:Phantom",
     },
 )
 
@@ -95,9 +95,9 @@ trainers: Registry[Any] = Registry(
     "trainer",
     "medvqa.trainers",
     {
-        "align": "trainers.align:AlignTrainer",
-        "sft": "trainers.sft:SFTTrainerPlugin",
-        "stllava-med": "trainers.stllava_med:STLLaVAMedTrainer",
+        "align": "medvqa.trainers.align:AlignTrainer",
+        "sft": "medvqa.trainers.sft:SFTTrainerPlugin",
+        "stllava-med": "medvqa.trainers.stllava_med:STLLaVAMedTrainer",
     },
 )
 
@@ -105,9 +105,9 @@ experts: Registry[Any] = Registry(
     "expert",
     "medvqa.experts",
     {
-        "phantom": "trainers.experts.phantom:PhantomExpert",
-        "openai": "trainers.experts.openai:OpenAIExpert",
-        "reference": "trainers.experts.reference:ReferenceExpert",
+        "phantom": "medvqa.trainers.experts.phantom:PhantomExpert",
+        "openai": "medvqa.trainers.experts.openai:OpenAIExpert",
+        "reference": "medvqa.trainers.experts.reference:ReferenceExpert",
     },
 )
 
@@ -115,7 +115,7 @@ models: Registry[Any] = Registry(
     "model adapter",
     "medvqa.models",
     {
-        "hf": "harness.models.hf:HFModel",
-        "openai": "harness.models.openai:OpenAIModel",
+        "hf": "medvqa.models.hf:HFModel",
+        "openai": "medvqa.models.openai:OpenAIModel",
     },
 )

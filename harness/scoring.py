@@ -39,8 +39,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.errors import BadInput
-from harness.types import MetricValue, VQASample
+from medvqa.errors import BadInput
+from medvqa.types import MetricValue, VQASample
 
 SCORERS: tuple[str, ...] = ("llava-med", "strict")
 CLOSED_METRICS: tuple[str, ...] = ("closed_accuracy",)

@@ -1,7 +1,7 @@
 """Data-efficiency sweeps: trainer × fraction × seed, then eval of every checkpoint on every benchmark.
 
 A sweep is a list of jobs, each an ordinary `medvqa` command run as a subprocess (so a multi-GPU
-user sets a launcher such as `accelerate launch --num_processes 8 -m harness.cli`):
+user sets a launcher such as `accelerate launch --num_processes 8 -m medvqa`):
 
 ```
 prepare   medvqa data phantom / model init-tiny ...        (optional set-up steps of the config)
@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.config import dataclass_from_mapping
-from harness.errors import BadInput
-from harness.io import atomic_write_json, atomic_write_text, read_json, read_toml
-from harness.types import stable_hash
+from medvqa.config import dataclass_from_mapping
+from medvqa.errors import BadInput
+from medvqa.io import atomic_write_json, atomic_write_text, read_json, read_toml
+from medvqa.types import stable_hash
 
 SWEEP_FORMAT = 1
 HEARTBEAT_S = 30.0  # print what is running (and the training step) this often
@@ -64,7 +64,7 @@ class RunSettings:
         default="",
         metadata={
             "help": "command that runs `medvqa` for train jobs; empty = this Python's "
-            "`-m harness.cli`. Multi-GPU: 'accelerate launch --num_processes 8 -m harness.cli'"
+            "`-m medvqa`. Multi-GPU: 'accelerate launch --num_processes 8 -m medvqa'"
         },
     )
     eval_launcher: str = field(default="", metadata={"help": "the same for eval jobs; empty = `launcher`"})
@@ -178,7 +178,7 @@ class ReferenceSpec:
     launcher: str = field(
         default="",
         metadata={
-            "help": "launcher of its evals (default: [run] eval_launcher); e.g. 'python -m harness.cli' for openai:"
+            "help": "launcher of its evals (default: [run] eval_launcher); e.g. 'python -m medvqa' for openai:"
         },
     )
     args: list[str] = field(default_factory=list, metadata={"help": "extra `medvqa eval` flags"})
@@ -359,7 +359,7 @@ def load_config(path: str | Path, *, out: str | Path | None = None) -> tuple[Swe
 
 def _check_names(cfg: SweepConfig, where: str) -> None:
     """Registered trainer/benchmark names and trainer settings, checked before any job runs."""
-    from harness.registry import benchmarks, trainers
+    from medvqa.registry import benchmarks, trainers
 
     for label, name in [("[train]", cfg.train.benchmark)] + [
         (f"[[eval]] {e.name!r}", e.benchmark) for e in cfg.evals
@@ -384,7 +384,7 @@ def _check_names(cfg: SweepConfig, where: str) -> None:
 
 def trainer_config_class(name: str) -> type | None:
     """The config dataclass of a registered trainer (`config_class` attribute), if it declares one."""
-    from harness.registry import trainers
+    from medvqa.registry import trainers
 
     cls = trainers.get(name)
     cfg_cls = getattr(cls, "config_class", None) or getattr(cls, "config_cls", None)
@@ -457,7 +457,7 @@ class Sweep:
     # -- data manifests (computed here, compared with what the trainer recorded) -------------
 
     def _train_samples(self) -> list[Any]:
-        from harness.registry import benchmarks
+        from medvqa.registry import benchmarks
 
         bench = benchmarks.get(self.cfg.train.benchmark)()
         return bench.load(self.cfg.train.split, Path(self.cfg.train.root))
@@ -468,7 +468,7 @@ class Sweep:
         if key not in self._manifest_cache:
             if not Path(self.cfg.train.root).exists():
                 return ("", 0)
-            from harness.fractions import manifest_hash, select_fraction
+            from medvqa.fractions import manifest_hash, select_fraction
 
             if not hasattr(self, "_samples"):
                 self._samples = self._train_samples()
@@ -668,7 +668,7 @@ class Sweep:
 
     def _versions(self, job: Job) -> dict[str, str]:
         """Versions of the benchmarks a job reads (a new generator or loader version reruns it)."""
-        from harness.registry import benchmarks
+        from medvqa.registry import benchmarks
 
         names = [job.args[i + 1] for i, a in enumerate(job.args[:-1]) if a == "--benchmark"]
         return {n: str(getattr(benchmarks.get(n), "version", "")) for n in names if n in benchmarks}
@@ -741,7 +741,7 @@ class Sweep:
     def _command(self, job: Job) -> list[str]:
         if job.launcher:
             return [*shlex.split(job.launcher), *job.args]
-        return [sys.executable, "-m", "harness.cli", *job.args]
+        return [sys.executable, "-m", "medvqa.cli", *job.args]
 
     def _env(self, job: Job) -> dict[str, str]:
         """The job's environment: `threads` CPU threads (the same for every job, so a rerun of any
@@ -1006,7 +1006,7 @@ def run_sweep(
     failed = sweep.run(dry_run=dry_run, verbose=verbose)
     md = ""
     if report and not dry_run:
-        from reports.report import make_report
+        from medvqa.reports.report import make_report
 
         try:
             md, written = make_report(run_dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from reports.tables import METRIC_LABELS, Line, Table
+from medvqa.reports.tables import METRIC_LABELS, Line, Table
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]

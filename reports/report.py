@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.errors import BadInput
-from harness.io import atomic_write_text
+from medvqa.errors import BadInput
+from medvqa.io import atomic_write_text
 
 FORMATS = ("md", "csv", "png")
 
@@ -28,8 +28,8 @@ def make_report(
     baseline: str = "sft@1.0",
 ) -> tuple[str, list[Path]]:
     """Write results.csv and data_efficiency.{md,csv,png}; return (markdown table, files written)."""
-    from reports.results import collect, to_csv
-    from reports.tables import build_table, to_markdown, write_tables
+    from medvqa.reports.results import collect, to_csv
+    from medvqa.reports.tables import build_table, to_markdown, write_tables
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir else run_dir / "report"
@@ -44,7 +44,7 @@ def make_report(
         raise BadInput(f"--scorer {scorer!r}: no stored score uses it; found {sorted(known)}", path=run_dir)
     written += write_tables(table, out, tuple(f for f in formats if f in ("md", "csv")))
     if "png" in formats:
-        from reports.plots import plot_data_efficiency
+        from medvqa.reports.plots import plot_data_efficiency
 
         written.append(plot_data_efficiency(table, out / "data_efficiency.png"))
     return to_markdown(table), written

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import BadInput
-from harness.io import atomic_write_text, read_json
+from medvqa.errors import BadInput
+from medvqa.io import atomic_write_text, read_json
 
 COLUMNS: tuple[str, ...] = (
     "run",

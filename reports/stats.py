@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.io import read_jsonl
+from medvqa.io import read_jsonl
 
 EXACT_BELOW = 25  # discordant pairs: exact binomial below this, chi-square with continuity at or above
 

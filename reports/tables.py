@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.io import atomic_write_text, read_json
-from reports.results import EvalRecord, collect_records
-from reports.stats import SeedSummary, TestResult, format_p, load_scored, paired_test, seed_mean_ci
+from medvqa.io import atomic_write_text, read_json
+from medvqa.reports.results import EvalRecord, collect_records
+from medvqa.reports.stats import SeedSummary, TestResult, format_p, load_scored, paired_test, seed_mean_ci
 
 METRICS: tuple[str, ...] = ("closed_accuracy", "open_recall")
 METRIC_LABELS = {

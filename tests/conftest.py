@@ -21,7 +21,7 @@ PHANTOM_TEST_CONFIG = {"seed": 0, "train_images": 120, "test_images": 40, "size"
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory: pytest.TempPathFactory):
     """A small Phantom folder: 120 train / 40 test images at 32 px (seed 0). Treat as read-only."""
-    from benchmarks.phantom import PhantomConfig, write_phantom
+    from medvqa.benchmarks.phantom import PhantomConfig, write_phantom
 
     root = tmp_path_factory.mktemp("phantom") / "phantom"
     write_phantom(root, PhantomConfig(**PHANTOM_TEST_CONFIG))
@@ -31,7 +31,7 @@ def phantom_root(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, phantom_root):
     """`medvqa model init-tiny --preset phantom` (32 px, ~460k parameters, random init). Read-only."""
-    from harness.models.tiny import init_tiny, preset_config
+    from medvqa.models.tiny import init_tiny, preset_config
 
     out = tmp_path_factory.mktemp("tiny") / "tiny-llava"
     init_tiny(out, preset_config("phantom", seed=0))

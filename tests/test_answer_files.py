@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from harness.answer_files import (
+from medvqa.answer_files import (
     answer_row,
     join_predictions,
     read_answer_file,
@@ -17,8 +16,8 @@ from harness.answer_files import (
     read_samples_jsonl,
     write_llava_med_test_json,
 )
-from harness.errors import BadInput
-from harness.types import VQASample
+from medvqa.errors import BadInput
+from medvqa.types import VQASample
 
 DATA = Path(__file__).parent / "data"
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from medvqa.benchmarks._files import YES_NO_RULE, make_benchmark
+from medvqa.errors import BadInput
+from medvqa.registry import benchmarks
+from medvqa.types import VQASample
 
-from benchmarks._files import YES_NO_RULE, make_benchmark
-from harness.errors import BadInput
-from harness.registry import benchmarks
-from harness.types import VQASample
 from tests import real_fixtures as fx
 
 
@@ -216,7 +216,7 @@ def test_llava_med_json_options_and_missing_answer_type(tmp_path: Path) -> None:
 
 def test_convert_round_trip_matches_the_source(tmp_path: Path) -> None:
     """VQA-RAD parquet → `medvqa data convert` → llava-med-json gives the same questions, answers, types."""
-    from harness.cli import main
+    from medvqa.cli import main
 
     root = fx.make_vqa_rad_parquet(tmp_path / "hf")
     assert (

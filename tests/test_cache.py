@@ -8,9 +8,8 @@ import sqlite3
 import threading
 
 import pytest
-
-from harness.cache import ResponseCache, is_cacheable, request_key
-from harness.errors import BadInput
+from medvqa.cache import ResponseCache, is_cacheable, request_key
+from medvqa.errors import BadInput
 
 GPT = {"model": "gpt-4o", "base_url": "https://api.openai.com/v1"}
 LOCAL = {"model": "gpt-4o", "base_url": "http://127.0.0.1:8000/v1"}

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from harness.cli import main
+from medvqa.cli import main
 
 DATA = Path(__file__).parent / "data"
 GT, PRED = str(DATA / "test.json"), str(DATA / "answers.jsonl")
@@ -104,7 +103,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, gt_text, pred_text, m
 def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     pred = _write(tmp_path / "pred.jsonl", '{"question_id": 1, "text": "yes"}\n')
     proc = subprocess.run(
-        [sys.executable, "-m", "harness.cli", "score", "--gt", GT, "--pred", pred],
+        [sys.executable, "-m", "medvqa.cli", "score", "--gt", GT, "--pred", pred],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -135,7 +134,7 @@ def test_help_teaches_with_an_example(capsys):
 def test_score_never_imports_torch_or_transformers():
     code = (
         "import sys\n"
-        "from harness.cli import main\n"
+        "from medvqa.cli import main\n"
         f"rc = main(['score', '--gt', {GT!r}, '--pred', {PRED!r}, '--json'])\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets', 'pandas', 'matplotlib')"
         " if m in sys.modules)\n"

@@ -16,10 +16,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from medvqa.errors import BadInput  # noqa: E402
+from medvqa.models.convert_llava import convert_llava  # noqa: E402
 from PIL import Image  # noqa: E402
-
-from harness.errors import BadInput  # noqa: E402
-from harness.models.convert_llava import convert_llava  # noqa: E402
 
 CORPUS = (
     "a chat between curious human and an artificial intelligence assistant . the gives helpful , detailed "
@@ -389,7 +388,7 @@ def test_existing_output_needs_force(tiny):
 
 
 def test_cli_converts_and_refuses_with_exit_2(tiny, capsys):
-    from harness.cli import main
+    from medvqa.cli import main
 
     root, vision = tiny
     src = _source(root / "cli-ok", kind="mistral")
@@ -456,10 +455,9 @@ def test_tokenization_check_is_recorded(tiny):
 def test_tokenization_check_detects_the_sentencepiece_prefix_difference():
     """A Metaspace (sentencepiece-like) tokenizer: chunk-wise, the text after <image> gets a "▁"
     prefix; tokenized as one string after an added token it does not. The check must see it."""
+    from medvqa.models.convert_llava import check_tokenization
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import AddedToken, PreTrainedTokenizerFast
-
-    from harness.models.convert_llava import check_tokenization
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁[INST]": 3, "▁": 4, "\nx": 5, "▁\nx": 6, "▁[/INST]": 7}
     t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -489,12 +487,12 @@ def test_medvqa_eval_on_a_converted_checkpoint(tiny, phantom_root, policy_name):
     """`medvqa eval` scores a converted checkpoint under a published policy: the raw policy text is
     the model input, the policy's decoding is applied and recorded, and LLaVA-Med v1.0's answer
     extraction (cut at "###") is what lands in predictions.jsonl."""
-    from benchmarks.phantom import Phantom
-    from harness.cli import main
-    from harness.io import read_json, read_jsonl
-    from harness.models import load_model
-    from harness.prompts import get_policy
-    from harness.types import GenerationRequest, GenerationSettings
+    from medvqa.benchmarks.phantom import Phantom
+    from medvqa.cli import main
+    from medvqa.io import read_json, read_jsonl
+    from medvqa.models import load_model
+    from medvqa.prompts import get_policy
+    from medvqa.types import GenerationRequest, GenerationSettings
 
     root, vision = tiny
     out = root / "eval-model"
@@ -565,9 +563,8 @@ def test_sentencepiece_prefix_after_image_matches_the_original_chunks(tiny):
     """transformers 5 builds Llama tokenizers with legacy=False: text right after <image> (and after
     a literal <s>) loses the "▁" that the original chunk-by-chunk tokenization gives it. The
     converter switches the tokenizer to prefix it, and checks the reloaded processor."""
+    from medvqa.prompts import get_policy
     from transformers import AutoProcessor, AutoTokenizer
-
-    from harness.prompts import get_policy
 
     root, vision = tiny
     src = _source(root / "sp", kind="mistral", tokenizer="sentencepiece")

@@ -10,15 +10,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
-
-from harness import registry
-from harness.cli import main
-from harness.config import add_dataclass_arguments, dataclass_from_args, dataclass_from_mapping
-from harness.errors import BadInput
-from harness.fractions import manifest_hash, select_fraction
-from harness.io import JsonlAppender, atomic_write_json, iter_jsonl, read_json, read_jsonl
-from harness.registry import Registry
-from harness.types import VQASample
+from medvqa import registry
+from medvqa.cli import main
+from medvqa.config import add_dataclass_arguments, dataclass_from_args, dataclass_from_mapping
+from medvqa.errors import BadInput
+from medvqa.fractions import manifest_hash, select_fraction
+from medvqa.io import JsonlAppender, atomic_write_json, iter_jsonl, read_json, read_jsonl
+from medvqa.registry import Registry
+from medvqa.types import VQASample
 
 
 def test_registry_register_get_list_and_unknown_name_lists_known():
@@ -150,7 +149,7 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
 
 
 def test_cli_unknown_registry_name_exits_2_with_one_line(capsys):
-    from harness.commands import registries
+    from medvqa.commands import registries
 
     assert main(["benchmarks", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
@@ -160,7 +159,7 @@ def test_cli_unknown_registry_name_exits_2_with_one_line(capsys):
 
 def test_cli_help_is_fast_and_imports_no_torch():
     code = (
-        "import sys, harness.cli as c\n"
+        "import sys, medvqa.cli as c\n"
         "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets', 'pandas', 'matplotlib') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
@@ -170,7 +169,7 @@ def test_cli_help_is_fast_and_imports_no_torch():
 
 
 def test_read_toml_errors_name_the_file(tmp_path):
-    from harness.io import read_toml
+    from medvqa.io import read_toml
 
     (tmp_path / "ok.toml").write_text('name = "x"\n[train]\nsteps = 3\n')
     assert read_toml(tmp_path / "ok.toml") == {"name": "x", "train": {"steps": 3}}

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from medvqa.cli import main
 
-from harness.cli import main
 from tests import real_fixtures as fx
 
 
@@ -190,10 +190,10 @@ def test_convert_file_layout_relative_and_self_contained(
 
 
 def test_phantom_flags_come_from_the_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from benchmarks.phantom import PhantomConfig
+    from medvqa.benchmarks.phantom import PhantomConfig
 
     parser_help = subprocess.run(
-        [sys.executable, "-m", "harness.cli", "data", "phantom", "--help"],
+        [sys.executable, "-m", "medvqa.cli", "data", "phantom", "--help"],
         capture_output=True,
         text=True,
         check=True,
@@ -238,7 +238,7 @@ def test_phantom_flags_come_from_the_config(tmp_path: Path, capsys: pytest.Captu
 def test_data_help_is_light_and_teaches() -> None:
     code = (
         "import sys\n"
-        "from harness.cli import main\n"
+        "from medvqa.cli import main\n"
         "try:\n    main(['data', '--help'])\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('torch', 'transformers', 'pandas', 'pyarrow', 'PIL', 'datasets') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"

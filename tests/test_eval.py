@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from medvqa.cli import main
+from medvqa.errors import BadInput
+from medvqa.evaluate import EvalConfig, evaluate
+from medvqa.io import read_jsonl
 
-from harness.cli import main
-from harness.errors import BadInput
-from harness.evaluate import EvalConfig, evaluate
-from harness.io import read_jsonl
 from tests._openai_server import fake_key, fake_openai, openai_server  # noqa: F401 - fixtures
 
 LIMIT = 48
@@ -44,7 +44,7 @@ class Counting:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from harness.models import load_model
+    from medvqa.models import load_model
 
     return load_model(f"hf:{tiny_model_dir}")
 
@@ -88,7 +88,7 @@ def test_run_files_follow_the_contract(reference_run, tiny) -> None:
     assert scores["scorers"]["strict"]["closed_accuracy"]["value"] == pytest.approx(sum(closed) / len(closed))
     # the answer file scores the same with `medvqa score` (no model)
     gt = out / "gt.jsonl"
-    from benchmarks.phantom import Phantom
+    from medvqa.benchmarks.phantom import Phantom
 
     samples = Phantom().load("test", Path(scores["root"]))[:LIMIT]
     gt.write_text("".join(json.dumps(s.to_json()) + "\n" for s in samples))
@@ -96,7 +96,7 @@ def test_run_files_follow_the_contract(reference_run, tiny) -> None:
         [
             sys.executable,
             "-m",
-            "harness.cli",
+            "medvqa.cli",
             "score",
             "--gt",
             str(gt),
@@ -145,20 +145,20 @@ def test_resume_after_kill_and_torn_line(reference_run, tiny, phantom_root, tmp_
 
 def test_finished_run_is_not_recomputed(reference_run, tiny, monkeypatch) -> None:
     out, ref = reference_run
-    import harness.models
+    import medvqa.models
 
     def refuse(*a, **k):
         raise AssertionError("a finished eval must not load the model")
 
-    monkeypatch.setattr(harness.models, "load_model", refuse)
+    monkeypatch.setattr(medvqa.models, "load_model", refuse)
     messages: list[str] = []
     again = evaluate(_cfg(tiny.spec, Path(ref["root"]), out), log=messages.append)
     assert again == ref and "already done" in messages[-1]
 
 
 def test_new_checkpoint_never_reuses_predictions(reference_run, tiny, phantom_root, tmp_path) -> None:
-    from harness.models import load_model
-    from harness.models.tiny import init_tiny, preset_config
+    from medvqa.models import load_model
+    from medvqa.models.tiny import init_tiny, preset_config
 
     ref_out, ref = reference_run
     out = tmp_path / "run"
@@ -183,7 +183,7 @@ def test_new_checkpoint_never_reuses_predictions(reference_run, tiny, phantom_ro
 
 
 def test_cli_eval_and_bad_input_exit_2(tiny_model_dir, phantom_root, tmp_path, capsys) -> None:
-    from benchmarks.phantom import PhantomConfig, write_phantom
+    from medvqa.benchmarks.phantom import PhantomConfig, write_phantom
 
     root = tmp_path / "ph"
     write_phantom(root, PhantomConfig(seed=5, train_images=0, test_images=6, size=32, captions=False))
@@ -224,7 +224,7 @@ def test_accelerate_two_processes_equal_one(reference_run, tiny_model_dir, phant
     accelerate = Path(sys.executable).with_name("accelerate")
     out = tmp_path / "ddp"
     cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1"]
-    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "harness.cli", "eval"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "medvqa.cli", "eval"]
     cmd += ["--model", f"hf:{tiny_model_dir}", "--benchmark", "phantom", "--root", str(phantom_root)]
     cmd += ["--out", str(out), "--limit", str(LIMIT), "--batch-size", "8", "--max-new-tokens", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -238,14 +238,14 @@ def test_accelerate_two_processes_equal_one(reference_run, tiny_model_dir, phant
 
 def test_light_commands_do_not_import_torch(reference_run, tmp_path) -> None:
     out, scores = reference_run
-    from benchmarks.phantom import Phantom
+    from medvqa.benchmarks.phantom import Phantom
 
     gt = tmp_path / "gt.jsonl"
     samples = Phantom().load("test", Path(scores["root"]))[:LIMIT]
     gt.write_text("".join(json.dumps(s.to_json()) + "\n" for s in samples))
     code = (
         "import sys\n"
-        "from harness.cli import main, build_parser\n"
+        "from medvqa.cli import main, build_parser\n"
         "build_parser().format_help()\n"
         "for a in (['eval', '--help'], ['model', 'init-tiny', '--help']):\n"
         "    try:\n"
@@ -320,7 +320,7 @@ def test_sigkill_mid_run_then_resume(reference_run, tiny_model_dir, phantom_root
     cmd = [
         sys.executable,
         "-m",
-        "harness.cli",
+        "medvqa.cli",
         "eval",
         "--model",
         f"hf:{tiny_model_dir}",

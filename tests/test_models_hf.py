@@ -6,12 +6,11 @@ import json
 import shutil
 
 import pytest
-
-from harness.errors import BadInput
-from harness.models import load_model, parse_model_spec
-from harness.models.hf import HFModel, render_prompt_text
-from harness.prompts import get_policy
-from harness.types import GenerationRequest, GenerationSettings, Prompt
+from medvqa.errors import BadInput
+from medvqa.models import load_model, parse_model_spec
+from medvqa.models.hf import HFModel, render_prompt_text
+from medvqa.prompts import get_policy
+from medvqa.types import GenerationRequest, GenerationSettings, Prompt
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +20,7 @@ def tiny(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def requests_(phantom_root):
-    from benchmarks.phantom import Phantom
+    from medvqa.benchmarks.phantom import Phantom
 
     policy = get_policy("short-answer")
     samples = Phantom().load("test", phantom_root)[:24]
@@ -119,7 +118,7 @@ def test_peft_adapter_not_merged(tiny, tiny_model_dir, requests_, tmp_path) -> N
 
 
 def test_adapter_that_does_not_fit(tiny_model_dir, tmp_path) -> None:
-    from harness.models.tiny import init_tiny, preset_config
+    from medvqa.models.tiny import init_tiny, preset_config
 
     other = init_tiny(tmp_path / "wide", preset_config("phantom", hidden=64, heads=2, corpus="builtin"))
     adapter = _lora(other, tmp_path / "wide-lora")
@@ -178,7 +177,7 @@ def test_policy_stop_strings_never_break_generation(tiny, requests_) -> None:
     """Stop strings are an optimisation: a tokenizer StopStringCriteria cannot handle just skips it."""
     import dataclasses
 
-    from harness.prompts import register_policy
+    from medvqa.prompts import register_policy
 
     policy = register_policy(dataclasses.replace(get_policy("plain"), name="test-stop", stop=("###",)))
     reqs = [GenerationRequest(r.image, policy.render("is this a ct?", "CLOSED"), r.id) for r in requests_[:4]]

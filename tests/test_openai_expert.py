@@ -9,11 +9,12 @@ import logging
 import re
 
 import pytest
+from medvqa.config import add_dataclass_arguments, dataclass_from_args, dataclass_from_mapping
+from medvqa.errors import BadInput
+from medvqa.registry import experts
+from medvqa.trainers.experts.openai import INSTRUCTIONS, OpenAIExpert, OpenAIExpertConfig, parse_scores
+from medvqa.types import Expert
 
-from harness.config import add_dataclass_arguments, dataclass_from_args, dataclass_from_mapping
-from harness.errors import BadInput
-from harness.registry import experts
-from harness.types import Expert
 from tests._openai_server import (  # noqa: F401 - fixtures
     FAKE_KEY,
     Fault,
@@ -23,7 +24,6 @@ from tests._openai_server import (  # noqa: F401 - fixtures
     openai_server,
     write_png,
 )
-from trainers.experts.openai import INSTRUCTIONS, OpenAIExpert, OpenAIExpertConfig, parse_scores
 
 
 def make_expert(fake, tmp_path, **overrides) -> OpenAIExpert:
@@ -282,7 +282,7 @@ def test_medvqa_stllava_judge_with_the_openai_expert(
     nothing, and a wrong key that exits 2 with one line that does not contain the key."""
     import json
 
-    from harness.cli import main
+    from medvqa.cli import main
 
     (a, _), (b, _) = images
     monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
@@ -358,7 +358,7 @@ def test_judge_step_does_not_record_failed_requests_so_a_rerun_asks_again(
     judged.jsonl (and not cached), so rerunning the step pays for it once more."""
     import json
 
-    from trainers import stllava_med as st
+    from medvqa.trainers import stllava_med as st
 
     (a, _), (b, _) = images
     rows = [

@@ -9,11 +9,11 @@ import logging
 import time
 
 import pytest
+from medvqa.errors import BadInput
+from medvqa.models.openai import OpenAIModel, split_target
+from medvqa.openai_support import EndpointError, image_data_url, parse_retry_after, redact
+from medvqa.types import GenerationRequest, GenerationSettings, Prompt, VQAModel
 
-from harness.errors import BadInput
-from harness.models.openai import OpenAIModel, split_target
-from harness.openai_support import EndpointError, image_data_url, parse_retry_after, redact
-from harness.types import GenerationRequest, GenerationSettings, Prompt, VQAModel
 from tests._openai_server import (  # noqa: F401 - fixtures
     FAKE_KEY,
     Fault,
@@ -203,7 +203,7 @@ def test_spec_fingerprint_and_missing_key(monkeypatch) -> None:
 
 
 def test_load_model_spec_through_registry(fake_openai, fake_key, png) -> None:
-    from harness.models import load_model
+    from medvqa.models import load_model
 
     path, _ = png
     fake_openai.reply = lambda body: "left lung"
@@ -307,9 +307,9 @@ def test_served_tiny_model_matches_the_hf_adapter(
     `openai:` adapter's answers equal the `hf:` adapter's on the same Phantom questions."""
     import threading
 
-    from benchmarks.phantom import Phantom
-    from harness.models.hf import HFModel
-    from harness.prompts import get_policy
+    from medvqa.benchmarks.phantom import Phantom
+    from medvqa.models.hf import HFModel
+    from medvqa.prompts import get_policy
 
     hf = HFModel(str(tiny_model_dir))
     lock = threading.Lock()
@@ -337,7 +337,7 @@ def test_medvqa_eval_with_an_openai_spec(fake_openai, fake_key, phantom_root, tm
     the key nowhere; a 401 mid-run exits 2 and leaves the flushed predictions intact."""
     import json
 
-    from harness.cli import main
+    from medvqa.cli import main
 
     fake_openai.reply = lambda body: "yes"
     spec = f"openai:test-vlm@{fake_openai.base_url},api_key_env=MEDVQA_TEST_KEY,max_concurrency=4"

@@ -8,8 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from benchmarks.phantom import (
+from medvqa.benchmarks.phantom import (
     ASK_INSTRUCTION,
     COUNT_WORDS,
     MODALITIES,
@@ -32,8 +31,8 @@ from benchmarks.phantom import (
     scenes_by_image,
     write_phantom,
 )
-from harness.errors import BadInput
-from harness.registry import benchmarks
+from medvqa.errors import BadInput
+from medvqa.registry import benchmarks
 
 SMALL = PhantomConfig(seed=3, train_images=60, test_images=20, size=32)
 

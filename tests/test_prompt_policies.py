@@ -11,8 +11,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
-
-from harness.prompts import CLOSED_YES_NO, PromptPolicy, get_policy, policy_names
+from medvqa.prompts import CLOSED_YES_NO, PromptPolicy, get_policy, policy_names
 
 LLAVA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -68,7 +67,7 @@ def test_short_answer_is_still_the_default_chat_policy():
 
 
 def test_recommended_generation_settings():
-    from harness.types import GenerationSettings
+    from medvqa.types import GenerationSettings
 
     v1 = get_policy("llava-med-v1")
     assert dict(v1.generation) == {"do_sample": True, "temperature": 0.7}
@@ -104,9 +103,9 @@ def test_converted_mistral_tokenizes_the_v15_prompt_like_the_original(tmp_path):
     tokenizer_image_token (first chunk with BOS, image, second chunk without) with the image
     placeholder expanded to the vision tower's patch count."""
     pytest.importorskip("torch")
+    from medvqa.models.convert_llava import convert_llava
     from transformers import AutoProcessor, AutoTokenizer
 
-    from harness.models.convert_llava import convert_llava
     from tests.test_convert_llava import N_IMAGE_TOKENS, _image, _source, _vision_tower
 
     vision = _vision_tower(tmp_path)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from harness.errors import BadInput
-from harness.prompts import (
+from medvqa.errors import BadInput
+from medvqa.prompts import (
     CLOSED_YES_NO,
     SHORT_ANSWER,
     PromptPolicy,
@@ -98,7 +97,7 @@ def test_system_and_image_after_question() -> None:
 
 
 def test_cli_lists_and_shows_policies(capsys) -> None:
-    from harness.cli import main
+    from medvqa.cli import main
 
     assert main(["prompts"]) == 0
     listed = capsys.readouterr().out

@@ -9,12 +9,11 @@ import random
 from pathlib import Path
 
 import pytest
-
-from harness.cli import main
-from harness.errors import BadInput
-from reports.results import COLUMNS, collect, fraction_dirname
-from reports.stats import mcnemar, paired_bootstrap, paired_test, seed_mean_ci
-from reports.tables import build_table, to_csv, to_markdown
+from medvqa.cli import main
+from medvqa.errors import BadInput
+from medvqa.reports.results import COLUMNS, collect, fraction_dirname
+from medvqa.reports.stats import mcnemar, paired_bootstrap, paired_test, seed_mean_ci
+from medvqa.reports.tables import build_table, to_csv, to_markdown
 
 N_IMAGES = 60  # 2 closed + 2 open questions per image
 

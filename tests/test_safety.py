@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from medvqa.benchmarks._files import resolve_inside, safe_load_pickle
+from medvqa.errors import BadInput
+from medvqa.registry import benchmarks
 
-from benchmarks._files import resolve_inside, safe_load_pickle
-from harness.errors import BadInput
-from harness.registry import benchmarks
 from tests import real_fixtures as fx
 
 
@@ -262,7 +262,7 @@ def test_llava_med_json_escape_and_duplicates(tmp_path: Path) -> None:
 
 
 def test_truncated_jpeg_caught_by_full_decode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from harness.cli import main
+    from medvqa.cli import main
 
     root = fx.make_vqa_rad_original(tmp_path / "rad")
     import io

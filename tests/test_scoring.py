@@ -8,10 +8,8 @@ import random
 
 import numpy as np
 import pytest
-from nltk.translate.bleu_score import sentence_bleu
-
-from harness.errors import BadInput
-from harness.scoring import (
+from medvqa.errors import BadInput
+from medvqa.scoring import (
     CONTRACTIONS,
     PERIOD_STRIP_COUNT,
     PUNCT,
@@ -24,7 +22,9 @@ from harness.scoring import (
     score_samples,
     sentence_bleu4,
 )
-from harness.types import VQASample
+from medvqa.types import VQASample
+from nltk.translate.bleu_score import sentence_bleu
+
 from tests.perf import reference_llava_med as ref
 from tests.perf.synthetic_items import make_items
 

@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from harness.cli import main
-from harness.errors import BadInput
-from harness.sweep import Sweep, load_config, settings_toml
+from medvqa.cli import main
+from medvqa.errors import BadInput
+from medvqa.sweep import Sweep, load_config, settings_toml
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "phantom-smoke.toml"
@@ -129,7 +128,7 @@ def smoke_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("a") / "phantom-smoke"
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "harness.cli", "sweep", str(SMOKE), "--out", str(run)],
+        [sys.executable, "-m", "medvqa.cli", "sweep", str(SMOKE), "--out", str(run)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -198,7 +197,7 @@ def test_kill_9_and_resume_gives_the_same_results(smoke_run, tmp_path):
         "eval__stllava-med__f0.25__s0__phantom",
     ):
         (run / ".sweep" / "done" / f"{marker}.json").unlink()
-    cmd = [sys.executable, "-m", "harness.cli", "sweep", str(SMOKE), "--out", str(run)]
+    cmd = [sys.executable, "-m", "medvqa.cli", "sweep", str(SMOKE), "--out", str(run)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     log = run / "sft" / "f1.0" / "s0" / "checkpoint" / "train_log.jsonl"
     deadline = time.time() + 180
@@ -232,7 +231,8 @@ def test_reference_eval_dirs_reach_the_report(tmp_path):
     """A [[reference]] with existing eval folders and a stated data amount becomes a table line."""
     import random
 
-    from reports.tables import build_table, to_markdown
+    from medvqa.reports.tables import build_table, to_markdown
+
     from tests.test_reports import _write_eval, fabricate
 
     run_dir = fabricate(tmp_path / "mini", seeds=(0,), benches=("phantom",), references=False)

@@ -6,8 +6,7 @@ import json
 import sys
 
 import pytest
-
-from harness.models.tiny import IMAGE, TinyConfig, preset_config
+from medvqa.models.tiny import IMAGE, TinyConfig, preset_config
 
 
 def test_tiny_folder_loads_with_auto_classes(tiny_model_dir) -> None:
@@ -45,9 +44,8 @@ def test_image_token_count_is_patch_grid(tiny_model_dir) -> None:
 
 
 def test_tokenizer_covers_phantom_words(tiny_model_dir, phantom_root) -> None:
+    from medvqa.benchmarks.phantom import Phantom
     from transformers import AutoTokenizer
-
-    from benchmarks.phantom import Phantom
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     samples = Phantom().load("test", phantom_root)
@@ -60,7 +58,7 @@ def test_tokenizer_covers_phantom_words(tiny_model_dir, phantom_root) -> None:
 
 
 def test_init_tiny_cli_flags_and_refuses_non_empty(tmp_path, capsys) -> None:
-    from harness.cli import main
+    from medvqa.cli import main
 
     out = tmp_path / "m"
     cmd = ["model", "init-tiny", "--out", str(out)]

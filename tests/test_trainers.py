@@ -13,11 +13,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-from harness.errors import BadInput
-from harness.fractions import manifest_hash, select_fraction
-from harness.io import read_json, read_jsonl
-from harness.types import TrainRequest
+from medvqa.errors import BadInput
+from medvqa.fractions import manifest_hash, select_fraction
+from medvqa.io import read_json, read_jsonl
+from medvqa.types import TrainRequest
 
 CHECKPOINT_KEYS = {
     "trainer",
@@ -35,14 +34,14 @@ CHECKPOINT_KEYS = {
 
 @pytest.fixture(scope="module")
 def train_samples(phantom_root):
-    from benchmarks.phantom import Phantom
+    from medvqa.benchmarks.phantom import Phantom
 
     return Phantom().load("train", Path(phantom_root))
 
 
 def _closed_accuracy(model_spec: str, root: Path, out: Path) -> tuple[float, float]:
     """(strict closed accuracy, strict open exact match) on the test split, via `medvqa eval`'s path."""
-    from harness.evaluate import EvalConfig, evaluate
+    from medvqa.evaluate import EvalConfig, evaluate
 
     scores = evaluate(
         EvalConfig(
@@ -66,7 +65,7 @@ def _closed_accuracy(model_spec: str, root: Path, out: Path) -> tuple[float, flo
 
 @pytest.fixture(scope="module")
 def sft_checkpoint(tmp_path_factory, tiny_model_dir, train_samples):
-    from trainers.sft import SFTTrainerPlugin
+    from medvqa.trainers.sft import SFTTrainerPlugin
 
     out = tmp_path_factory.mktemp("sft") / "checkpoint"
     cfg = dataclasses.replace(SFTTrainerPlugin.make_config("phantom"), max_steps=150, logging_steps=50)
@@ -113,12 +112,11 @@ def test_sft_checkpoint_json_contract(sft_checkpoint, tiny_model_dir, train_samp
 
 
 def test_training_rows_are_the_eval_prompt_and_loss_covers_only_the_answer(tiny_model_dir, train_samples):
+    from medvqa.models.hf import render_prompt_text
+    from medvqa.prompts import get_policy
+    from medvqa.trainers.common import RowBuilder, load_pil
     from transformers import AutoProcessor
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
-
-    from harness.models.hf import render_prompt_text
-    from harness.prompts import get_policy
-    from trainers.common import RowBuilder, load_pil
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     builder = RowBuilder(processor, "")
@@ -144,8 +142,7 @@ def test_training_rows_are_the_eval_prompt_and_loss_covers_only_the_answer(tiny_
 def stllava_run(tmp_path_factory, tiny_model_dir, train_samples):
     """A small but real STLLaVA-Med run; records the reference model DPOTrainer was given."""
     import trl
-
-    from trainers.stllava_med import STLLaVAMedTrainer
+    from medvqa.trainers.stllava_med import STLLaVAMedTrainer
 
     seen: dict[str, object] = {}
 
@@ -187,7 +184,7 @@ def stllava_run(tmp_path_factory, tiny_model_dir, train_samples):
 
 @pytest.mark.slow
 def test_stllava_stage1_asks_parseable_questions(stllava_run):
-    from benchmarks.phantom import parse_question
+    from medvqa.benchmarks.phantom import parse_question
 
     checkpoint, _, request = stllava_run
     questions = read_jsonl(checkpoint.path / "stages" / "questions.jsonl")
@@ -269,7 +266,7 @@ class _CountingGenerator:
 
 @pytest.mark.slow
 def test_killed_question_and_answer_stages_resume_without_redoing(stllava_run, tmp_path):
-    from trainers import stllava_med as st
+    from medvqa.trainers import stllava_med as st
 
     checkpoint, _, request = stllava_run
     cfg = dataclasses.replace(checkpoint_cfg(checkpoint), k_questions=2, generation_batch_size=10)
@@ -308,7 +305,7 @@ def test_killed_question_and_answer_stages_resume_without_redoing(stllava_run, t
 
 
 def checkpoint_cfg(checkpoint):
-    from trainers.stllava_med import STLLaVAMedConfig
+    from medvqa.trainers.stllava_med import STLLaVAMedConfig
 
     return STLLaVAMedConfig(**checkpoint.meta["config"])
 
@@ -326,8 +323,8 @@ class _CountingExpert:
 
 @pytest.mark.slow
 def test_killed_judge_stage_resumes_without_rejudging(stllava_run, tmp_path):
-    from trainers import stllava_med as st
-    from trainers.experts.phantom import PhantomExpert
+    from medvqa.trainers import stllava_med as st
+    from medvqa.trainers.experts.phantom import PhantomExpert
 
     checkpoint, _, _ = stllava_run
     answers = checkpoint.path / "stages" / "answers.jsonl"
@@ -355,7 +352,7 @@ def _judged(tmp_path, rows):
 
 
 def test_pairs_tie_policies(tmp_path):
-    from trainers.stllava_med import make_pairs
+    from medvqa.trainers.stllava_med import make_pairs
 
     base = {"image": "a.png", "question": "is this a ct?", "answer_type": "CLOSED"}
     judged = _judged(
@@ -380,8 +377,8 @@ def test_pairs_tie_policies(tmp_path):
 
 
 def test_phantom_expert_scores_against_the_scene(phantom_root):
-    from benchmarks.phantom import load_scenes
-    from harness.registry import experts
+    from medvqa.benchmarks.phantom import load_scenes
+    from medvqa.registry import experts
 
     expert = experts.get("phantom")()
     scene = next(iter(load_scenes(phantom_root, "train").values()))
@@ -398,7 +395,7 @@ def test_phantom_expert_scores_against_the_scene(phantom_root):
 
 
 def test_reference_expert_uses_heldout_training_qa_only(train_samples):
-    from harness.registry import experts
+    from medvqa.registry import experts
 
     Ref = experts.get("reference")
     s = train_samples[0]
@@ -407,7 +404,9 @@ def test_reference_expert_uses_heldout_training_qa_only(train_samples):
     assert expert.judge(s.image, "an unseen question?", ["a", "b"]) is None
     with pytest.raises(BadInput, match="training data only"):
         Ref(samples=[dataclasses.replace(s, split="test")])
-    from trainers.stllava_med import build_expert  # how the trainer builds it: TrainRequest.heldout_samples
+    from medvqa.trainers.stllava_med import (
+        build_expert,  # how the trainer builds it: TrainRequest.heldout_samples
+    )
 
     assert build_expert("reference", heldout_samples=train_samples[10:30]).n_samples == 20
 
@@ -416,7 +415,7 @@ def test_reference_expert_uses_heldout_training_qa_only(train_samples):
 
 
 def test_cli_train_sft_writes_a_loadable_checkpoint(tiny_model_dir, phantom_root, tmp_path, capsys):
-    from harness.cli import main
+    from medvqa.cli import main
 
     out = tmp_path / "ckpt"
     common = ["--model", f"hf:{tiny_model_dir}", "--benchmark", "phantom", "--root", str(phantom_root)]
@@ -455,8 +454,8 @@ def test_cli_train_sft_writes_a_loadable_checkpoint(tiny_model_dir, phantom_root
 def test_cli_stllava_dpo_with_lora_on_explicit_pairs(stllava_run, tmp_path, capsys):
     """`medvqa stllava dpo` on the run's pairs with a LoRA adapter: the reference is the
     adapter-disabled stage-1 model; the adapter folder loads for evaluation on its stage-1 base."""
-    from harness.cli import main
-    from harness.models import load_model
+    from medvqa.cli import main
+    from medvqa.models import load_model
 
     checkpoint, _, _ = stllava_run
     stage1 = checkpoint.path / "stages" / "stage1"
@@ -495,7 +494,7 @@ def test_cli_stllava_dpo_with_lora_on_explicit_pairs(stllava_run, tmp_path, caps
 
 
 def test_cli_train_align_on_phantom_captions(tiny_model_dir, phantom_root, tmp_path):
-    from harness.cli import main
+    from medvqa.cli import main
 
     out = tmp_path / "align"
     argv = ["train", "--trainer", "align", "--model", f"hf:{tiny_model_dir}", "--benchmark", "phantom"]
@@ -508,7 +507,7 @@ def test_cli_train_align_on_phantom_captions(tiny_model_dir, phantom_root, tmp_p
 
 @pytest.mark.slow
 def test_cli_stllava_steps_on_explicit_files(stllava_run, tmp_path, capsys):
-    from harness.cli import main
+    from medvqa.cli import main
 
     checkpoint, _, request = stllava_run
     stage1 = f"hf:{checkpoint.path / 'stages' / 'stage1'}"
@@ -544,7 +543,7 @@ def test_sigkilled_questions_step_resumes(stllava_run, tmp_path):
     argv = [
         sys.executable,
         "-m",
-        "harness.cli",
+        "medvqa.cli",
         "stllava",
         "questions",
         "--images",
@@ -573,9 +572,8 @@ def test_sigkilled_questions_step_resumes(stllava_run, tmp_path):
 
 def test_question_sampling_seeds_do_not_depend_on_where_the_data_lives(tiny_model_dir, tmp_path):
     """Same config + same seed = same questions, whether the run's images sit in one folder or another."""
+    from medvqa.trainers import stllava_med as st
     from transformers import AutoProcessor
-
-    from trainers import stllava_med as st
 
     class Recorder:
         processor = AutoProcessor.from_pretrained(tiny_model_dir)

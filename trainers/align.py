@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.registry import trainers
-from harness.types import Checkpoint, TrainRequest
-from trainers.common import TrainConfig, TrainerPlugin
+from medvqa.registry import trainers
+from medvqa.trainers.common import TrainConfig, TrainerPlugin
+from medvqa.types import Checkpoint, TrainRequest
 
 CAPTION_INSTRUCTION = "Describe this image."
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from harness.errors import BadInput
-from harness.io import JsonlAppender, atomic_write_json, library_versions
-from harness.types import Prompt, VQASample
+from medvqa.errors import BadInput
+from medvqa.io import JsonlAppender, atomic_write_json, library_versions
+from medvqa.types import Prompt, VQASample
 
 log = logging.getLogger("medvqa.train")
 
@@ -131,7 +131,7 @@ def spec_path(spec: str) -> str:
 
 
 def _parse_spec(spec: str) -> tuple[str, str | None]:
-    from harness.models import parse_model_spec
+    from medvqa.models import parse_model_spec
 
     adapter_name, target, options = parse_model_spec(spec)
     if adapter_name != "hf":
@@ -216,7 +216,7 @@ def render_prompt_text(processor: Any, prompt: Prompt) -> str:
     used verbatim, and since evaluation lets the tokenizer add its BOS there while trl's collators
     never add special tokens, the BOS is written into the text here.
     """
-    from harness.models.hf import render_prompt_text as eval_render
+    from medvqa.models.hf import render_prompt_text as eval_render
 
     text = eval_render(processor, prompt)
     if prompt.text is not None:
@@ -259,7 +259,7 @@ class RowBuilder:
     """Builds training rows in the evaluation format (prompt policy + the model's chat template)."""
 
     def __init__(self, processor: Any, policy_name: str):
-        from harness.prompts import get_policy
+        from medvqa.prompts import get_policy
 
         self.processor = processor
         self.policy = get_policy(policy_name or None)
@@ -455,7 +455,7 @@ def progress_callback(path: Path, stage: str) -> Any:
 
 
 def policy_name(name: str) -> str:
-    from harness.prompts import get_policy
+    from medvqa.prompts import get_policy
 
     return get_policy(name or None).name
 
@@ -507,7 +507,7 @@ def read_checkpoint(out_dir: Path) -> dict[str, Any] | None:
     path = Path(out_dir) / CHECKPOINT_FILE
     if not path.is_file():
         return None
-    from harness.io import read_json
+    from medvqa.io import read_json
 
     return read_json(path)
 
@@ -616,7 +616,7 @@ class TrainerPlugin:
         `make_rows(builder)` turns the request's samples into prompt/completion rows; `loss`,
         `n_labeled` and `meta` go into `checkpoint.json` (written last: its presence = finished).
         """
-        from harness.types import Checkpoint
+        from medvqa.types import Checkpoint
 
         out = Path(request.out_dir)
         seed_everything(request.seed)

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from harness.registry import trainers
-from harness.types import Checkpoint, TrainRequest
-from trainers.common import TrainConfig, TrainerPlugin
+from medvqa.registry import trainers
+from medvqa.trainers.common import TrainConfig, TrainerPlugin
+from medvqa.types import Checkpoint, TrainRequest
 
 
 @dataclass
@@ -48,7 +48,7 @@ class SFTTrainerPlugin(TrainerPlugin):
     presets = SFT_PRESETS
 
     def train(self, request: TrainRequest) -> Checkpoint:
-        from trainers.common import qa_rows
+        from medvqa.trainers.common import qa_rows
 
         return self._train_supervised(
             request,

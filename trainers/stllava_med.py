@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from harness.errors import BadInput
-from harness.registry import trainers
-from harness.types import Checkpoint, TrainRequest, stable_hash
-from trainers.common import TrainConfig, TrainerPlugin
+from medvqa.errors import BadInput
+from medvqa.registry import trainers
+from medvqa.trainers.common import TrainConfig, TrainerPlugin
+from medvqa.types import Checkpoint, TrainRequest, stable_hash
 
 log = logging.getLogger("medvqa.train")
 
@@ -140,14 +140,14 @@ def _progress(log_path: Path | None, stage: str, done: int, total: int) -> None:
     """A `train_log.jsonl` row for the sweep's heartbeat (stage, step, max_steps)."""
     if log_path is None:
         return
-    from harness.io import JsonlAppender
+    from medvqa.io import JsonlAppender
 
     with JsonlAppender(log_path) as out:
         out.write([{"stage": stage, "step": done, "max_steps": total}])
 
 
 def _done_ids(path: Path) -> set[str]:
-    from harness.io import iter_jsonl
+    from medvqa.io import iter_jsonl
 
     if not path.is_file():
         return set()
@@ -155,7 +155,7 @@ def _done_ids(path: Path) -> set[str]:
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    from harness.io import read_jsonl
+    from medvqa.io import read_jsonl
 
     return read_jsonl(path, allow_truncated_tail=True)
 
@@ -167,7 +167,7 @@ def _require(row: Mapping[str, Any], keys: Sequence[str], path: Path, lineno: in
 
 
 def _iter_checked(path: Path, keys: Sequence[str]) -> list[dict[str, Any]]:
-    from harness.io import iter_jsonl
+    from medvqa.io import iter_jsonl
 
     out = []
     for lineno, row in iter_jsonl(path, allow_truncated_tail=True):
@@ -196,7 +196,7 @@ def train_stage1(
     request: TrainRequest, cfg: STLLaVAMedConfig, stage_dir: Path, *, log_path: Path | None = None
 ) -> dict[str, Any]:
     """Stage 1 → a full model in `stage_dir` (skipped if already finished there)."""
-    from trainers import common
+    from medvqa.trainers import common
 
     done = common.read_checkpoint(stage_dir)
     if done is not None:
@@ -248,7 +248,7 @@ def _image_key(image: str) -> str:
 
 
 def _load_generator(model_spec: str) -> Any:
-    from harness.models import load_model
+    from medvqa.models import load_model
 
     return load_model(model_spec)
 
@@ -264,9 +264,9 @@ def generate_questions(
     progress_log: Path | None = None,
 ) -> dict[str, int]:
     """k sampled questions per image → `questions.jsonl` (resumes: finished images are skipped)."""
-    from harness.io import JsonlAppender
-    from harness.types import GenerationRequest, GenerationSettings
-    from trainers.common import RowBuilder
+    from medvqa.io import JsonlAppender
+    from medvqa.trainers.common import RowBuilder
+    from medvqa.types import GenerationRequest, GenerationSettings
 
     builder = RowBuilder(generator.processor, policy)
     prompt, _ = builder.raw_prompt(cfg.ask_instruction)
@@ -308,9 +308,9 @@ def generate_answers(
     progress_log: Path | None = None,
 ) -> dict[str, int]:
     """Two sampled answers (different seeds) per question → `answers.jsonl` (resumable)."""
-    from harness.io import JsonlAppender
-    from harness.types import GenerationRequest, GenerationSettings
-    from trainers.common import RowBuilder, guess_answer_type
+    from medvqa.io import JsonlAppender
+    from medvqa.trainers.common import RowBuilder, guess_answer_type
+    from medvqa.types import GenerationRequest, GenerationSettings
 
     builder = RowBuilder(generator.processor, policy)
     questions = _iter_checked(questions_path, ("id", "image", "question"))
@@ -368,7 +368,7 @@ def build_expert(
     samples_file: str = "",
 ) -> Any:
     """An expert from the registry, configured from the options that its config class has."""
-    from harness.registry import experts
+    from medvqa.registry import experts
 
     cls = experts.get(name)
     config_cls = getattr(cls, "config_class", None)
@@ -398,7 +398,7 @@ def judge_answers(
     progress_log: Path | None = None,
 ) -> dict[str, int]:
     """Score each answer pair with the expert → `judged.jsonl` (resumable; judged rows are kept)."""
-    from harness.io import JsonlAppender
+    from medvqa.io import JsonlAppender
 
     rows = _iter_checked(answers_path, ("id", "image", "question", "answers"))
     done = _done_ids(out_path)
@@ -447,7 +447,7 @@ def judge_counts(judged_path: Path) -> dict[str, int]:
 
 def make_pairs(judged_path: Path, out_path: Path, tie_policy: str = "skip") -> dict[str, Any]:
     """Higher score chosen, lower rejected; ties skipped (or answer 2 chosen: `tie_policy="second"`)."""
-    from harness.io import atomic_write_jsonl
+    from medvqa.io import atomic_write_jsonl
 
     if tie_policy not in ("skip", "second"):
         raise BadInput(f"tie_policy must be 'skip' or 'second', got {tie_policy!r}")
@@ -514,9 +514,8 @@ def train_dpo(
     memory.) With LoRA the reference is the adapter-disabled policy, i.e. stage 1 as well.
     Returns DPO metrics: reward margin/accuracy on the pairs after training, steps, loss names.
     """
+    from medvqa.trainers import common
     from trl import DPOConfig, DPOTrainer
-
-    from trainers import common
 
     pairs = _iter_checked(pairs_path, ("image", "prompt", "chosen", "rejected"))
     if not pairs:
@@ -592,7 +591,7 @@ class STLLaVAMedTrainer(TrainerPlugin):
     presets = STLLAVA_PRESETS
 
     def train(self, request: TrainRequest) -> Checkpoint:
-        from trainers import common
+        from medvqa.trainers import common
 
         cfg = self._config(request)
         out = Path(request.out_dir)
@@ -656,7 +655,7 @@ class STLLaVAMedTrainer(TrainerPlugin):
             log_path=out / "train_log.jsonl",
         )
         if not counts:
-            from harness.io import read_json
+            from medvqa.io import read_json
 
             counts = read_json(stages / "counts.json")
         meta = common.checkpoint_meta(
@@ -683,7 +682,7 @@ class STLLaVAMedTrainer(TrainerPlugin):
 def _parseable(questions_path: Path) -> float | None:
     """Share of generated questions that parse in the Phantom grammar (for the phantom expert)."""
     try:
-        from benchmarks.phantom import parse_question
+        from medvqa.benchmarks.phantom import parse_question
     except ImportError:  # pragma: no cover
         return None
     rows = _read_rows(questions_path)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from harness.errors import BadInput
+from medvqa.errors import BadInput
 
 ORDER = 10
 
@@ -159,11 +159,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _add_phantom_flags(p: argparse.ArgumentParser) -> None:
     """Flags from `benchmarks.phantom.PhantomConfig` (written once there, derived here)."""
     try:
-        from benchmarks.phantom import PhantomConfig
+        from medvqa.benchmarks.phantom import PhantomConfig
     except ImportError as exc:  # a broken install: keep the rest of the CLI usable
         p.set_defaults(_phantom_import_error=str(exc))
         return
-    from harness.config import add_dataclass_arguments
+    from medvqa.config import add_dataclass_arguments
 
     add_dataclass_arguments(p, PhantomConfig)
 
@@ -171,8 +171,8 @@ def _add_phantom_flags(p: argparse.ArgumentParser) -> None:
 def run_phantom(args: argparse.Namespace) -> int:
     if getattr(args, "_phantom_import_error", None):
         raise BadInput(f"the Phantom generator cannot be imported: {args._phantom_import_error}")
-    from benchmarks.phantom import PhantomConfig, write_phantom
-    from harness.config import dataclass_from_args
+    from medvqa.benchmarks.phantom import PhantomConfig, write_phantom
+    from medvqa.config import dataclass_from_args
 
     try:
         config = dataclass_from_args(PhantomConfig, args)
@@ -198,13 +198,13 @@ def run_phantom(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks import parse_options
+    from medvqa.benchmarks import parse_options
 
     options: dict[str, Any] = parse_options(args.option)
     if args.lang is not None:
         if args.benchmark != "slake" and "lang" not in options:
-            from benchmarks._files import option_fields
-            from harness.registry import benchmarks
+            from medvqa.benchmarks._files import option_fields
+            from medvqa.registry import benchmarks
 
             cls = benchmarks.get(args.benchmark)
             fields = [f[0] for f in option_fields(cls.Options)] if getattr(cls, "Options", None) else []
@@ -217,7 +217,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _benchmark(args: argparse.Namespace) -> Any:
-    from benchmarks import make_benchmark
+    from medvqa.benchmarks import make_benchmark
 
     return make_benchmark(args.benchmark, _options(args))
 
@@ -260,7 +260,7 @@ def _layout(bench: Any, root: Path, split: str) -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from benchmarks._files import is_yes_no
+    from medvqa.benchmarks._files import is_yes_no
 
     bench = _benchmark(args)
     layout = _layout(bench, args.root, args.split)
@@ -313,7 +313,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_overlap(args: argparse.Namespace) -> int:
-    from benchmarks._files import image_sha256
+    from medvqa.benchmarks._files import image_sha256
 
     bench = _benchmark(args)
     hashes: dict[str, dict[str, str]] = {}  # split -> sha256 -> image id
@@ -391,7 +391,7 @@ def run_convert(args: argparse.Namespace) -> int:
     import hashlib
     import shutil
 
-    from harness.answer_files import write_llava_med_test_json
+    from medvqa.answer_files import write_llava_med_test_json
 
     bench = _benchmark(args)
     samples, _, n_skipped = _load(bench, args.split, args.root, args.skip_bad, args.check_images)

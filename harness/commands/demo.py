@@ -23,14 +23,14 @@ skips what is done; a killed demo resumes. The same sweep runs on real data and 
 
 
 def config_dir() -> Path:
-    """The `configs/` folder of the source tree (next to the `harness` package)."""
-    import harness
+    """The `configs/` folder of the source tree (next to the `harness` folder, the `medvqa` package)."""
+    import medvqa
 
-    return Path(harness.__file__).resolve().parent.parent / "configs"
+    return Path(medvqa.__file__).resolve().parent.parent / "configs"
 
 
 def preset_config(preset: str) -> Path:
-    from harness.errors import BadInput
+    from medvqa.errors import BadInput
 
     path = config_dir() / PRESETS[preset]
     if not path.is_file():
@@ -60,8 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from harness.errors import BadInput
-    from harness.sweep import run_sweep
+    from medvqa.errors import BadInput
+    from medvqa.sweep import run_sweep
 
     config = preset_config(args.preset)
     out = args.out or ("runs/demo" if args.preset == "default" else "runs/demo-smoke")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from harness.config import add_dataclass_arguments
+from medvqa.config import add_dataclass_arguments
 
 ORDER = 40
 
@@ -24,7 +24,7 @@ resumes from the last flushed batch; a finished one returns at once; predictions
 model's fingerprint, the benchmark version, the prompt policy and the decoding settings, so a new
 checkpoint never reuses old answers.
 
-Multi-process / multi-GPU: accelerate launch [--cpu] --num_processes N -m harness.cli eval ...
+Multi-process / multi-GPU: accelerate launch [--cpu] --num_processes N -m medvqa eval ...
 """
 
 EPILOG = """\
@@ -34,13 +34,13 @@ examples:
   medvqa eval --model hf:runs/demo/sft/f0.09/s0/checkpoint --benchmark phantom --root data/phantom \\
       --batch-size 32 --out runs/demo/sft/f0.09/s0/eval/phantom
   medvqa eval --model openai:gpt-4o --benchmark vqa-rad --root data/vqa-rad --prompt-policy short-answer
-  accelerate launch --num_processes 8 -m harness.cli eval --model hf:llava-hf/llava-1.5-7b-hf,dtype=bfloat16 \\
+  accelerate launch --num_processes 8 -m medvqa eval --model hf:llava-hf/llava-1.5-7b-hf,dtype=bfloat16 \\
       --benchmark slake --root data/slake --batch-size 16
 """
 
 
 def _eval_config_cls() -> type:
-    from harness.evaluate import EvalConfig
+    from medvqa.evaluate import EvalConfig
 
     return EvalConfig
 
@@ -54,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_dataclass_arguments(p, _eval_config_cls())
-    from harness.prompts import DEFAULT_POLICY, policy_names
+    from medvqa.prompts import DEFAULT_POLICY, policy_names
 
     for action in p._actions:
         if action.dest in ("model", "benchmark", "root"):
@@ -73,8 +73,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from harness.errors import BadInput
-    from harness.evaluate import EvalConfig, default_out_dir, evaluate, remove_run
+    from medvqa.errors import BadInput
+    from medvqa.evaluate import EvalConfig, default_out_dir, evaluate, remove_run
 
     for name in ("model", "benchmark", "root"):
         if not getattr(args, name, None):

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from harness.config import add_dataclass_arguments, dataclass_from_args
+from medvqa.config import add_dataclass_arguments, dataclass_from_args
 
 ORDER = 30
 
 
 def _tiny_config_cls() -> type:
     # harness.models.tiny imports nothing heavy at top level (torch/transformers inside functions).
-    from harness.models.tiny import TinyConfig
+    from medvqa.models.tiny import TinyConfig
 
     return TinyConfig
 
@@ -57,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_init_tiny(args: argparse.Namespace) -> int:
-    from harness.models.tiny import init_tiny, preset_config
+    from medvqa.models.tiny import init_tiny, preset_config
 
     base = preset_config(args.preset)
     config = dataclass_from_args(type(base), args, base=base)
@@ -73,16 +73,16 @@ def run_init_tiny(args: argparse.Namespace) -> int:
 
 def run_convert_llava(args: argparse.Namespace) -> int:
     try:
-        from harness.models.convert_llava import convert_from_args
+        from medvqa.models.convert_llava import convert_from_args
     except ImportError as exc:
-        from harness.errors import BadInput
+        from medvqa.errors import BadInput
 
         raise BadInput(f"LLaVA conversion is not available in this installation ({exc})") from None
     return int(convert_from_args(args) or 0)
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from harness.models import load_model
+    from medvqa.models import load_model
 
     model = load_model(args.model)
     info = model.describe() if hasattr(model, "describe") else {"spec": model.spec}

@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.prompts import get_policy, policy_names
+    from medvqa.prompts import get_policy, policy_names
 
     if args.show:
         policy = get_policy(args.show)

@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness import registry
+    from medvqa import registry
 
     reg = getattr(registry, args.kind)
     rows = {}

@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reports.report import make_report, parse_formats
+    from medvqa.reports.report import make_report, parse_formats
 
     formats = parse_formats(args.format)
     side = None if str(args.side_scorer).lower() in ("none", "") else args.side_scorer

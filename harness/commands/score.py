@@ -68,9 +68,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.answer_files import read_gt_and_predictions
-    from harness.errors import BadInput
-    from harness.scoring import resolve_scorers, score_samples
+    from medvqa.answer_files import read_gt_and_predictions
+    from medvqa.errors import BadInput
+    from medvqa.scoring import resolve_scorers, score_samples
 
     if args.n_boot < 0:
         raise BadInput("--n-boot must be 0 or more")
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         samples, predictions, scorers=resolve_scorers(args.scorer), seed=args.seed, n_boot=args.n_boot
     )
     if args.out_scored:
-        from harness.io import atomic_write_jsonl
+        from medvqa.io import atomic_write_jsonl
 
         atomic_write_jsonl(args.out_scored, result.rows)
     if args.json:
@@ -108,7 +108,7 @@ def _finite(obj: Any) -> Any:
 
 def render_table(result: Any, *, gt: str = "", pred: str = "") -> str:
     """A readable table: one block per scorer (value, 95% CI, n per metric), then what each metric is."""
-    from harness.scoring import METRIC_HELP
+    from medvqa.scoring import METRIC_HELP
 
     lines = []
     if gt:

@@ -25,13 +25,13 @@ STEPS = {
 
 
 def _config_cls() -> type:
-    from trainers.stllava_med import STLLaVAMedConfig
+    from medvqa.trainers.stllava_med import STLLaVAMedConfig
 
     return STLLaVAMedConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from harness.commands.train import add_trainer_flags
+    from medvqa.commands.train import add_trainer_flags
 
     p = sub.add_parser(
         "stllava",
@@ -85,7 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _images_from(args: argparse.Namespace) -> list[str]:
-    from harness.errors import BadInput
+    from medvqa.errors import BadInput
 
     if args.images:
         path = Path(args.images)
@@ -107,8 +107,8 @@ def _images_from(args: argparse.Namespace) -> list[str]:
             out.append(str(image if image.is_absolute() else path.parent / image))
         return out
     if args.benchmark:
-        from harness.fractions import select_fraction
-        from harness.registry import benchmarks
+        from medvqa.fractions import select_fraction
+        from medvqa.registry import benchmarks
 
         if args.split == "test":
             raise BadInput("--split test: self-training never uses test images")
@@ -125,9 +125,9 @@ def _images_from(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from harness.commands.train import resolve_config
-    from harness.io import atomic_write_json
-    from trainers import stllava_med as st
+    from medvqa.commands.train import resolve_config
+    from medvqa.io import atomic_write_json
+    from medvqa.trainers import stllava_med as st
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if getattr(args, "base_url", None):
@@ -169,10 +169,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_dpo(args: argparse.Namespace, cfg: Any, out: Path) -> dict[str, Any]:
     """DPO on explicit pairs; the checkpoint records the stage-1 checkpoint's data provenance."""
-    from harness.errors import BadInput
-    from harness.io import library_versions, read_json
-    from trainers import common
-    from trainers import stllava_med as st
+    from medvqa.errors import BadInput
+    from medvqa.io import library_versions, read_json
+    from medvqa.trainers import common
+    from medvqa.trainers import stllava_med as st
 
     stage1 = Path(common.spec_path(args.model))
     if not stage1.is_dir():

@@ -11,7 +11,7 @@ Run the grid trainer × fraction × seed from a TOML config, evaluate every chec
 [[eval]] benchmark, and write the report (results.csv, data_efficiency.md/.csv/.png).
 
 Each job is an ordinary `medvqa train` / `medvqa eval` subprocess (set [run] launcher to e.g.
-'accelerate launch --num_processes 8 -m harness.cli' on a multi-GPU node). Finished jobs are
+'accelerate launch --num_processes 8 -m medvqa' on a multi-GPU node). Finished jobs are
 skipped on a rerun; a killed sweep (even kill -9) resumes where it stopped. Layout:
   <out>/<trainer>/f<fraction>/s<seed>/checkpoint/   <out>/.../eval/<benchmark>/   <out>/report/
 Example configs: configs/phantom.toml, configs/phantom-smoke.toml, configs/real-gpu.toml.
@@ -35,8 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.errors import BadInput
-    from harness.sweep import run_sweep
+    from medvqa.errors import BadInput
+    from medvqa.sweep import run_sweep
 
     overrides = {}
     if args.jobs is not None:

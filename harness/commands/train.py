@@ -25,9 +25,9 @@ pool, and their QA (never test data) for the `reference` expert.
 
 # Built-in trainers' config classes (light modules: torch is imported inside their train()).
 BUILTIN_CONFIGS = {
-    "align": ("trainers.align", "AlignConfig"),
-    "sft": ("trainers.sft", "SFTTrainConfig"),
-    "stllava-med": ("trainers.stllava_med", "STLLaVAMedConfig"),
+    "align": ("medvqa.trainers.align", "AlignConfig"),
+    "sft": ("medvqa.trainers.sft", "SFTTrainConfig"),
+    "stllava-med": ("medvqa.trainers.stllava_med", "STLLaVAMedConfig"),
 }
 
 
@@ -39,7 +39,7 @@ def _builtin_config_classes() -> list[type]:
 
 def add_trainer_flags(parser: argparse.ArgumentParser, classes: list[type]) -> list[str]:
     """One flag per field of the given config dataclasses (shared fields once); returns the names."""
-    from harness.config import add_dataclass_arguments
+    from medvqa.config import add_dataclass_arguments
 
     return add_dataclass_arguments(
         parser,
@@ -53,9 +53,9 @@ def add_trainer_flags(parser: argparse.ArgumentParser, classes: list[type]) -> l
 
 def resolve_config(trainer_cls: type, args: argparse.Namespace) -> Any:
     """preset → --config TOML table → flags, checked against the trainer's config dataclass."""
-    from harness.config import dataclass_from_mapping
-    from harness.errors import BadInput
-    from harness.io import read_toml
+    from medvqa.config import dataclass_from_mapping
+    from medvqa.errors import BadInput
+    from medvqa.io import read_toml
 
     cfg_cls = trainer_cls.config_class
     presets = getattr(trainer_cls, "presets", {}) or {}
@@ -119,10 +119,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _caption_samples(args: argparse.Namespace, bench: Any) -> list[Any]:
     """Caption records as VQASamples (question = the describe-instruction, answer = the caption)."""
-    from harness.errors import BadInput
-    from harness.io import iter_jsonl
-    from harness.types import VQASample
-    from trainers.align import CAPTION_INSTRUCTION
+    from medvqa.errors import BadInput
+    from medvqa.io import iter_jsonl
+    from medvqa.trainers.align import CAPTION_INSTRUCTION
+    from medvqa.types import VQASample
 
     records = []
     if args.captions:
@@ -141,7 +141,7 @@ def _caption_samples(args: argparse.Namespace, bench: Any) -> list[Any]:
                 }
             )
     elif args.benchmark == "phantom":
-        from benchmarks.phantom import load_captions
+        from medvqa.benchmarks.phantom import load_captions
 
         records = load_captions(args.root, args.split)
     else:
@@ -167,10 +167,10 @@ def run(args: argparse.Namespace) -> int:
     import json
     import logging
 
-    from harness.errors import BadInput
-    from harness.fractions import manifest_hash, select_fraction
-    from harness.registry import benchmarks, trainers
-    from harness.types import TrainRequest
+    from medvqa.errors import BadInput
+    from medvqa.fractions import manifest_hash, select_fraction
+    from medvqa.registry import benchmarks, trainers
+    from medvqa.types import TrainRequest
 
     trainer_cls = trainers.get(args.trainer)
     if not hasattr(trainer_cls, "config_class"):

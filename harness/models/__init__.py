@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.errors import BadInput
-from harness.registry import models
+from medvqa.errors import BadInput
+from medvqa.registry import models
 
 
 def parse_model_spec(spec: str) -> tuple[str, str, dict[str, str]]:

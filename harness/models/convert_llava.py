@@ -42,7 +42,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from harness.errors import BadInput
+from medvqa.errors import BadInput
 
 SUPPORTED_MODEL_TYPES = {"llava_llama": "llama", "llava_mistral": "mistral"}
 SUPPORTED_PROJECTORS = ("linear", "mlp2x_gelu")
@@ -405,6 +405,7 @@ def convert_llava(
 
     import torch
     from accelerate import init_empty_weights
+    from medvqa.io import atomic_write_json, library_versions
     from transformers import (
         AddedToken,
         AutoTokenizer,
@@ -413,8 +414,6 @@ def convert_llava(
         LlavaForConditionalGeneration,
     )
     from transformers.models.llava import LlavaImageProcessorPil, LlavaProcessor
-
-    from harness.io import atomic_write_json, library_versions
 
     state = load_source_state_dict(src)
     lm_sd, proj_sd, vision_sd, lm_head, notes = split_state_dict(state, plan, src)

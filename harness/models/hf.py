@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.errors import BadInput
-from harness.models import spec_flag
-from harness.registry import models
-from harness.types import GenerationRequest, GenerationSettings, Prompt
+from medvqa.errors import BadInput
+from medvqa.models import spec_flag
+from medvqa.registry import models
+from medvqa.types import GenerationRequest, GenerationSettings, Prompt
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 CONFIG_FILES = (
@@ -177,7 +177,7 @@ def render_prompt_text(processor: Any, prompt: Prompt) -> str:
 
 def _policy_stops(requests: Sequence[GenerationRequest]) -> tuple[str, ...]:
     """The stop strings of the prompt policies in a batch (published separators such as '###')."""
-    from harness.prompts import get_policy
+    from medvqa.prompts import get_policy
 
     stops: set[str] = set()
     for name in {r.prompt.policy for r in requests if r.prompt.policy}:

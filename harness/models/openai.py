@@ -22,8 +22,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from harness.errors import BadInput
-from harness.openai_support import (
+from medvqa.errors import BadInput
+from medvqa.openai_support import (
     DEFAULT_API_KEY_ENV,
     ChatClient,
     EndpointError,
@@ -31,8 +31,8 @@ from harness.openai_support import (
     image_sha256,
     map_bounded,
 )
-from harness.registry import models
-from harness.types import GenerationRequest, GenerationSettings, Prompt, stable_hash
+from medvqa.registry import models
+from medvqa.types import GenerationRequest, GenerationSettings, Prompt, stable_hash
 
 IMAGE_PLACEHOLDER = "<image>"
 _ALIASES = {"key_env": "api_key_env", "concurrency": "max_concurrency", "backoff_initial": "backoff"}
@@ -209,7 +209,7 @@ class OpenAIModel:
 
     def _get_cache(self) -> Any:
         if self._cache is None and self._cache_path:
-            from harness.cache import ResponseCache
+            from medvqa.cache import ResponseCache
 
             self._cache = ResponseCache(self._cache_path)
         return self._cache
@@ -218,7 +218,7 @@ class OpenAIModel:
         """One answer per request, in order; up to `max_concurrency` requests in flight."""
         params = self.request_params(settings)
         cache = self._get_cache()
-        from harness.cache import is_cacheable, request_key
+        from medvqa.cache import is_cacheable, request_key
 
         use_cache = cache is not None and is_cacheable({**params, "do_sample": settings.do_sample})
 

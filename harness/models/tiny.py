@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from harness.errors import BadInput
+from medvqa.errors import BadInput
 
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
 USER, ASSISTANT = "<user>", "<assistant>"
@@ -103,7 +103,7 @@ def preset_config(name: str, **overrides: Any) -> TinyConfig:
 
 def prompt_texts() -> list[str]:
     """The fixed words of every registered prompt policy (instructions, options, system lines)."""
-    from harness import prompts
+    from medvqa import prompts
 
     texts = [prompts.SHORT_ANSWER, prompts.CLOSED_YES_NO]
     for name in prompts.policy_names():
@@ -121,7 +121,7 @@ def corpus_texts(corpus: str) -> list[str]:
         return [*BUILTIN_CORPUS, *prompt_texts()]
     if corpus == "phantom":
         try:
-            from benchmarks.phantom import corpus_texts as phantom_texts
+            from medvqa.benchmarks.phantom import corpus_texts as phantom_texts
         except ImportError:  # a stripped-down install without the Phantom benchmark
             return [*BUILTIN_CORPUS, *prompt_texts()]
         return [*phantom_texts(), *prompt_texts()]

@@ -19,9 +19,8 @@ import re
 import warnings
 from collections import defaultdict
 
+from medvqa.scoring import ARTICLES, CONTRACTIONS, MANUAL_MAP, PUNCT
 from nltk.translate.bleu_score import sentence_bleu
-
-from harness.scoring import ARTICLES, CONTRACTIONS, MANUAL_MAP, PUNCT
 
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _DIGIT_COMMA = re.compile(r"(\d)(\,)(\d)")

@@ -18,7 +18,7 @@ def test_demo_smoke_wall_time(benchmark, tmp_path):
     def demo():
         shutil.rmtree(out, ignore_errors=True)
         return subprocess.run(
-            [sys.executable, "-m", "harness.cli", "demo", "--preset", "smoke", "--out", str(out)],
+            [sys.executable, "-m", "medvqa.cli", "demo", "--preset", "smoke", "--out", str(out)],
             capture_output=True,
             text=True,
             timeout=900,

@@ -10,9 +10,8 @@ asserts batched reaches at least 5× the samples/s of batch size 1, with identic
 from __future__ import annotations
 
 import pytest
-
-from harness.prompts import get_policy
-from harness.types import GenerationRequest, GenerationSettings
+from medvqa.prompts import get_policy
+from medvqa.types import GenerationRequest, GenerationSettings
 
 N_QUESTIONS = 64
 BATCH_SIZE = 32
@@ -24,8 +23,7 @@ _RESULTS: dict[str, dict] = {}
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     import torch
-
-    from harness.models import load_model
+    from medvqa.models import load_model
 
     torch.set_num_threads(1)  # a fair, stable comparison on a shared 2-core machine
     return load_model(f"hf:{tiny_model_dir}")
@@ -33,7 +31,7 @@ def model(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def requests_(phantom_root):
-    from benchmarks.phantom import Phantom
+    from medvqa.benchmarks.phantom import Phantom
 
     policy = get_policy("short-answer")
     samples = Phantom().load("test", phantom_root)[:N_QUESTIONS]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
-from benchmarks.phantom import PhantomConfig, write_phantom
+from medvqa.benchmarks.phantom import PhantomConfig, write_phantom
 
 
 @pytest.mark.parametrize("size", [32, 64])

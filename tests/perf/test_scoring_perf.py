@@ -16,9 +16,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from medvqa.scoring import score_samples
+from medvqa.types import VQASample
 
-from harness.scoring import score_samples
-from harness.types import VQASample
 from tests.perf import reference_llava_med as ref
 from tests.perf.synthetic_items import make_items
 

@@ -12,7 +12,7 @@ instruction version and text hash, image content hash, question, answers, sampli
 the seed) the moment it arrives, so a crash or a rerun never pays for the same judgment twice, and a
 fully cached rerun needs no API key at all. The key is read from the environment and never stored.
 
-    from harness.registry import experts
+    from medvqa.registry import experts
     Expert = experts.get("openai")
     expert = Expert(Expert.config_class(model="gpt-4o", cache_path="run/judge-cache.sqlite"))
     judgments = expert.judge_many_detailed([(image, question, [a1, a2]), ...])
@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from harness.errors import BadInput
-from harness.openai_support import (
+from medvqa.errors import BadInput
+from medvqa.openai_support import (
     DEFAULT_API_KEY_ENV,
     ChatClient,
     EndpointError,
@@ -39,7 +39,7 @@ from harness.openai_support import (
     map_bounded,
     normalize_base_url,
 )
-from harness.registry import experts
+from medvqa.registry import experts
 
 # --------------------------------------------------------------------------------------------------
 # The judge instruction (versioned)
@@ -314,7 +314,7 @@ class OpenAIExpert:
     def _get_cache(self) -> Any:
         with self._lock:
             if self._cache is None and self.cache_path is not None:
-                from harness.cache import ResponseCache
+                from medvqa.cache import ResponseCache
 
                 self._cache = ResponseCache(self.cache_path)
             return self._cache
@@ -361,7 +361,7 @@ class OpenAIExpert:
         return {"temperature": float(c.temperature), "max_tokens": int(c.max_tokens), "seed": int(c.seed)}
 
     def cache_key(self, item: JudgeItem, image_hash: str | None = None) -> str:
-        from harness.cache import request_key
+        from medvqa.cache import request_key
 
         return request_key(
             self.identity,

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from harness.errors import BadInput
-from harness.registry import experts
+from medvqa.errors import BadInput
+from medvqa.registry import experts
 
 
 @dataclass
@@ -65,7 +65,7 @@ class PhantomExpert:
         return path.parent.parent.parent
 
     def _scene(self, image: str | bytes) -> Any:
-        from benchmarks.phantom import load_scenes
+        from medvqa.benchmarks.phantom import load_scenes
 
         root = self._root_for(image).resolve()
         if root not in self._scenes:
@@ -74,7 +74,7 @@ class PhantomExpert:
         return self._scenes[root].get(image_id)
 
     def judge(self, image: str | bytes, question: str, answers: Sequence[str]) -> list[float] | None:
-        from benchmarks.phantom import answer_for, answer_matches, parse_question
+        from medvqa.benchmarks.phantom import answer_for, answer_matches, parse_question
 
         self._counts["items"] += 1
         scene = self._scene(image)

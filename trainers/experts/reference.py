@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from harness.errors import BadInput
-from harness.registry import experts
-from harness.types import VQASample
+from medvqa.errors import BadInput
+from medvqa.registry import experts
+from medvqa.types import VQASample
 
 _PUNCT = re.compile(r"[^\w\s\-]+")
 
@@ -119,7 +119,7 @@ class ReferenceExpert:
 
 
 def _read_samples(path: Path) -> Iterable[VQASample]:
-    from harness.io import iter_jsonl
+    from medvqa.io import iter_jsonl
 
     for lineno, rec in iter_jsonl(path):
         try:
