@@ -110,11 +110,19 @@ class Prompt:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One thing to answer: an image (path or bytes) and the prompt about it."""
+    """One thing to answer: an image (path or bytes) and the prompt about it.
+
+    `seed`, when set, is this request's own sampling seed (None: `GenerationSettings.seed`). A
+    sampled answer then depends only on (model, request, settings, seed) — not on the batch it
+    shares or the requests before it — so a resumed or re-batched stage draws the same samples,
+    and a seeded request is cacheable. n samples of one question are n requests with n seeds
+    (hf: one `torch.Generator` per request; openai: `seed` in each HTTP request).
+    """
 
     image: str | bytes
     prompt: Prompt
     id: str = ""
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
