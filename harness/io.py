@@ -6,18 +6,38 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from medvqa.errors import BadInput
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but only a fallback)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write via a temp file in the same folder + rename: readers never see a half-written file."""
+    """Write via a temp file in the same folder + rename: readers never see a half-written file.
+
+    The file gets the mode a plain `open(path, "w")` would give (0666 minus the umask), not
+    mkstemp's 0600: results written to a group folder stay readable to the group.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -55,6 +75,15 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise BadInput(
             f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", path=path
         ) from None
+    except (ValueError, RecursionError) as exc:
+        raise BadInput(f"unreadable JSON: {_parse_limit(exc)}", path=path) from None
+
+
+def _parse_limit(exc: Exception) -> str:
+    """Why parseable-but-hostile JSON was refused (a 5,000-digit integer, 100k-deep nesting)."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).split(";")[0]  # "Exceeds the limit (4300 digits) for integer string conversion..."
 
 
 def read_toml(path: str | os.PathLike[str], *, what: str = "TOML file") -> dict[str, Any]:
@@ -98,6 +127,8 @@ def iter_jsonl(
             if allow_truncated_tail and is_tail:
                 return
             raise BadInput(f"malformed JSON at line {lineno}: {exc.msg}", path=path) from None
+        except (ValueError, RecursionError) as exc:
+            raise BadInput(f"unreadable JSON at line {lineno}: {_parse_limit(exc)}", path=path) from None
 
 
 def read_jsonl(path: str | os.PathLike[str], **kwargs: Any) -> list[Any]:
@@ -135,6 +166,56 @@ class JsonlAppender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+LOCK_SUFFIX = ".lock"
+
+
+def lock_path(target: str | os.PathLike[str]) -> Path:
+    """The lock file of an output: `<folder>/.lock` for a folder, `<file>.lock` beside a file."""
+    target = Path(target)
+    return target / LOCK_SUFFIX if target.is_dir() else target.with_name(target.name + LOCK_SUFFIX)
+
+
+@contextmanager
+def output_lock(target: str | os.PathLike[str], *, flag: str = "--out") -> Iterator[Path]:
+    """Hold an exclusive lock on an output (a run folder or a file) while a long job writes it.
+
+    A second process on the same output fails at once with a BadInput naming it (exit 2) instead of
+    appending every row twice. The lock is an `fcntl.flock` on `lock_path(target)`, so the kernel
+    releases it when the holder exits or is killed (-9 included); the file itself stays (deleting it
+    would race with the next holder). A folder must exist before it is locked (else the lock sits
+    beside it, as for a file). Where `fcntl` does not exist (Windows) nothing is locked.
+    """
+    path = lock_path(target)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield path
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise BadInput(
+            f"cannot create the lock file ({exc.strerror or exc})", path=path, field=flag
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+            raise BadInput(
+                f"another process{f' (pid {holder})' if holder.isdigit() else ''} is writing this output; "
+                f"wait for it to finish or choose another {flag}",
+                path=target,
+                field=flag,
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def library_versions() -> dict[str, str]:
