@@ -144,6 +144,14 @@ def read_gt(
                 record=label,
                 field="conversations",
             )
+        if not samples[-1].answer.strip():  # llava-med's substring rule would count it as correct
+            field = "answer" if "answer" in obj else "conversations[1].value"
+            raise BadInput(
+                "empty gold answer (refused: it would count as correct)",
+                path=path,
+                record=f"{label} (id {samples[-1].id})",
+                field=field,
+            )
     _check_unique([s.id for s in samples], path=path, what="GT ids")
     return samples
 

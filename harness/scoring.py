@@ -43,6 +43,9 @@ from medvqa.errors import BadInput
 from medvqa.types import MetricValue, VQASample
 
 SCORERS: tuple[str, ...] = ("llava-med", "strict")
+# Bootstrap replicates: beyond ~10^4 the CI's percentiles no longer move; the cap keeps the replicate
+# table (n_boot × metrics × 8 bytes) at a few MB, so `--n-boot 1000000000` is refused, not an 82 GiB alloc.
+MAX_N_BOOT = 100_000
 CLOSED_METRICS: tuple[str, ...] = ("closed_accuracy",)
 OPEN_METRICS: dict[str, tuple[str, ...]] = {
     "llava-med": ("open_recall", "open_precision", "open_f1", "open_exact_match", "open_bleu"),
@@ -424,6 +427,13 @@ def _as_text(value: Any, what: str, sample_id: str) -> str:
     raise BadInput(f"{what} is {type(value).__name__}, expected text", record=sample_id, field=what)
 
 
+def check_n_boot(n_boot: Any, *, flag: str = "--n-boot") -> int:
+    """0 (no CI) to MAX_N_BOOT bootstrap replicates; anything else is a BadInput."""
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or not 0 <= n_boot <= MAX_N_BOOT:
+        raise BadInput(f"{flag} must be an integer from 0 to {MAX_N_BOOT:,}, got {n_boot!r}")
+    return n_boot
+
+
 def resolve_scorers(scorers: str | Iterable[str]) -> tuple[str, ...]:
     """`"all"`, one name, or several names → a tuple of known scorer names (BadInput otherwise)."""
     names = [scorers] if isinstance(scorers, str) else list(scorers)
@@ -450,6 +460,7 @@ def score_samples(
     Numbers (gold or predicted) are scored as their text. `n_boot=0` skips the CIs.
     """
     names = resolve_scorers(scorers)
+    check_n_boot(n_boot)
     if isinstance(predictions, Mapping):
         missing = [s.id for s in samples if s.id not in predictions]
         if missing:
@@ -472,8 +483,10 @@ def score_samples(
                     f"unknown answer_type {sample.answer_type!r}", record=sample.id, field="answer_type"
                 )
         types.append(kind)
-        gold = sample.answer
-        golds.append(gold if type(gold) is str else _as_text(gold, "answer", sample.id))
+        gold = sample.answer if type(sample.answer) is str else _as_text(sample.answer, "answer", sample.id)
+        if not gold.strip():  # llava-med's substring rule finds an empty gold in every prediction
+            raise BadInput("empty gold answer (it would count as correct)", record=sample.id, field="answer")
+        golds.append(gold)
         texts.append(pred if type(pred) is str else _as_text(pred, "prediction", sample.id))
 
     scored = {name: _score_all(name, types, golds, texts) for name in names}

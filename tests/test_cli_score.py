@@ -143,3 +143,53 @@ def test_score_never_imports_torch_or_transformers():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
+
+
+# --- hostile but parseable input (issue 11, items 8 and 11): one line, exit 2, never a traceback ---
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("medvqa: error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_a_5000_digit_integer_in_the_answer_file_is_refused(tmp_path, capsys):
+    pred = _write(tmp_path / "pred.jsonl", '{"question_id": 1, "text": ' + "9" * 5000 + "}\n")
+    assert main(["score", "--gt", GT, "--pred", pred]) == 2
+    err = _one_line_error(capsys)
+    assert pred in err and "line 1" in err and "4300 digits" in err
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_100k_deep_nesting_is_refused(tmp_path, capsys, suffix):
+    deep = _write(tmp_path / f"gt{suffix}", "[" * 100_000 + "]" * 100_000 + "\n")
+    assert main(["score", "--gt", deep, "--pred", PRED]) == 2
+    err = _one_line_error(capsys)
+    assert deep in err and "nested too deeply" in err
+
+
+@pytest.mark.parametrize("n_boot", ["1e9", "1000000000", "-1", "1.5", "abc", "inf"])
+def test_n_boot_out_of_range_is_refused_before_reading(capsys, n_boot):
+    assert main(["score", "--gt", GT, "--pred", PRED, "--n-boot", n_boot]) == 2
+    assert "--n-boot" in _one_line_error(capsys)
+
+
+def test_n_boot_in_scientific_notation_is_a_count(capsys):
+    assert main(["score", "--gt", GT, "--pred", PRED, "--n-boot", "2e2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ci"]["n_boot"] == 200
+
+
+@pytest.mark.parametrize(
+    "gt_text",
+    [
+        '[{"id": 1, "answer_type": "CLOSED", "conversations": [{"value": "q"}, {"value": "  "}]}]',
+        '{"id": "1", "question": "q", "answer": "", "answer_type": "OPEN"}\n',
+    ],
+)
+def test_an_empty_gold_answer_is_refused(tmp_path, capsys, gt_text):
+    gt = _write(tmp_path / "gt.json", gt_text)
+    pred = _write(tmp_path / "pred.jsonl", '{"question_id": 1, "text": "yes"}\n')
+    assert main(["score", "--gt", gt, "--pred", pred]) == 2
+    err = _one_line_error(capsys)
+    assert gt in err and "empty gold answer" in err and "id 1" in err

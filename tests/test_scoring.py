@@ -355,3 +355,20 @@ def test_cluster_bootstrap_handles_columns_that_skip_items():
     values = np.array([[1.0, np.nan], [0.0, np.nan], [np.nan, 0.5], [np.nan, 1.0]])
     lo, hi = cluster_bootstrap_ci(values, np.array([0, 1, 2, 3]), n_boot=300)
     assert 0.0 <= lo[0] <= hi[0] <= 1.0 and 0.5 <= lo[1] <= hi[1] <= 1.0
+
+
+def test_an_empty_gold_is_refused_not_counted_correct():
+    empty = VQASample("q1", "", "Is it?", " ", "CLOSED", "x", "test", {})
+    with pytest.raises(BadInput, match=r"record q1.*'answer'.*empty gold"):
+        score_samples([empty], ["yes"])
+
+
+def test_n_boot_is_capped():
+    from medvqa.scoring import MAX_N_BOOT
+
+    s = VQASample("q1", "", "Is it?", "yes", "CLOSED", "x", "test", {})
+    with pytest.raises(BadInput, match="n-boot"):
+        score_samples([s], ["yes"], n_boot=1_000_000_000)
+    with pytest.raises(BadInput, match="n-boot"):
+        score_samples([s], ["yes"], n_boot=MAX_N_BOOT + 1)
+    assert score_samples([s], ["yes"], n_boot=MAX_N_BOOT).summary["strict"]["closed_accuracy"].ci_low == 100.0

@@ -62,21 +62,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
     p.add_argument(
-        "--n-boot", type=int, default=1000, help="bootstrap replicates for the CIs; 0 = no CI (default: 1000)"
+        "--n-boot",
+        default="1000",
+        help="bootstrap replicates for the CIs, 0 to 100,000; 0 = no CI (default: 1000)",
     )
     p.set_defaults(func=run)
 
 
+def _count(text: str) -> int:
+    """`--n-boot` as a count: `1e9` and `1_000` are read as numbers, so the range check names them
+    (checked here, not by argparse, so that the error is one line)."""
+    from medvqa.errors import BadInput
+    from medvqa.scoring import check_n_boot
+
+    try:
+        value = float(text.replace("_", "")) if any(c in text for c in "eE._") else int(text)
+    except ValueError:
+        raise BadInput(f"--n-boot: not a number: {text!r}") from None
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise BadInput(f"--n-boot: not a whole number: {text!r}")
+        value = int(value)
+    return check_n_boot(value)
+
+
 def run(args: argparse.Namespace) -> int:
     from medvqa.answer_files import read_gt_and_predictions
-    from medvqa.errors import BadInput
     from medvqa.scoring import resolve_scorers, score_samples
 
-    if args.n_boot < 0:
-        raise BadInput("--n-boot must be 0 or more")
+    n_boot = _count(str(args.n_boot))
     samples, predictions = read_gt_and_predictions(args.gt, args.pred)
     result = score_samples(
-        samples, predictions, scorers=resolve_scorers(args.scorer), seed=args.seed, n_boot=args.n_boot
+        samples, predictions, scorers=resolve_scorers(args.scorer), seed=args.seed, n_boot=n_boot
     )
     if args.out_scored:
         from medvqa.io import atomic_write_jsonl

@@ -1,0 +1,39 @@
+"""The project's file helpers: atomic writes keep the umask's mode (issue 11, item 14)."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+from medvqa.io import atomic_write_json, atomic_write_text, current_umask
+
+
+@pytest.fixture
+def umask():
+    """Set a umask for one test and restore the old one."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o002, 0o664), (0o022, 0o644), (0o077, 0o600)])
+def test_atomic_writes_respect_the_umask(tmp_path, umask, mask, mode):
+    umask(mask)
+    assert current_umask() == mask
+    atomic_write_text(tmp_path / "a.txt", "x")
+    atomic_write_json(tmp_path / "sub" / "b.json", {"a": 1})
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")  # what open() gives: the reference
+    for p in (tmp_path / "a.txt", tmp_path / "sub" / "b.json"):
+        assert stat.S_IMODE(p.stat().st_mode) == mode == stat.S_IMODE(plain.stat().st_mode)
+
+
+def test_a_rewrite_keeps_the_content_whole_and_leaves_no_temp_file(tmp_path, umask):
+    umask(0o002)
+    p = tmp_path / "r.txt"
+    atomic_write_text(p, "old")
+    atomic_write_text(p, "new")
+    assert p.read_text() == "new" and sorted(x.name for x in tmp_path.iterdir()) == ["r.txt"]
+    assert stat.S_IMODE(p.stat().st_mode) == 0o664
