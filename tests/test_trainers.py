@@ -114,7 +114,7 @@ def test_sft_checkpoint_json_contract(sft_checkpoint, tiny_model_dir, train_samp
 def test_training_rows_are_the_eval_prompt_and_loss_covers_only_the_answer(tiny_model_dir, train_samples):
     from medvqa.models.hf import render_prompt_text
     from medvqa.prompts import get_policy
-    from medvqa.trainers.common import RowBuilder, load_pil
+    from medvqa.trainers.rows import RowBuilder, load_pil
     from transformers import AutoProcessor
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 

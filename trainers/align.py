@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medvqa.registry import trainers
-from medvqa.trainers.common import TrainConfig, TrainerPlugin
+from medvqa.trainers.base import TrainerPlugin
+from medvqa.trainers.config import TrainConfig
 from medvqa.types import Checkpoint, TrainRequest
 
 CAPTION_INSTRUCTION = "Describe this image."

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from medvqa.registry import trainers
-from medvqa.trainers.common import TrainConfig, TrainerPlugin
+from medvqa.trainers.base import TrainerPlugin
+from medvqa.trainers.config import TrainConfig
 from medvqa.types import Checkpoint, TrainRequest
 
 
@@ -48,7 +49,7 @@ class SFTTrainerPlugin(TrainerPlugin):
     presets = SFT_PRESETS
 
     def train(self, request: TrainRequest) -> Checkpoint:
-        from medvqa.trainers.common import qa_rows
+        from medvqa.trainers.rows import qa_rows
 
         return self._train_supervised(
             request,

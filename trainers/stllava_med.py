@@ -35,7 +35,8 @@ from typing import Any, Literal
 
 from medvqa.errors import BadInput
 from medvqa.registry import trainers
-from medvqa.trainers.common import TrainConfig, TrainerPlugin
+from medvqa.trainers.base import TrainerPlugin
+from medvqa.trainers.config import TrainConfig
 from medvqa.types import Checkpoint, TrainRequest, stable_hash
 
 log = logging.getLogger("medvqa.train")
@@ -196,18 +197,21 @@ def train_stage1(
     request: TrainRequest, cfg: STLLaVAMedConfig, stage_dir: Path, *, log_path: Path | None = None
 ) -> dict[str, Any]:
     """Stage 1 → a full model in `stage_dir` (skipped if already finished there)."""
-    from medvqa.trainers import common
+    from medvqa.trainers.checkpoints import checkpoint_meta, read_checkpoint, save_model, write_checkpoint
+    from medvqa.trainers.models import load_model_and_processor
+    from medvqa.trainers.rows import RowBuilder
+    from medvqa.trainers.trl_run import drop_trl_checkpoints, fit_sft, seed_everything
 
-    done = common.read_checkpoint(stage_dir)
+    done = read_checkpoint(stage_dir)
     if done is not None:
         log.info("stage 1 already done: %s", stage_dir)
         return done
-    common.seed_everything(request.seed)
-    model, processor = common.load_model_and_processor(request.base_model)
-    builder = common.RowBuilder(processor, cfg.prompt_policy)
+    seed_everything(request.seed)
+    model, processor = load_model_and_processor(request.base_model)
+    builder = RowBuilder(processor, cfg.prompt_policy)
     rows = stage1_rows(request.train_samples, builder, cfg, request.seed)
     n_ask = sum(r["kind"] == "ask" for r in rows)
-    model = common.fit_sft(
+    model = fit_sft(
         model,
         processor,
         rows,
@@ -218,9 +222,9 @@ def train_stage1(
         stage="stage1",
         merge_lora=True,
     )
-    common.save_model(model, processor, stage_dir)
-    common.drop_trl_checkpoints(stage_dir.parent / "_trl" / "stage1")
-    meta = common.checkpoint_meta(
+    save_model(model, processor, stage_dir)
+    drop_trl_checkpoints(stage_dir.parent / "_trl" / "stage1")
+    meta = checkpoint_meta(
         trainer="stllava-med/stage1",
         request=request,
         config=cfg,
@@ -229,7 +233,7 @@ def train_stage1(
         n_self_questioning=n_ask,
         prompt_policy=builder.policy.name,
     )
-    common.write_checkpoint(stage_dir, meta)
+    write_checkpoint(stage_dir, meta)
     return meta
 
 
@@ -265,7 +269,7 @@ def generate_questions(
 ) -> dict[str, int]:
     """k sampled questions per image → `questions.jsonl` (resumes: finished images are skipped)."""
     from medvqa.io import JsonlAppender
-    from medvqa.trainers.common import RowBuilder
+    from medvqa.trainers.rows import RowBuilder
     from medvqa.types import GenerationRequest, GenerationSettings
 
     builder = RowBuilder(generator.processor, policy)
@@ -309,7 +313,7 @@ def generate_answers(
 ) -> dict[str, int]:
     """Two sampled answers (different seeds) per question → `answers.jsonl` (resumable)."""
     from medvqa.io import JsonlAppender
-    from medvqa.trainers.common import RowBuilder, guess_answer_type
+    from medvqa.trainers.rows import RowBuilder, guess_answer_type
     from medvqa.types import GenerationRequest, GenerationSettings
 
     builder = RowBuilder(generator.processor, policy)
@@ -514,7 +518,16 @@ def train_dpo(
     memory.) With LoRA the reference is the adapter-disabled policy, i.e. stage 1 as well.
     Returns DPO metrics: reward margin/accuracy on the pairs after training, steps, loss names.
     """
-    from medvqa.trainers import common
+    from medvqa.trainers.checkpoints import save_model
+    from medvqa.trainers.models import load_model_and_processor, lora_config
+    from medvqa.trainers.rows import RowBuilder, guess_answer_type, to_dataset
+    from medvqa.trainers.trl_run import (
+        drop_trl_checkpoints,
+        progress_callback,
+        run_trainer,
+        seed_everything,
+        trl_kwargs,
+    )
     from trl import DPOConfig, DPOTrainer
 
     pairs = _iter_checked(pairs_path, ("image", "prompt", "chosen", "rejected"))
@@ -522,27 +535,27 @@ def train_dpo(
         raise BadInput("no preference pairs to train on", path=pairs_path)
     work_dir = work_dir or out_dir / "_trl"
     log_path = log_path or out_dir / "train_log.jsonl"
-    common.seed_everything(seed)
-    policy, processor = common.load_model_and_processor(f"hf:{stage1_dir}")
-    builder = common.RowBuilder(processor, cfg.prompt_policy)
+    seed_everything(seed)
+    policy, processor = load_model_and_processor(f"hf:{stage1_dir}")
+    builder = RowBuilder(processor, cfg.prompt_policy)
     rows = [
         builder.pair_row(
             p["image"],
             p["prompt"],
-            p.get("answer_type") or common.guess_answer_type(p["prompt"]),
+            p.get("answer_type") or guess_answer_type(p["prompt"]),
             p["chosen"],
             p["rejected"],
         )
         for p in pairs
     ]
-    dataset = common.to_dataset(rows)
+    dataset = to_dataset(rows)
     ref_model = None
     if not cfg.use_lora:
-        ref_model, _ = common.load_model_and_processor(f"hf:{stage1_dir}")
+        ref_model, _ = load_model_and_processor(f"hf:{stage1_dir}")
         ref_model.eval()
     view = dpo_view(cfg)
     args = DPOConfig(
-        **common.trl_kwargs(view, work_dir, seed),
+        **trl_kwargs(view, work_dir, seed),
         beta=cfg.beta,
         loss_type=list(DPO_LOSSES[cfg.dpo_loss]),
         precompute_ref_log_probs=False,
@@ -554,14 +567,14 @@ def train_dpo(
         args=args,
         train_dataset=dataset,
         processing_class=processor,
-        peft_config=common.lora_config(cfg) if cfg.use_lora else None,
-        callbacks=[common.progress_callback(log_path, "dpo")],
+        peft_config=lora_config(cfg) if cfg.use_lora else None,
+        callbacks=[progress_callback(log_path, "dpo")],
     )
-    common.run_trainer(trainer, work_dir)
+    run_trainer(trainer, work_dir)
     metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix="pairs")
     model = trainer.model
-    common.save_model(model, processor, out_dir)
-    common.drop_trl_checkpoints(work_dir)
+    save_model(model, processor, out_dir)
+    drop_trl_checkpoints(work_dir)
     return {
         "steps": trainer.state.global_step,
         "loss_type": list(DPO_LOSSES[cfg.dpo_loss]),
@@ -591,7 +604,9 @@ class STLLaVAMedTrainer(TrainerPlugin):
     presets = STLLAVA_PRESETS
 
     def train(self, request: TrainRequest) -> Checkpoint:
-        from medvqa.trainers import common
+        from medvqa.distributed import is_main_process, wait_for_everyone
+        from medvqa.io import atomic_write_json
+        from medvqa.trainers.checkpoints import checkpoint_meta, policy_name, write_checkpoint
 
         cfg = self._config(request)
         out = Path(request.out_dir)
@@ -607,10 +622,10 @@ class STLLaVAMedTrainer(TrainerPlugin):
         stage1 = stages / "stage1"
         # every process: trl trains data-parallel under accelerate
         train_stage1(request, cfg, stage1, log_path=out / "train_log.jsonl")
-        common.wait_for_everyone()
+        wait_for_everyone()
 
         counts: dict[str, Any] = {}
-        if common.is_main_process():
+        if is_main_process():
             images = unlabeled_pool(request.unlabeled_images, cfg, request.seed)
             if not images:
                 raise BadInput("stllava-med needs unlabeled images (none were given)")
@@ -639,11 +654,9 @@ class STLLaVAMedTrainer(TrainerPlugin):
             )
             judge_answers(files["answers"], files["judged"], expert, progress_log=plog)
             counts.update(make_pairs(files["judged"], files["pairs"], cfg.tie_policy))
-            log.info(
-                "stllava-med: %s", common.counts_line({k: v for k, v in counts.items() if v is not None})
-            )
-            common.atomic_write_json(stages / "counts.json", counts)
-        common.wait_for_everyone()
+            log.info("stllava-med: %s", _counts_line({k: v for k, v in counts.items() if v is not None}))
+            atomic_write_json(stages / "counts.json", counts)
+        wait_for_everyone()
 
         dpo = train_dpo(
             stage1,
@@ -658,7 +671,7 @@ class STLLaVAMedTrainer(TrainerPlugin):
             from medvqa.io import read_json
 
             counts = read_json(stages / "counts.json")
-        meta = common.checkpoint_meta(
+        meta = checkpoint_meta(
             trainer=self.name,
             request=request,
             config=cfg,
@@ -671,12 +684,16 @@ class STLLaVAMedTrainer(TrainerPlugin):
             reference="stage 1 (explicit ref_model loaded from stages/stage1)"
             if not cfg.use_lora
             else "stage 1 (adapter-disabled policy)",
-            prompt_policy=common.policy_name(cfg.prompt_policy),
+            prompt_policy=policy_name(cfg.prompt_policy),
             adapter=cfg.use_lora,
         )
-        if common.is_main_process():
-            common.write_checkpoint(out, meta)
+        if is_main_process():
+            write_checkpoint(out, meta)
         return Checkpoint(path=out, meta=meta)
+
+
+def _counts_line(counts: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in counts.items())
 
 
 def _parseable(questions_path: Path) -> float | None:

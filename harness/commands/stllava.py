@@ -171,16 +171,17 @@ def _run_dpo(args: argparse.Namespace, cfg: Any, out: Path) -> dict[str, Any]:
     """DPO on explicit pairs; the checkpoint records the stage-1 checkpoint's data provenance."""
     from medvqa.errors import BadInput
     from medvqa.io import library_versions, read_json
-    from medvqa.trainers import common
     from medvqa.trainers import stllava_med as st
+    from medvqa.trainers.checkpoints import read_checkpoint, write_checkpoint
+    from medvqa.trainers.models import spec_path
 
-    stage1 = Path(common.spec_path(args.model))
+    stage1 = Path(spec_path(args.model))
     if not stage1.is_dir():
         raise BadInput("--model must be a local stage-1 model folder (the DPO reference)", path=stage1)
     if (out / "checkpoint.json").is_file():
         print(f"{out} already holds a finished checkpoint")
         return read_json(out / "checkpoint.json").get("dpo", {})
-    s1 = common.read_checkpoint(stage1) or {}
+    s1 = read_checkpoint(stage1) or {}
     dpo = st.train_dpo(stage1, Path(args.pairs), out, cfg, seed=args.seed)
     import dataclasses
 
@@ -200,5 +201,5 @@ def _run_dpo(args: argparse.Namespace, cfg: Any, out: Path) -> dict[str, Any]:
         "reference": f"stage 1 ({stage1})",
         "pairs_file": str(args.pairs),
     }
-    common.write_checkpoint(out, meta)
+    write_checkpoint(out, meta)
     return dpo

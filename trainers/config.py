@@ -1,0 +1,64 @@
+"""`TrainConfig`: the optimisation knobs every trainer shares, and named presets of a config class.
+
+trl style: one typed, defaulted, documented field each; each trainer's own config dataclass
+extends it, and the CLI flags and sweep TOML keys are derived from that one class (`medvqa.config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from medvqa.errors import BadInput
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation knobs shared by every trainer (the trl/transformers names, where there is one)."""
+
+    learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1 = use num_train_epochs"})
+    num_train_epochs: float = field(
+        default=1.0, metadata={"help": "epochs over the data (if max_steps = -1)"}
+    )
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "batch size per device"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of steps spent warming up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    max_length: int = field(default=0, metadata={"help": "truncate sequences to this many tokens; 0 = never"})
+    logging_steps: int = field(
+        default=50, metadata={"help": "log (and append to train_log.jsonl) every N steps"}
+    )
+    save_steps: int = field(
+        default=0,
+        metadata={"help": "write a resumable trl checkpoint every N steps (0 = none; a killed run restarts)"},
+    )
+    prompt_policy: str = field(
+        default="",
+        metadata={"help": "prompt policy for training rows; empty = the benchmark's (evaluation's)"},
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
+        default="auto", metadata={"help": "auto = bf16 on a GPU that has it, else fp32 (CPU always fp32)"}
+    )
+    use_lora: bool = field(
+        default=False, metadata={"help": "train a LoRA adapter (peft) instead of all weights"}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "peft target_modules: 'all-linear' or comma-separated names"}
+    )
+
+
+def config_with_preset(cls: type, presets: Mapping[str, Mapping[str, Any]], preset: str | None) -> Any:
+    """`cls()` with the named preset's overrides (None/'' = the dataclass defaults)."""
+    if not preset:
+        return cls()
+    if preset not in presets:
+        raise BadInput(f"unknown preset {preset!r} for {cls.__name__}; known: {', '.join(sorted(presets))}")
+    return dataclasses.replace(cls(), **dict(presets[preset]))

@@ -1,0 +1,190 @@
+"""Our side of trl: its config arguments, running (and resuming) a trainer, progress logging, one SFT fit.
+
+- `trl_kwargs`: CPU-safe trl `SFTConfig`/`DPOConfig` arguments from a `TrainConfig` (bf16 and
+  gradient checkpointing off on CPU, no worker processes, reporting only where asked).
+- `run_trainer`: `trainer.train()` resuming from the newest trl `checkpoint-N`.
+- `progress_callback`: appends each trl log record to `train_log.jsonl`.
+- `fit_sft`: one trl `SFTTrainer` run on prompt/completion rows (loss on the completion only).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from medvqa.io import JsonlAppender
+from medvqa.trainers.config import TrainConfig
+from medvqa.trainers.models import lora_config
+from medvqa.trainers.rows import to_dataset
+
+log = logging.getLogger("medvqa.train")
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+    from transformers import set_seed
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    set_seed(seed)
+
+
+def _precision(cfg: TrainConfig) -> dict[str, bool]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cfg.precision == "fp32" or not cuda:
+        return {"bf16": False, "fp16": False}
+    if cfg.precision == "fp16":
+        return {"bf16": False, "fp16": True}
+    if cfg.precision == "bf16":
+        return {"bf16": True, "fp16": False}
+    return {"bf16": bool(torch.cuda.is_bf16_supported()), "fp16": False}
+
+
+def trl_kwargs(cfg: TrainConfig, output_dir: Path, seed: int) -> dict[str, Any]:
+    """Arguments for trl's `SFTConfig`/`DPOConfig`: CPU-safe, no reporting, resumable if asked.
+
+    Checkpointing is set by its current name (`activation_checkpointing`): trl defaults the
+    deprecated `gradient_checkpointing` to True, and only an explicit new name overrides it quietly.
+    """
+    import torch
+
+    return {
+        "output_dir": str(output_dir),
+        "use_cpu": not torch.cuda.is_available(),
+        **_precision(cfg),
+        "activation_checkpointing": False,
+        "report_to": [],
+        "dataloader_num_workers": 0,
+        "remove_unused_columns": False,
+        "learning_rate": cfg.learning_rate,
+        "max_steps": cfg.max_steps,
+        "num_train_epochs": cfg.num_train_epochs,
+        "per_device_train_batch_size": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "lr_scheduler_type": cfg.lr_scheduler_type,
+        "warmup_steps": float(cfg.warmup_ratio) if 0 < cfg.warmup_ratio < 1 else 0,
+        "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm,
+        "max_length": cfg.max_length or None,
+        "logging_steps": cfg.logging_steps,
+        "save_strategy": "steps" if cfg.save_steps > 0 else "no",
+        "save_steps": cfg.save_steps if cfg.save_steps > 0 else 500,
+        "save_total_limit": 1,
+        "seed": seed,
+        "data_seed": seed,
+        "disable_tqdm": True,
+    }
+
+
+def resume_checkpoint(output_dir: Path) -> str | None:
+    """The newest trl `checkpoint-N` folder in `output_dir` (a killed run resumes from it)."""
+    if not output_dir.is_dir():
+        return None
+    ckpts = sorted(
+        (p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    return str(ckpts[-1]) if ckpts else None
+
+
+def drop_trl_checkpoints(output_dir: Path) -> None:
+    import shutil
+
+    for p in output_dir.glob("checkpoint-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for d in (output_dir, output_dir.parent):
+        if d.is_dir() and d.name in ("_trl", "stage1", "dpo") and not any(d.iterdir()):
+            d.rmdir()
+
+
+def run_trainer(trainer: Any, output_dir: Path) -> Any:
+    """`trainer.train()`, resuming from the newest trl checkpoint in `output_dir` if one exists."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # TrainingProgress logs instead (no raw dict prints)
+    resume = resume_checkpoint(output_dir)
+    if resume:
+        log.info("resuming from %s", resume)
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    log.info("trained %d steps in %.1f s", trainer.state.global_step, time.perf_counter() - t0)
+    return result
+
+
+def _progress_callback_class() -> type:
+    from transformers import TrainerCallback
+
+    class TrainingProgress(TrainerCallback):
+        """Appends every trl log record (loss, lr, rewards, ...) to a JSONL file and the logger."""
+
+        def __init__(self, path: Path, stage: str):
+            self.path = Path(path)
+            self.stage = stage
+            self.t0 = time.perf_counter()
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None, **kw: Any
+        ):
+            if not state.is_world_process_zero or not logs:
+                return
+            row = {
+                "stage": self.stage,
+                "step": state.global_step,
+                "max_steps": state.max_steps,
+                "elapsed_s": round(time.perf_counter() - self.t0, 2),
+                **{k: (float(v) if isinstance(v, int | float) else v) for k, v in logs.items()},
+            }
+            with JsonlAppender(self.path) as out:
+                out.write([row])
+            shown = {k: round(v, 4) for k, v in logs.items() if isinstance(v, float)}
+            log.info("[%s] step %d/%d %s", self.stage, state.global_step, state.max_steps, shown)
+
+    return TrainingProgress
+
+
+def progress_callback(path: Path, stage: str) -> Any:
+    return _progress_callback_class()(path, stage)
+
+
+def fit_sft(
+    model: Any,
+    processor: Any,
+    rows: Sequence[Mapping[str, Any]],
+    cfg: TrainConfig,
+    *,
+    work_dir: Path,
+    log_path: Path,
+    seed: int,
+    stage: str,
+    merge_lora: bool = True,
+) -> Any:
+    """Train `model` with trl's `SFTTrainer` on prompt/completion rows (loss on the completion only).
+
+    Returns the trained model; with LoRA, the PEFT model (saved as an adapter) unless `merge_lora`
+    (then merged, e.g. to serve as the next stage's base). trl checkpoints go to `work_dir` (resumable).
+    """
+    from trl import SFTConfig, SFTTrainer
+
+    seed_everything(seed)
+    args = SFTConfig(**trl_kwargs(cfg, work_dir, seed), completion_only_loss=True)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=to_dataset(rows),
+        processing_class=processor,
+        peft_config=lora_config(cfg) if cfg.use_lora else None,
+        callbacks=[progress_callback(log_path, stage)],
+    )
+    run_trainer(trainer, work_dir)
+    model = trainer.model
+    if cfg.use_lora and merge_lora:
+        model = model.merge_and_unload()
+    return model
