@@ -380,7 +380,9 @@ def _strict_item(answer_type: str, gold: str, pred: str) -> dict[str, float]:
 class ScoreResult:
     """Scores of one prediction set: `summary[scorer][metric]` and one row per sample.
 
-    `rows[i]` = `{"id", "image_id", "answer_type", "gold", "prediction", scorer: {metric: value}}`;
+    `rows[i]` = `{"id", "image_id", "answer_type", "question", "gold", "prediction", "image", "meta",
+    scorer: {metric: value}}` (`image` is the sample's path, "" for image bytes; `meta` the sample's
+    metadata, so that reports break scores down by category and `medvqa show` shows the sample);
     each summary value is the mean of the rows' values for that metric (so paired tests can be run
     from the rows). `to_json()` is what `scores.json` and `medvqa score --json` carry.
     """
@@ -493,7 +495,16 @@ def score_samples(
 
     image_ids = [s.image_id for s in samples]
     rows: list[dict[str, Any]] = [
-        {"id": s.id, "image_id": image, "answer_type": kind, "gold": gold, "prediction": pred}
+        {
+            "id": s.id,
+            "image_id": image,
+            "answer_type": kind,
+            "question": s.question,
+            "gold": gold,
+            "prediction": pred,
+            "image": s.image if isinstance(s.image, str) else "",
+            "meta": _plain_meta(s.meta),
+        }
         for s, image, kind, gold, pred in zip(samples, image_ids, types, golds, texts)
     ]
     for name in names:
@@ -512,6 +523,16 @@ def score_samples(
         seed=seed,
         n_boot=n_boot,
     )
+
+
+def _plain_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The sample's scalar metadata (category fields: modality, organ, slot, ...), JSON-safe."""
+    return {
+        str(k): v
+        for k, v in meta.items()
+        if k != "image_id"
+        and (v is None or isinstance(v, str | bool | int) or (isinstance(v, float) and math.isfinite(v)))
+    }
 
 
 def _score_all(

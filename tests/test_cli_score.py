@@ -61,7 +61,18 @@ def test_score_one_scorer_and_the_per_item_file(tmp_path, capsys):
     assert by_id["6"]["gold"] == "no" and by_id["6"]["prediction"] == "The heart size is normal."
     assert by_id["6"]["strict"] == {"closed_accuracy": 0.0} and "llava-med" not in by_id["6"]
     assert by_id["4"]["gold"] == "2" and by_id["4"]["strict"]["open_exact_match"] == 100.0
-    assert set(by_id["3"]) == {"id", "image_id", "answer_type", "gold", "prediction", "strict"}
+    assert set(by_id["3"]) == {
+        "id",
+        "image_id",
+        "answer_type",
+        "question",
+        "gold",
+        "prediction",
+        "image",
+        "meta",
+        "strict",
+    }
+    assert by_id["6"]["question"] and by_id["6"]["image"].endswith(".jpg")  # what `medvqa show` shows
 
 
 def _write(path: Path, text: str) -> str:
