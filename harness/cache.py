@@ -60,6 +60,19 @@ def is_cacheable(params: Mapping[str, Any]) -> bool:
     return not sampling or params.get("seed") is not None
 
 
+def _storable(value: Any) -> Any:
+    """`value` with every string made UTF-8-encodable (JSON allows lone surrogates; files do not)."""
+    from medvqa.openai_support import safe_text
+
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, Mapping):
+        return {safe_text(str(k)): _storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(v) for v in value]
+    return value
+
+
 class ResponseCache:
     """SQLite (WAL) + JSONL-log response cache; `get`/`put` by key, thread- and process-safe."""
 
@@ -127,7 +140,12 @@ class ResponseCache:
     # -- writing ----------------------------------------------------------------------------------
 
     def put(self, key: str, response: Any, *, request: Mapping[str, Any] | None = None) -> None:
-        """Store `response` under `key` now: log append + fsync, then one SQLite transaction."""
+        """Store `response` under `key` now: log append + fsync, then one SQLite transaction.
+
+        Texts are stored safely whatever the server sent (a lone surrogate becomes U+FFFD), so a
+        reply that was paid for is never lost to an encoding error.
+        """
+        response, request = _storable(response), _storable(request)
         blob = json.dumps(response, ensure_ascii=False)
         req = json.dumps(dict(request), ensure_ascii=False, sort_keys=True, default=str) if request else None
         now = time.time()

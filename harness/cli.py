@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from medvqa import __version__
-from medvqa.errors import BadInput
+from medvqa.errors import BadInput, EndpointError
 
 DESCRIPTION = """\
 Benchmark and train medical VQA models (VQA-RAD, SLAKE, PathVQA, Phantom), and measure how
@@ -66,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BadInput as exc:
         print(f"medvqa: error: {exc}", file=sys.stderr)
         return 2
+    except EndpointError as exc:  # an endpoint that kept failing: not the user's input, one line
+        print(f"medvqa: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("medvqa: interrupted", file=sys.stderr)
         return 130

@@ -19,3 +19,16 @@ class BadInput(Exception):
             where.append(f"field {field!r}")
         self.path, self.record, self.field = path, record, field
         super().__init__(f"{': '.join([', '.join(where), message]) if where else message}")
+
+
+class EndpointError(RuntimeError):
+    """A model endpoint request that failed for good (retries exhausted, a reply that is not an
+    answer, a 400 the server will not accept): exit code 1, one line. Raised by the OpenAI path.
+
+    The message names the model, the base URL and the HTTP status, never the key.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable

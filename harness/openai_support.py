@@ -3,7 +3,7 @@ OpenAI-compatible endpoint (GPT-4o, or a local vLLM / SGLang server).
 
 - The API key is read from the environment (`OPENAI_API_KEY`, or the variable the user names) and
   kept out of every log line, file, exception message and repr: `redact` scrubs it from anything
-  the server echoes back.
+  the server echoes back, reply texts included (`safe_text` also replaces lone surrogates there).
 - Images go out as base64 data URLs (PNG/JPEG/WEBP/GIF as they are; other formats re-encoded to PNG).
 - Retries: exponential backoff with jitter on 408/409/429/5xx, timeouts and connection errors,
   honouring `Retry-After` / `retry-after-ms`. The `openai` package retries the same statuses, but its
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from medvqa.errors import BadInput
+from medvqa.errors import BadInput, EndpointError
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,15 @@ class Secret:
 
     def __reduce__(self) -> Any:
         raise TypeError("a Secret is not picklable (keys are read from the environment, never stored)")
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def safe_text(text: str) -> str:
+    """`text` with lone UTF-16 surrogates (legal in JSON as `\\ud800`, not encodable as UTF-8)
+    replaced by U+FFFD, so a reply can always be cached, written and scored."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def normalize_base_url(base_url: str | None) -> str:
@@ -187,18 +196,6 @@ def image_sha256(image: str | os.PathLike[str] | bytes) -> str:
 # Errors
 
 
-class EndpointError(RuntimeError):
-    """A request that failed for good (retries exhausted, or a 400 the server will not accept).
-
-    The message names the model, the base URL and the HTTP status, never the key.
-    """
-
-    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False):
-        super().__init__(message)
-        self.status = status
-        self.retryable = retryable
-
-
 def _status_of(exc: BaseException) -> int | None:
     return getattr(exc, "status_code", None)
 
@@ -253,6 +250,7 @@ class ClientStats:
     completed: int = 0  # requests that returned a completion
     retries: int = 0
     failed: int = 0  # requests given up on (EndpointError)
+    no_content: int = 0  # replies whose message had no text (content: null), among `failed`
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -346,6 +344,34 @@ class ChatClient:
         delay = min(self.backoff_initial * (2.0**attempt), self.backoff_max)
         return delay * (1.0 - 0.25 * random.random())
 
+    def _reply_text(self, response: Any) -> str:
+        """The first choice's text, made safe to store: no lone surrogates, no key echoed back.
+
+        A choice without text (`content: null`: a refusal, a content filter, a reasoning model
+        that spent its budget thinking) is not an empty answer: it fails, counted as `no_content`.
+        """
+        choices = getattr(response, "choices", None)
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        message = getattr(choice, "message", None)
+        if message is None:
+            self._count(failed=1)
+            raise EndpointError(
+                f"{self._where()}: the reply is not a chat completion (no choices[0].message)"
+            )
+        content = getattr(message, "content", None)
+        if not isinstance(content, str):
+            self._count(failed=1, no_content=1)
+            why = f"finish_reason={getattr(choice, 'finish_reason', None)!r}"
+            refusal = getattr(message, "refusal", None)
+            if refusal:
+                why += f", refusal={safe_text(str(refusal))[:120]!r}"
+            raise EndpointError(
+                f"{self._where()} replied with no content ({redact(why, self._secret.reveal())}); "
+                f"not recorded as an answer (a larger max_new_tokens helps reasoning models)"
+            )
+        self._count(completed=1)
+        return redact(safe_text(content), self._secret.reveal())
+
     def complete(self, messages: Sequence[Mapping[str, Any]], **params: Any) -> str:
         """The text of the first choice for `messages` (`params`: temperature, top_p, max_tokens, seed...)."""
         import openai
@@ -410,17 +436,7 @@ class ChatClient:
                         prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
                         completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
                     )
-                choices = getattr(response, "choices", None)
-                message = (
-                    getattr(choices[0], "message", None) if isinstance(choices, list) and choices else None
-                )
-                if message is None:
-                    self._count(failed=1)
-                    raise EndpointError(
-                        f"{self._where()}: the reply is not a chat completion (no choices[0].message)"
-                    )
-                self._count(completed=1)
-                return getattr(message, "content", None) or ""
+                return self._reply_text(response)
             delay = self._backoff(attempt, headers)
             log.info(
                 "%s: %s, retry %d of %d in %.2f s",

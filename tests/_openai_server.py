@@ -38,8 +38,12 @@ class FakeOpenAI:
         self.bodies: list[dict[str, Any]] = []
         self.auth: list[str] = []
         self.faults: deque[Fault] = deque()
-        self.reply: Callable[[dict[str, Any]], str] = lambda body: "yes"
+        # the content of a reply (None: `content: null`)
+        self.reply: Callable[[dict[str, Any]], str | None] = lambda body: "yes"
         self.delay = 0.0
+        # a server's capacity: at most this many requests are served at once, the rest queue
+        # (None: unbounded), so throughput stops scaling with the client's concurrency there
+        self.capacity: int | None = None
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -73,7 +77,8 @@ class FakeOpenAI:
                     content_type="application/json",
                 )
             if self.delay:
-                time.sleep(self.delay)
+                with self._slot():
+                    time.sleep(self.delay)
             content = self.reply(body)
             return Response(
                 json.dumps(completion(body, content)), status=200, content_type="application/json"
@@ -83,7 +88,18 @@ class FakeOpenAI:
                 self.in_flight -= 1
 
 
-def completion(body: dict[str, Any], content: str) -> dict[str, Any]:
+    def _slot(self) -> Any:
+        import contextlib
+
+        if self.capacity is None:
+            return contextlib.nullcontext()
+        with self._lock:
+            if getattr(self, "_sem_size", None) != self.capacity:
+                self._sem, self._sem_size = threading.BoundedSemaphore(self.capacity), self.capacity
+        return self._sem
+
+
+def completion(body: dict[str, Any], content: str | None) -> dict[str, Any]:
     return {
         "id": "chatcmpl-test",
         "object": "chat.completion",
@@ -116,6 +132,7 @@ def fake_openai(openai_server: HTTPServer) -> Iterator[FakeOpenAI]:
     yield fake
     fake.faults.clear()
     fake.delay = 0.0
+    fake.capacity = None
 
 
 @pytest.fixture

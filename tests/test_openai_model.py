@@ -402,3 +402,88 @@ def test_retry_after_beyond_the_limit_fails_at_once(fake_openai, fake_key, png) 
     with pytest.raises(EndpointError, match=r"HTTP 429: quota exhausted"):
         model.generate([GenerationRequest(str(path), chat_prompt("q"))], GenerationSettings())
     assert fake_openai.n_requests == 1  # an hour-long wait is not sat out
+
+
+# --- what comes back from an endpoint is stored safely (issue 11, items 6, 11, 13) ----------------
+
+
+def test_a_lone_surrogate_in_a_reply_is_stored_and_cached(fake_openai, fake_key, png, tmp_path) -> None:
+    """`"\\ud800"` is legal JSON but not encodable as UTF-8: the reply is still cached (a rerun pays
+    nothing) and written, with U+FFFD in its place."""
+    path, _ = png
+    fake_openai.reply = lambda body: "yes \ud800 left"
+    reqs = [GenerationRequest(str(path), chat_prompt("Which side?"), id="q1")]
+    model = make_model(fake_openai, cache=str(tmp_path / "cache.sqlite"))
+    assert model.generate(reqs, GenerationSettings()) == ["yes \ufffd left"]
+    model.close()
+    again = make_model(fake_openai, cache=str(tmp_path / "cache.sqlite"))
+    assert again.generate(reqs, GenerationSettings()) == ["yes \ufffd left"]
+    assert fake_openai.n_requests == 1 and again.stats["cache_hits"] == 1
+    (tmp_path / "cache.sqlite.jsonl").read_text(encoding="utf-8")  # the log is valid UTF-8
+
+
+def test_medvqa_eval_survives_a_surrogate_reply_and_reruns_without_paying(
+    fake_openai, fake_key, phantom_root, tmp_path
+) -> None:
+    from medvqa.cli import main
+
+    fake_openai.reply = lambda body: "no\udc80"
+    spec = f"openai:test-vlm@{fake_openai.base_url},api_key_env=MEDVQA_TEST_KEY,max_concurrency=2"
+    argv = ["eval", "--model", spec, "--benchmark", "phantom", "--root", str(phantom_root), "--limit", "4"]
+    argv += ["--out", str(tmp_path / "eval"), "--no-progress", "--n-boot", "10"]
+    assert main(argv) == 0
+    text = (tmp_path / "eval" / "predictions.jsonl").read_text(encoding="utf-8")
+    assert text.count("no\\ufffd") + text.count("no\ufffd") == 4
+    assert main(argv) == 0 and fake_openai.n_requests == 4
+
+
+def test_content_null_is_not_an_empty_answer(fake_openai, fake_key, png, tmp_path) -> None:
+    """A choice without text (refusal, content filter, a reasoning model out of tokens) fails the
+    request, counted, and is never cached or returned as ""."""
+    path, _ = png
+    fake_openai.reply = lambda body: None
+    model = make_model(fake_openai, cache=str(tmp_path / "cache.sqlite"))
+    with pytest.raises(EndpointError, match=r"no content \(finish_reason='stop'\).*record q3"):
+        model.generate([GenerationRequest(str(path), chat_prompt("q"), id="q3")], GenerationSettings())
+    assert model.stats["no_content"] == 1 and model.stats["failed"] == 1 and model.stats["completed"] == 0
+    fake_openai.reply = lambda body: "yes"
+    assert model.generate([GenerationRequest(str(path), chat_prompt("q"))], GenerationSettings()) == ["yes"]
+    assert fake_openai.n_requests == 2  # the failed request was not cached
+
+
+def test_medvqa_eval_stops_on_content_null_with_one_line(
+    fake_openai, fake_key, phantom_root, tmp_path, capsys
+) -> None:
+    from medvqa.cli import main
+
+    fake_openai.reply = lambda body: None
+    spec = f"openai:test-vlm@{fake_openai.base_url},api_key_env=MEDVQA_TEST_KEY,max_concurrency=1"
+    argv = ["eval", "--model", spec, "--benchmark", "phantom", "--root", str(phantom_root), "--limit", "2"]
+    argv += ["--out", str(tmp_path / "eval"), "--no-progress", "--n-boot", "10"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no content" in err and "Traceback" not in err
+    preds = tmp_path / "eval" / "predictions.jsonl"
+    assert not preds.exists() or preds.read_text() == ""
+
+
+@pytest.mark.parametrize("key", [FAKE_KEY, "medvqa-local-secret-31337"])
+def test_a_key_echoed_in_a_reply_is_scrubbed_from_every_stored_text(
+    fake_openai, phantom_root, tmp_path, monkeypatch, key
+) -> None:
+    """A server that echoes the Authorization header inside a 200 answer: the key reaches neither
+    predictions.jsonl nor the cache nor any other file (also a key not shaped like `sk-...`)."""
+    from medvqa.cli import main
+
+    monkeypatch.setenv("MEDVQA_TEST_KEY", key)
+    fake_openai.reply = lambda body: f"yes (you sent {fake_openai.auth[-1]})"
+    cache = tmp_path / "cache.sqlite"
+    spec = (
+        f"openai:test-vlm@{fake_openai.base_url},api_key_env=MEDVQA_TEST_KEY,max_concurrency=1,cache={cache}"
+    )
+    argv = ["eval", "--model", spec, "--benchmark", "phantom", "--root", str(phantom_root), "--limit", "3"]
+    argv += ["--out", str(tmp_path / "eval"), "--no-progress", "--n-boot", "10"]
+    assert main(argv) == 0
+    assert fake_openai.auth[-1] == f"Bearer {key}"  # the key did go out, and came back
+    assert "you sent Bearer ***" in (tmp_path / "eval" / "predictions.jsonl").read_text()
+    assert files_containing(tmp_path, key) == [] and cache.exists()

@@ -215,14 +215,22 @@ class OpenAIModel:
         return self._cache
 
     def generate(self, requests: Sequence[GenerationRequest], settings: GenerationSettings) -> list[str]:
-        """One answer per request, in order; up to `max_concurrency` requests in flight."""
-        params = self.request_params(settings)
-        cache = self._get_cache()
+        """One answer per request, in order; up to `max_concurrency` requests in flight.
+
+        Each request is sent with its own `seed` (`GenerationRequest.seed`, else `settings.seed`),
+        so n samples of one question are n requests with n seeds, and a sampled answer does not
+        depend on the batch it came in. With `cache=PATH`, a reply is stored the moment it arrives
+        (before anything else can fail on it), keyed by (model, base URL, prompt, image, params incl.
+        the seed): a rerun of a seeded or greedy request is answered from disk.
+        """
         from medvqa.cache import is_cacheable, request_key
 
-        use_cache = cache is not None and is_cacheable({**params, "do_sample": settings.do_sample})
+        base = self.request_params(settings)
+        cache = self._get_cache()
+        use_cache = cache is not None and is_cacheable({**base, "do_sample": settings.do_sample})
 
         def one(request: GenerationRequest) -> str:
+            params = base if request.seed is None else {**base, "seed": int(request.seed)}
             messages = self.render_messages(request.prompt, request.image)
             key = None
             if use_cache:
@@ -234,9 +242,9 @@ class OpenAIModel:
                 if hit is not None:
                     with self._hits_lock:
                         self.cache_hits += 1
-                    return str(hit)
+                    return str(hit).strip()
             try:
-                text = self.client.complete(messages, **params).strip()
+                text = self.client.complete(messages, **params)
             except EndpointError as exc:
                 if exc.status in (400, 413, 422):  # this request can never work: a usage error
                     raise BadInput(
@@ -244,10 +252,14 @@ class OpenAIModel:
                         f"({', '.join(sorted(params))})",
                         record=request.id or None,
                     ) from None
+                if request.id:
+                    raise EndpointError(
+                        f"{exc} (record {request.id})", status=exc.status, retryable=exc.retryable
+                    ) from None
                 raise
             if key is not None:
                 cache.put(key, text, request={"id": request.id, "model": self.model, **params})
-            return text
+            return text.strip()
 
         return map_bounded(one, requests, self.client.max_concurrency)
 
