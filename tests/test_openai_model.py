@@ -487,3 +487,27 @@ def test_a_key_echoed_in_a_reply_is_scrubbed_from_every_stored_text(
     assert fake_openai.auth[-1] == f"Bearer {key}"  # the key did go out, and came back
     assert "you sent Bearer ***" in (tmp_path / "eval" / "predictions.jsonl").read_text()
     assert files_containing(tmp_path, key) == [] and cache.exists()
+
+
+# --- stage-2 sampling: per-request seeds, cached (issue 14) ------------------------------------------
+
+
+def test_per_request_seeds_are_sent_cached_and_batch_independent(
+    fake_openai, fake_key, png, tmp_path
+) -> None:
+    """n samples of one question are n requests with n seeds; a request's seed does not depend on
+    the batch it came in, and a seeded sampled request is answered from the cache on a rerun."""
+    path, _ = png
+    fake_openai.reply = lambda body: f"draw {body['seed']} at T={body['temperature']}"
+    sampled = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=1.2, top_p=0.95, seed=7)
+    prompt = chat_prompt("Ask a question about this image.")
+    reqs = [GenerationRequest(str(path), prompt, id=f"a{i}", seed=100 + i) for i in range(3)]
+    unseeded = GenerationRequest(str(path), prompt, id="plain")
+    model = make_model(fake_openai, cache=str(tmp_path / "cache.sqlite"), max_concurrency=3)
+    out = model.generate([*reqs, unseeded], sampled)
+    assert out == ["draw 100 at T=1.2", "draw 101 at T=1.2", "draw 102 at T=1.2", "draw 7 at T=1.2"]
+    assert sorted(b["seed"] for b in fake_openai.bodies) == [7, 100, 101, 102]
+    assert all(b["top_p"] == 0.95 for b in fake_openai.bodies)
+    assert model.generate([reqs[2]], sampled) == ["draw 102 at T=1.2"]  # alone: the same draw, cached
+    assert fake_openai.n_requests == 4 and model.stats["cache_hits"] == 1
+    model.close()
