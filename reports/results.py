@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from typing import Any
 
 from medvqa.errors import BadInput
 from medvqa.io import atomic_write_text, read_json
+from medvqa.layout import fraction_dirname as fraction_dirname  # the run layout's names, defined once
+from medvqa.layout import is_reserved
 
 COLUMNS: tuple[str, ...] = (
     "run",
@@ -100,6 +103,93 @@ class EvalRecord:
         return (self.kind, self.label, self.fraction)
 
 
+@dataclass(frozen=True)
+class Gap:
+    """Something a report line should have and does not (an eval that never finished, ...)."""
+
+    kind: str
+    label: str
+    fraction: float | None
+    seed: int | None
+    benchmark: str | None
+    what: str
+
+    @property
+    def group(self) -> tuple[str, str, float | None]:
+        return (self.kind, self.label, self.fraction)
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {json.dumps(value, default=str)[:40]}"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_fields(obj: dict[str, Any], path: Path, spec: dict[str, str], prefix: str = "") -> None:
+    """Type-check the optional fields a report reads: "text", "number" (finite), "count" (int >= 0),
+    "int", "object". A wrong type is a BadInput naming file and field, never a traceback or garbage."""
+    for key, kind in spec.items():
+        if key not in obj or obj[key] is None:
+            continue
+        v = obj[key]
+        ok = {
+            "text": isinstance(v, str),
+            "scalar": isinstance(v, str) or _is_number(v),
+            "number": _is_number(v),
+            "count": _is_number(v) and v >= 0 and float(v).is_integer(),
+            "nonneg": _is_number(v) and v >= 0,
+            "int": isinstance(v, int) and not isinstance(v, bool),
+            "object": isinstance(v, dict),
+        }[kind]
+        if not ok:
+            expected = {
+                "text": "text",
+                "scalar": "text or a number",
+                "number": "a finite number",
+                "count": "a whole number >= 0",
+                "nonneg": "a number >= 0",
+                "int": "an integer",
+                "object": "an object",
+            }[kind]
+            raise BadInput(f"expected {expected}, got {_kind(v)}", path=path, field=prefix + key)
+
+
+CHECKPOINT_FIELDS = {
+    "trainer": "text",
+    "fraction": "number",
+    "seed": "int",
+    "n_labeled": "nonneg",
+    "n_pairs": "nonneg",
+    "loss": "text",
+    "manifest_hash": "text",
+}
+SCORES_FIELDS = {
+    "benchmark": "text",
+    "benchmark_version": "scalar",
+    "split": "text",
+    "closed_rule": "scalar",
+    "prompt_policy": "scalar",
+    "model": "object",
+    "generation": "object",
+    "versions": "object",
+}
+METRIC_FIELDS = {"value": "number", "ci_low": "number", "ci_high": "number", "n": "count"}
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """checkpoint.json, with every field a report reads type-checked."""
+    ckpt = read_json(path)
+    if not isinstance(ckpt, dict):
+        raise BadInput(f"expected a JSON object, got {_kind(ckpt)}", path=path)
+    _check_fields(ckpt, path, CHECKPOINT_FIELDS)
+    fraction = ckpt.get("fraction")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise BadInput(f"must be in (0, 1], got {fraction!r}", path=path, field="fraction")
+    return ckpt
+
+
 def _fmt_float(x: Any) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return ""
@@ -110,11 +200,6 @@ def _fmt_float(x: Any) -> str:
     return str(x)
 
 
-def fraction_dirname(fraction: float) -> str:
-    """`f0.09`, `f0.25`, `f1.0`: the folder name of a fraction in a sweep."""
-    return f"f{float(fraction)!r}"
-
-
 def _eval_dirs(parent: Path) -> list[Path]:
     root = parent / "eval"
     if not root.is_dir():
@@ -123,25 +208,35 @@ def _eval_dirs(parent: Path) -> list[Path]:
 
 
 def _load_scores(eval_dir: Path) -> dict[str, Any]:
-    scores = read_json(eval_dir / "scores.json")
+    """scores.json, type-checked: NaN/Infinity or a string where a number belongs is a BadInput."""
+    path = eval_dir / "scores.json"
+    scores = read_json(path)
     if not isinstance(scores, dict) or not isinstance(scores.get("scorers"), dict):
-        raise BadInput(
-            "not a scores.json (no 'scorers' table)", path=eval_dir / "scores.json", field="scorers"
-        )
+        raise BadInput("not a scores.json (no 'scorers' table)", path=path, field="scorers")
+    _check_fields(scores, path, SCORES_FIELDS)
+    for scorer, metrics in scores["scorers"].items():
+        if not isinstance(metrics, dict):
+            raise BadInput(f"expected an object, got {_kind(metrics)}", path=path, field=f"scorers.{scorer}")
+        for metric, mv in metrics.items():
+            where = f"scorers.{scorer}.{metric}"
+            if not isinstance(mv, dict) or "value" not in mv:
+                raise BadInput("metric without a value", path=path, field=where)
+            _check_fields(mv, path, METRIC_FIELDS, prefix=where + ".")
     return scores
 
 
-def _sweep_records(run_dir: Path) -> list[EvalRecord]:
+def _unscored_dirs(parent: Path) -> list[Path]:
+    """Eval folders that exist but hold no scores.json: an eval that was killed or failed."""
+    root = parent / "eval"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not (p / "scores.json").is_file())
+
+
+def _sweep_records(run_dir: Path, gaps: list[Gap]) -> list[EvalRecord]:
     out: list[EvalRecord] = []
     for trainer_dir in sorted(p for p in run_dir.iterdir() if p.is_dir()):
-        if trainer_dir.name in (
-            "reference",
-            "report",
-            "base",
-            "data",
-            "models",
-            "logs",
-        ) or trainer_dir.name.startswith((".", "_")):
+        if is_reserved(trainer_dir.name):  # the one list the sweep's label check uses
             continue
         for frac_dir in sorted(p for p in trainer_dir.iterdir() if p.is_dir()):
             m = _FRACTION_DIR.match(frac_dir.name)
@@ -152,10 +247,17 @@ def _sweep_records(run_dir: Path) -> list[EvalRecord]:
                 if not ms:
                     continue
                 ckpt_file = seed_dir / "checkpoint" / "checkpoint.json"
-                ckpt = read_json(ckpt_file) if ckpt_file.is_file() else {}
+                ckpt = read_checkpoint(ckpt_file) if ckpt_file.is_file() else {}
                 trainer = str(ckpt.get("trainer") or trainer_dir.name)
                 fraction = float(ckpt.get("fraction", m.group(1)))
                 seed = int(ckpt.get("seed", ms.group(1)))
+                for eval_dir in _unscored_dirs(seed_dir):
+                    gaps.append(
+                        Gap("sweep", trainer_dir.name, fraction, seed, eval_dir.name, "no scores.json")
+                    )
+                if not _eval_dirs(seed_dir) and not _unscored_dirs(seed_dir):
+                    what = "trained, not evaluated" if ckpt_file.is_file() else "no checkpoint, no eval"
+                    gaps.append(Gap("sweep", trainer_dir.name, fraction, seed, None, what))
                 for eval_dir in _eval_dirs(seed_dir):
                     scores = _load_scores(eval_dir)
                     out.append(
@@ -174,7 +276,7 @@ def _sweep_records(run_dir: Path) -> list[EvalRecord]:
     return out
 
 
-def _reference_records(run_dir: Path) -> list[EvalRecord]:
+def _reference_records(run_dir: Path, gaps: list[Gap]) -> list[EvalRecord]:
     out: list[EvalRecord] = []
     ref_root = run_dir / "reference"
     if not ref_root.is_dir():
@@ -184,21 +286,32 @@ def _reference_records(run_dir: Path) -> list[EvalRecord]:
         if not meta_file.is_file():
             continue
         meta = read_json(meta_file)
+        if not isinstance(meta, dict):
+            raise BadInput(f"expected a JSON object, got {_kind(meta)}", path=meta_file)
         name = meta.get("name")
         if not isinstance(name, str) or not name:
             raise BadInput("missing reference name", path=meta_file, field="name")
+        _check_fields(
+            meta, meta_file, {"kind": "text", "loss": "text", "data_label": "text", "eval_dirs": "object"}
+        )
         data_used = meta.get("data_used")
-        if data_used is not None and not isinstance(data_used, int | float):
+        if data_used is not None and not (_is_number(data_used) and data_used >= 0):
             raise BadInput(f"must be a number, got {data_used!r}", path=meta_file, field="data_used")
         dirs: list[Path] = []
         for bench, d in sorted((meta.get("eval_dirs") or {}).items()):
             p = Path(d)
             if not p.is_absolute():
                 p = ref_dir / p
+            if not isinstance(d, str):
+                raise BadInput(
+                    f"expected a folder, got {_kind(d)}", path=meta_file, field=f"eval_dirs.{bench}"
+                )
             if not (p / "scores.json").is_file():
                 raise BadInput(f"eval dir of benchmark {bench!r} has no scores.json: {p}", path=meta_file)
             dirs.append(p)
         dirs += [p for p in _eval_dirs(ref_dir) if p not in dirs]
+        kind = str(meta.get("kind", "reference"))
+        gaps += [Gap(kind, name, None, None, p.name, "no scores.json") for p in _unscored_dirs(ref_dir)]
         for eval_dir in dirs:
             scores = _load_scores(eval_dir)
             out.append(
@@ -219,19 +332,35 @@ def _reference_records(run_dir: Path) -> list[EvalRecord]:
     return out
 
 
-def collect_records(run_dir: str | Path) -> list[EvalRecord]:
-    """Every evaluated model under a sweep folder (swept checkpoints, then references)."""
+def collect_run(run_dir: str | Path) -> tuple[list[EvalRecord], list[Gap]]:
+    """Every evaluated model under a sweep folder (swept checkpoints, then references), and the gaps:
+    eval folders without scores.json, trained jobs never evaluated, and (line, seed) pairs that lack a
+    benchmark the rest of the run has. A report shows the gaps; it never drops a line silently."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise BadInput("run folder not found", path=run_dir)
-    records = _sweep_records(run_dir) + _reference_records(run_dir)
+    gaps: list[Gap] = []
+    records = _sweep_records(run_dir, gaps) + _reference_records(run_dir, gaps)
     if not records:
         raise BadInput(
             "no scores found: expected <trainer>/f<fraction>/s<seed>/eval/<benchmark>/scores.json "
             "or reference/<name>/reference.json",
             path=run_dir,
         )
-    return records
+    benchmarks = {r.benchmark for r in records}
+    have = {(r.kind, r.label, r.fraction, r.seed, r.benchmark) for r in records}
+    have |= {(g.kind, g.label, g.fraction, g.seed, g.benchmark) for g in gaps}
+    seeds = {(r.kind, r.label, r.fraction, r.seed) for r in records}
+    for kind, label, fraction, seed in sorted(seeds, key=str):
+        for bench in sorted(benchmarks):
+            if (kind, label, fraction, seed, bench) not in have:
+                gaps.append(Gap(kind, label, fraction, seed, bench, "not evaluated"))
+    return records, gaps
+
+
+def collect_records(run_dir: str | Path) -> list[EvalRecord]:
+    """Every evaluated model under a sweep folder (swept checkpoints, then references)."""
+    return collect_run(run_dir)[0]
 
 
 def _versions_str(versions: Any) -> str:

@@ -9,6 +9,12 @@
 - `seed_mean_ci(values)`: mean ± Student-t 95% interval over seeds; with one seed there is no spread
   to measure, and the caller shows that seed's bootstrap CI and says n_seeds = 1.
 - `paired_rows(...)`: match `scored.jsonl` rows of two runs by (seed, question id).
+- `holm(ps)`: Holm's step-down adjustment of a report's p-values (a table of many tests finds
+  "significant" differences by chance; Holm controls the family-wise error without assuming
+  independence).
+- `min_detectable_effect(n, sd)`: the smallest difference a benchmark of n questions can detect
+  (two-sided α = 0.05, 80% power, two independent runs), so a reader knows what "no significant
+  difference" can and cannot mean.
 """
 
 from __future__ import annotations
@@ -205,6 +211,29 @@ def paired_test(
     if metric == "closed_accuracy":
         return mcnemar([x >= 50 for x in a], [y >= 50 for y in b])
     return paired_bootstrap(a, b, clusters, n_boot=n_boot, seed=seed)
+
+
+def holm(ps: Sequence[float]) -> list[float]:
+    """Holm-adjusted p-values, in the input order: sort ascending, p_(i) × (m − i + 1), running max, ≤ 1."""
+    m = len(ps)
+    order = sorted(range(m), key=lambda i: ps[i])
+    out = [1.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def min_detectable_effect(n: int, sd: float, *, alpha: float = 0.05, power: float = 0.8) -> float | None:
+    """Smallest true difference of two means (same unit as `sd`) that a two-sided z-test on two
+    independent runs of `n` items detects with the given power: (z_{1-α/2} + z_power)·sd·√(2/n)."""
+    from statistics import NormalDist
+
+    if n <= 0:
+        return None
+    z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
+    return z * sd * math.sqrt(2.0 / n)
 
 
 def format_p(p: float | None) -> str:

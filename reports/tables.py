@@ -19,8 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from medvqa.io import atomic_write_text, read_json
-from medvqa.reports.results import EvalRecord, collect_records
-from medvqa.reports.stats import SeedSummary, TestResult, format_p, load_scored, paired_test, seed_mean_ci
+from medvqa.reports.results import EvalRecord, Gap, collect_run
+from medvqa.reports.stats import (
+    SeedSummary,
+    TestResult,
+    format_p,
+    holm,
+    load_scored,
+    min_detectable_effect,
+    paired_test,
+    seed_mean_ci,
+)
 
 METRICS: tuple[str, ...] = ("closed_accuracy", "open_recall")
 METRIC_LABELS = {
@@ -32,11 +41,17 @@ METRIC_LABELS = {
 }
 
 
+ALPHA = 0.05
+
+
 @dataclass
 class Cell:
     summaries: dict[str, SeedSummary] = field(default_factory=dict)  # scorer -> mean/CI over seeds
     test: TestResult | None = None  # against the baseline (SFT@100%)
     same_fraction_test: TestResult | None = None  # against the baseline trainer at this line's fraction
+    test_note: str = ""  # why there is no test against the baseline (when the baseline is there)
+    p_holm: float | None = None  # Holm-adjusted over every p-value of the table
+    same_fraction_p_holm: float | None = None
 
 
 @dataclass
@@ -54,6 +69,7 @@ class Line:
     pct_full: float | None = None
     loss: str = ""
     cells: dict[tuple[str, str], Cell] = field(default_factory=dict)  # (benchmark, metric)
+    missing: list[str] = field(default_factory=list)  # what this line lacks, one phrase each
 
     @property
     def name(self) -> str:
@@ -71,6 +87,10 @@ class Table:
     side_scorer: str | None
     baseline: str
     n_full: int | None
+    baseline_present: bool = True
+    mde: dict[tuple[str, str], tuple[float, int, str]] = field(default_factory=dict)  # (bench, metric)
+    scored: dict[Path, list[dict[str, Any]]] = field(default_factory=dict, repr=False)  # eval dir -> rows
+    run_dir: Path | None = None
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -114,13 +134,16 @@ def build_table(
     n_boot: int = 2000,
 ) -> Table:
     run_dir = Path(run_dir)
-    records = collect_records(run_dir)
+    records, gaps = collect_run(run_dir)
     base_key = parse_baseline(baseline)
     n_full = _n_full(run_dir, records, base_key)
 
     groups: dict[tuple[str, str, float | None], list[EvalRecord]] = defaultdict(list)
     for r in records:
         groups[r.group].append(r)
+    gaps_of: dict[tuple[str, str, float | None], list[Gap]] = defaultdict(list)
+    for g in gaps:
+        gaps_of[g.group].append(g)
 
     order = _trainer_order(run_dir)
     kind_rank = {"base": 0, "sweep": 1, "reference": 2}
@@ -134,22 +157,44 @@ def build_table(
     scored_cache: dict[Path, list[dict[str, Any]]] = {}
 
     def scored_by_seed(recs: list[EvalRecord], bench: str) -> dict[Any, list[dict[str, Any]]]:
+        """Rows per seed, for the seeds whose eval kept its scored.jsonl."""
         out = {}
         for r in recs:
             if r.benchmark != bench:
                 continue
             if r.eval_dir not in scored_cache:
                 scored_cache[r.eval_dir] = load_scored(r.eval_dir)
-            out[r.seed if r.seed is not None else 0] = scored_cache[r.eval_dir]
+            if scored_cache[r.eval_dir]:
+                out[r.seed if r.seed is not None else 0] = scored_cache[r.eval_dir]
         return out
 
+    def no_test_reason(a_recs: list[EvalRecord], bench: str) -> str:
+        if not scored_by_seed(a_recs, bench):
+            return "no scored.jsonl"
+        if not scored_by_seed(base_records, bench):
+            return f"the baseline has no scored.jsonl for {bench}"
+        return "no question in common with the baseline"
+
     base_records = groups.get(("sweep", base_key[0], base_key[1]), [])
+    for key in list(gaps_of):  # a line whose every eval is missing is still a line
+        if key not in groups:
+            groups[key] = []
     lines: list[Line] = []
     for key in sorted(groups, key=sort_key):
         recs = groups[key]
         kind, label, fraction = key
+        if not recs:
+            gs = gaps_of[key]
+            seeds = sorted({g.seed for g in gs if g.seed is not None})
+            line = Line(kind=kind, label=label, trainer=label, fraction=fraction, seeds=seeds, records=[])
+            line.missing = [_gap_text(g) for g in gs]
+            lines.append(line)
+            continue
         first = recs[0]
-        seeds = sorted({r.seed for r in recs if r.seed is not None})
+        seeds = sorted(
+            {r.seed for r in recs if r.seed is not None}
+            | {g.seed for g in gaps_of[key] if g.seed is not None}
+        )
         # one value per seed (checkpoint.json is per seed; each seed has one checkpoint)
         per_seed = {r.seed: r for r in recs}
         n_lab = _mean([r.n_labeled for r in per_seed.values() if r.n_labeled is not None])
@@ -173,6 +218,11 @@ def build_table(
         )
         if data_used is not None and n_full:
             line.pct_full = 100.0 * data_used / n_full
+        line.missing = [_gap_text(g) for g in gaps_of[key]]
+        for r in recs:
+            if not (r.eval_dir / "scored.jsonl").is_file():
+                seed = f"seed {r.seed} " if r.seed is not None else ""
+                line.missing.append(f"{seed}{r.benchmark}: no scored.jsonl (no paired test from this eval)")
         for bench in benchmarks:
             brecs = [r for r in recs if r.benchmark == bench]
             if not brecs:
@@ -202,6 +252,8 @@ def build_table(
                         metric,
                         n_boot=n_boot,
                     )
+                    if cell.test is None:
+                        cell.test_note = no_test_reason(brecs, bench)
                 peer = groups.get(("sweep", base_key[0], fraction))
                 if kind == "sweep" and label != base_key[0] and peer and scorer in cell.summaries:
                     cell.same_fraction_test = paired_test(
@@ -214,7 +266,69 @@ def build_table(
                 if cell.summaries:
                     line.cells[(bench, metric)] = cell
         lines.append(line)
-    return Table(lines, benchmarks, metrics, scorer, side_scorer, baseline, n_full)
+    table = Table(lines, benchmarks, metrics, scorer, side_scorer, baseline, n_full)
+    table.baseline_present = bool(base_records)
+    table.scored = scored_cache
+    table.run_dir = run_dir
+    _adjust_holm(table)
+    table.mde = _mde(table, base_records, scored_by_seed)
+    return table
+
+
+def _gap_text(g: Gap) -> str:
+    where = " ".join(x for x in (f"seed {g.seed}" if g.seed is not None else "", g.benchmark or "") if x)
+    return f"{where}: {g.what}" if where else g.what
+
+
+def _adjust_holm(table: Table) -> None:
+    """Holm over every p-value the table shows (tests against the baseline and same-fraction tests)."""
+    slots = []
+    for line in table.lines:
+        for cell in line.cells.values():
+            if cell.test is not None:
+                slots.append((cell, "p_holm", cell.test.p))
+            if cell.same_fraction_test is not None:
+                slots.append((cell, "same_fraction_p_holm", cell.same_fraction_test.p))
+    for (cell, attr, _), adjusted in zip(slots, holm([p for _, _, p in slots])):
+        setattr(cell, attr, adjusted)
+
+
+def _mde(
+    table: Table, base_records: list[EvalRecord], scored_by_seed: Any
+) -> dict[tuple[str, str], tuple[float, int, str]]:
+    """Per benchmark and metric: (minimum detectable effect in points, n, where the spread came from)."""
+    out = {}
+    base_name = table.baseline
+    for bench in table.benchmarks:
+        for metric in table.metrics:
+            ns = [
+                int(mv["n"])
+                for ln in table.lines
+                for r in ln.records
+                if r.benchmark == bench
+                and isinstance(mv := (r.scores["scorers"].get(table.scorer) or {}).get(metric), dict)
+                and mv.get("n")
+            ]
+            if not ns:
+                continue
+            n = max(ns)
+            rows = next(iter(scored_by_seed(base_records, bench).values()), [])
+            vals = [
+                float(v)
+                for row in rows
+                if isinstance(row.get(table.scorer), dict)
+                and isinstance(v := row[table.scorer].get(metric), int | float)
+            ]
+            if len(vals) > 1:
+                mean = sum(vals) / len(vals)
+                sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+                basis = f"sd {sd:.0f} from {base_name}"
+            else:
+                sd, basis = 50.0, "sd 50, the most a 0-100 score can have"
+            effect = min_detectable_effect(n, sd)
+            if effect is not None:
+                out[(bench, metric)] = (effect, n, basis)
+    return out
 
 
 def _num(x: float | None, digits: int = 1) -> str:
@@ -250,19 +364,27 @@ def _value_cell(s: SeedSummary | None) -> str:
     return f"{_num(s.mean)} ± {_num(half)}{mark}"
 
 
+def _p_cell(p: float, adjusted: float | None) -> str:
+    return format_p(p) + ("*" if adjusted is not None and adjusted < ALPHA else "")
+
+
 def to_markdown(table: Table) -> str:
     base_name = table.baseline.replace("@1.0", "@100%")
+    base_key = parse_baseline(table.baseline)
+    tested = table.baseline_present
     head = ["model", "loss", "labeled QA", "pairs", "data used (% of full SFT)", "seeds"]
     for bench in table.benchmarks:
         for metric in table.metrics:
             head.append(f"{bench} {METRIC_LABELS.get(metric, metric)}")
             if table.side_scorer:
                 head.append(table.side_scorer)
-            head.append(f"p vs {base_name}")
+            if tested:
+                head.append(f"p vs {base_name}")
     out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["--:"] * (len(head) - 1)) + "|"]
+    untested: list[str] = []
     for line in table.lines:
         cells = [
-            line.name,
+            line.name + (" ⚠" if line.missing else ""),
             line.loss,
             _count(line.n_labeled),
             _count(line.n_pairs),
@@ -272,28 +394,102 @@ def to_markdown(table: Table) -> str:
         for bench in table.benchmarks:
             for metric in table.metrics:
                 cell = line.cells.get((bench, metric))
-                cells.append(_value_cell(cell.summaries.get(table.scorer)) if cell else "")
+                cells.append(_value_cell(cell.summaries.get(table.scorer)) if cell else "—")
                 if table.side_scorer:
                     side = cell.summaries.get(table.side_scorer) if cell else None
-                    cells.append(_num(side.mean) if side else "")
-                if line.kind == "sweep" and (line.label, line.fraction) == parse_baseline(table.baseline):
+                    cells.append(_num(side.mean) if side else "—")
+                if not tested:
+                    continue
+                if line.kind == "sweep" and (line.label, line.fraction) == base_key:
                     cells.append("(baseline)")
+                elif cell and cell.test:
+                    cells.append(_p_cell(cell.test.p, cell.p_holm))
+                elif cell and cell.test_note:
+                    cells.append("n/a‡")
+                    untested.append(
+                        f"{line.name} {bench} {METRIC_LABELS.get(metric, metric)}: {cell.test_note}"
+                    )
                 else:
-                    cells.append(format_p(cell.test.p) if cell and cell.test else "")
+                    cells.append("—")
         out.append("| " + " | ".join(cells) + " |")
+    tests = [
+        (line, bench, metric, cell)
+        for line in table.lines
+        for (bench, metric), cell in line.cells.items()
+        if cell.test is not None or cell.same_fraction_test is not None
+    ]
+    n_p = sum((c.test is not None) + (c.same_fraction_test is not None) for *_, c in tests)
+    singles = any(
+        s.n_seeds == 1 for ln in table.lines for c in ln.cells.values() for s in c.summaries.values()
+    )
     notes = [
         "",
         f"Scores in percent, `{table.scorer}` scorer (LLaVA-Med's published convention)"
         + (f"; `{table.side_scorer}` scorer beside it." if table.side_scorer else "."),
-        "Value ± half-width of the 95% CI: Student-t over seeds; † one seed, so the 95% bootstrap CI "
-        "over images of that run.",
-        f"p: paired test against {base_name} on the same questions (McNemar for closed accuracy, exact "
-        "binomial below 25 discordant pairs; paired bootstrap over images for open recall), "
-        "seeds paired with seeds.",
-        *_same_fraction_notes(table),
-        "Data used = labeled QA + preference pairs"
-        + (f"; % of the full SFT set ({table.n_full:,} labeled QA)." if table.n_full else "."),
+        "Value ± half-width of the 95% CI: Student-t over seeds"
+        + ("; † one seed, so the 95% bootstrap CI over images of that run." if singles else "."),
     ]
+    if not tested:
+        notes.append(
+            f"No p-values against the baseline {table.baseline}: it has no scores in this run "
+            "(name another line with --baseline)."
+        )
+    if n_p:
+        notes.append(
+            "p: paired test"
+            + (f" against {base_name}" if tested else "")
+            + " on the same questions (McNemar for closed accuracy, exact "
+            "binomial below 25 discordant pairs; paired bootstrap over images for open recall), "
+            "seeds paired with seeds."
+        )
+    if n_p:
+        flagged = [
+            (
+                f"{line.name} {bench} {METRIC_LABELS.get(metric, metric)}"
+                + (" (same fraction)" if which else ""),
+                p,
+                adj,
+            )
+            for line, bench, metric, cell in tests
+            for which, t, adj in (
+                (0, cell.test, cell.p_holm),
+                (1, cell.same_fraction_test, cell.same_fraction_p_holm),
+            )
+            if t is not None and (p := t.p) is not None and adj is not None
+        ]
+        kept = sum(adj < ALPHA for _, _, adj in flagged)
+        lost = [name for name, p, adj in flagged if p < ALPHA <= adj]
+        notes.append(
+            f"\\* still significant at α = {ALPHA} after Holm's correction over all {n_p} p-values of this "
+            f"report: {kept} of {n_p}; "
+            + (f"significant only before the correction: {', '.join(lost)}." if lost else "none lost by it.")
+        )
+    if untested:
+        notes.append("‡ no test: " + "; ".join(untested) + ".")
+    notes += _same_fraction_notes(table)
+    if table.mde:
+        parts = []
+        for bench in table.benchmarks:
+            for metric in table.metrics:
+                if (bench, metric) in table.mde:
+                    effect, n, basis = table.mde[(bench, metric)]
+                    parts.append(
+                        f"{bench} {METRIC_LABELS.get(metric, metric)} {effect:.1f} points (n {n:,}, {basis})"
+                    )
+        notes.append(
+            "Minimum detectable effect (two-sided α = 0.05, 80% power, two independent runs of n questions; "
+            "paired tests on the same questions detect less, clustering by image needs more): "
+            + "; ".join(parts)
+            + "."
+        )
+    notes.append(
+        "Data used = labeled QA + preference pairs"
+        + (f"; % of the full SFT set ({table.n_full:,} labeled QA)." if table.n_full else ".")
+    )
+    missing = [(line.name, m) for line in table.lines for m in line.missing]
+    if missing:
+        notes += ["", "⚠ Missing (a line's means use only what is there):"]
+        notes += [f"- {name}: {m}" for name, m in missing]
     return "\n".join(out + notes) + "\n"
 
 
@@ -308,7 +504,8 @@ def _same_fraction_notes(table: Table) -> list[str]:
             if t is None:
                 continue
             parts.append(
-                f"{bench} {METRIC_LABELS.get(metric, metric)} {t.diff:+.1f} points (p {format_p(t.p)})"
+                f"{bench} {METRIC_LABELS.get(metric, metric)} {t.diff:+.1f} points "
+                f"(p {_p_cell(t.p, cell.same_fraction_p_holm)})"
             )
         if parts:
             out.append(
@@ -339,9 +536,15 @@ def csv_columns(table: Table) -> list[str]:
             for sc in (table.scorer, table.side_scorer):
                 if sc:
                     cols += [f"{bench}/{metric}/{sc}/{x}" for x in ("mean", "ci_low", "ci_high", "ci_method")]
-            cols += [f"{bench}/{metric}/{x}" for x in ("test", "diff_vs_baseline", "p_vs_baseline")]
-            cols += [f"{bench}/{metric}/{x}" for x in ("diff_vs_same_fraction", "p_vs_same_fraction")]
-    return cols
+            cols += [
+                f"{bench}/{metric}/{x}"
+                for x in ("test", "diff_vs_baseline", "p_vs_baseline", "p_holm_vs_baseline", "no_test_reason")
+            ]
+            cols += [
+                f"{bench}/{metric}/{x}"
+                for x in ("diff_vs_same_fraction", "p_vs_same_fraction", "p_holm_vs_same_fraction")
+            ]
+    return [*cols, "missing"]
 
 
 def to_csv(table: Table) -> str:
@@ -363,6 +566,7 @@ def to_csv(table: Table) -> str:
             "data_used": _num(line.data_used, 1),
             "pct_of_full_sft": _num(line.pct_full, 2),
             "data_label": line.data_label,
+            "missing": "; ".join(line.missing),
         }
         for (bench, metric), cell in line.cells.items():
             for sc, s in cell.summaries.items():
@@ -374,9 +578,12 @@ def to_csv(table: Table) -> str:
                 row[f"{bench}/{metric}/test"] = cell.test.test
                 row[f"{bench}/{metric}/diff_vs_baseline"] = _num(cell.test.diff, 4)
                 row[f"{bench}/{metric}/p_vs_baseline"] = f"{cell.test.p:.6g}"
+                row[f"{bench}/{metric}/p_holm_vs_baseline"] = f"{cell.p_holm:.6g}"
+            row[f"{bench}/{metric}/no_test_reason"] = cell.test_note
             if cell.same_fraction_test:
                 row[f"{bench}/{metric}/diff_vs_same_fraction"] = _num(cell.same_fraction_test.diff, 4)
                 row[f"{bench}/{metric}/p_vs_same_fraction"] = f"{cell.same_fraction_test.p:.6g}"
+                row[f"{bench}/{metric}/p_holm_vs_same_fraction"] = f"{cell.same_fraction_p_holm:.6g}"
         w.writerow({k: row.get(k, "") for k in cols})
     return buf.getvalue()
 

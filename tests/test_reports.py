@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,136 @@ def test_report_bad_input(tmp_path, capsys):
     bad.write_text('{"scorers": {"llava-med": {"closed_accuracy": {"n": 3}}}}')
     with pytest.raises(BadInput, match=r"scores\.json.*llava-med\.closed_accuracy"):
         collect(run)
+
+
+# --- a report never degrades silently (issue 11, items 8 and 10) and corrects for many tests (issue 13) ---
+
+
+def _err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("medvqa: error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("fraction", "abc", "expected a finite number"),
+        ("fraction", 7.0, "must be in (0, 1]"),
+        ("seed", "1", "expected an integer"),
+        ("n_labeled", "many", "expected a number >= 0"),
+        ("n_pairs", -3, "expected a number >= 0"),
+        ("trainer", ["sft"], "expected text"),
+    ],
+)
+def test_wrong_types_in_checkpoint_json_are_one_line(tmp_path, capsys, field, value, message):
+    run = fabricate(tmp_path / "r", seeds=(0,), benches=("phantom",), references=False)
+    ckpt = run / "sft" / "f0.25" / "s0" / "checkpoint" / "checkpoint.json"
+    data = json.loads(ckpt.read_text())
+    data[field] = value
+    ckpt.write_text(json.dumps(data))
+    assert main(["report", str(run), "--quiet"]) == 2
+    err = _err_line(capsys)
+    assert str(ckpt) in err and f"field {field!r}" in err and message in err
+
+
+@pytest.mark.parametrize(
+    ("edit", "field", "message"),
+    [
+        (
+            lambda s: s["scorers"]["llava-med"]["closed_accuracy"].update(value="high"),
+            "value",
+            "finite number",
+        ),
+        (lambda s: s["scorers"]["llava-med"]["closed_accuracy"].update(value=float("nan")), "value", "nan"),
+        (lambda s: s["scorers"]["strict"]["open_recall"].update(ci_low=float("inf")), "ci_low", "inf"),
+        (lambda s: s["scorers"]["llava-med"]["open_recall"].update(n=2.5), "n", "whole number"),
+        (lambda s: s["scorers"].update({"strict": [1, 2]}), "scorers.strict", "expected an object"),
+        (lambda s: s.update(model=["hf:x"]), "model", "expected an object"),
+    ],
+)
+def test_wrong_types_and_nan_in_scores_json_are_one_line(tmp_path, capsys, edit, field, message):
+    run = fabricate(tmp_path / "r", seeds=(0,), benches=("phantom",), references=False)
+    path = run / "sft" / "f0.25" / "s0" / "eval" / "phantom" / "scores.json"
+    scores = json.loads(path.read_text())
+    edit(scores)
+    path.write_text(json.dumps(scores))  # json writes NaN / Infinity as Python reads them back
+    assert main(["report", str(run), "--quiet"]) == 2
+    err = _err_line(capsys)
+    assert str(path) in err and field in err and message in err.lower()
+
+
+def test_a_missing_scores_json_is_reported_per_line_not_dropped(tmp_path, capsys):
+    run = fabricate(tmp_path / "r", benches=("phantom", "vqa-rad"), references=False)
+    (run / "stllava-med" / "f0.09" / "s1" / "eval" / "vqa-rad" / "scores.json").unlink()
+    for seed in (0, 1):  # every eval of sft@0.25 lost its scores: the line must still be there
+        for b in ("phantom", "vqa-rad"):
+            (run / "sft" / "f0.25" / f"s{seed}" / "eval" / b / "scores.json").unlink()
+    shutil.rmtree(run / "sft" / "f0.09" / "s1" / "eval")
+    assert main(["report", str(run), "--format", "md,csv"]) == 0
+    md = (run / "report" / "data_efficiency.md").read_text()
+    assert "| sft@0.25 ⚠ |" in md and "| stllava-med@0.09 ⚠ |" in md and "| sft@1.0 |" in md
+    assert "- stllava-med@0.09: seed 1 vqa-rad: no scores.json" in md
+    assert "- sft@0.25: seed 0 phantom: no scores.json" in md
+    assert "- sft@0.09: seed 1: trained, not evaluated" in md
+    wide = {
+        r["model"]: r
+        for r in csv.DictReader(io.StringIO((run / "report" / "data_efficiency.csv").read_text()))
+    }
+    assert "seed 1 vqa-rad: no scores.json" in wide["stllava-med@0.09"]["missing"]
+    assert wide["sft@0.25"]["phantom/closed_accuracy/llava-med/mean"] == ""
+
+
+def test_no_baseline_means_no_p_column_and_no_claimed_test(tmp_path):
+    run = fabricate(tmp_path / "r", seeds=(0,), benches=("phantom",), references=False)
+    md = to_markdown(build_table(run, baseline="sft@0.5", n_boot=100))
+    assert "p vs" not in md and "test against" not in md
+    assert "No p-values against the baseline sft@0.5: it has no scores in this run" in md
+    # what did run (stllava-med@0.09 vs sft@0.09) is still described
+    assert "stllava-med@0.09 vs sft@0.09 (same labeled data)" in md and "McNemar" in md
+
+
+def test_a_missing_scored_jsonl_says_so_instead_of_a_blank_p(tmp_path):
+    run = fabricate(tmp_path / "r", seeds=(0, 1), benches=("phantom",), references=False)
+    for seed in (0, 1):
+        (run / "stllava-med" / "f0.09" / f"s{seed}" / "eval" / "phantom" / "scored.jsonl").unlink()
+    (run / "sft" / "f0.25" / "s1" / "eval" / "phantom" / "scored.jsonl").unlink()
+    md = to_markdown(build_table(run, n_boot=100))
+    row = next(ln for ln in md.splitlines() if ln.startswith("| stllava-med@0.09"))
+    assert row.count("n/a‡") == 2  # closed and open
+    assert "‡ no test: stllava-med@0.09 phantom closed acc: no scored.jsonl" in md
+    assert "- sft@0.25: seed 1 phantom: no scored.jsonl" in md  # the test used seed 0 only
+    assert "stllava-med@0.09 vs sft@0.09" not in md  # no same-fraction test was run
+    assert "McNemar" in md  # the other lines were tested
+
+
+def test_holm_adjustment():
+    from medvqa.reports.stats import holm
+
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+    assert holm([]) == []
+
+
+def test_minimum_detectable_effect():
+    from medvqa.reports.stats import min_detectable_effect
+
+    # (1.96 + 0.8416) · 50 · sqrt(2 / 100) = 19.81 points
+    assert min_detectable_effect(100, 50.0) == pytest.approx(19.81, abs=0.01)
+    assert min_detectable_effect(400, 50.0) == pytest.approx(19.81 / 2, abs=0.01)
+    assert min_detectable_effect(0, 50.0) is None
+
+
+def test_table_marks_what_survives_holm_and_states_the_mde(tmp_path):
+    run = fabricate(tmp_path / "r", seeds=(0,), benches=("phantom",), references=False)
+    table = build_table(run, n_boot=300)
+    cells = [c for ln in table.lines for c in ln.cells.values() if c.test]
+    assert cells and all(c.p_holm >= c.test.p for c in cells)
+    md = to_markdown(table)
+    n_p = sum(1 for ln in table.lines for c in ln.cells.values() for t in (c.test, c.same_fraction_test) if t)
+    assert f"Holm's correction over all {n_p} p-values" in md
+    sft9 = next(ln for ln in md.splitlines() if ln.startswith("| sft@0.09"))
+    assert "<0.001*" in sft9  # 62% vs 93% on 120 closed questions survives any correction
+    effect, n, basis = table.mde[("phantom", "closed_accuracy")]
+    assert n == 120 and "sft@1.0" in basis and 5 < effect < 20
+    assert "Minimum detectable effect" in md and f"phantom closed acc {effect:.1f} points (n 120" in md
