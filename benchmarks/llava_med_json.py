@@ -21,14 +21,12 @@ from medvqa.benchmarks._files import (
     DATASET_RULE,
     Duplicates,
     FileBenchmark,
-    ImageChecker,
-    Problems,
     collect,
     no_layout,
-    resolve_inside,
     text_field,
     yes_no_type,
 )
+from medvqa.benchmarks.safety import resolve_inside
 from medvqa.errors import BadInput
 from medvqa.registry import benchmarks
 from medvqa.types import VQASample
@@ -57,8 +55,7 @@ class LlavaMedJson(FileBenchmark):
     """
 
     name = "llava-med-json"
-    base_version = "1"
-    version = base_version
+    version = "1"
     splits = ("train", "test")
     description = "Any LLaVA-Med test.json + image folder"
     Options = LlavaMedJsonOptions
@@ -106,14 +103,19 @@ class LlavaMedJson(FileBenchmark):
         return "gold answer is yes/no for items without answer_type"
 
     def load(
-        self, split: str, root: Path, *, skip_bad: bool = False, check_images: str = "verify"
+        self,
+        split: str,
+        root: Path,
+        *,
+        skip_bad: bool = False,
+        check_images: str = "verify",
+        max_pixels: int | None = None,
     ) -> list[VQASample]:
         from medvqa.answer_files import _llava_med_item, _records  # the same parser as `medvqa score`
 
         split = self.canonical_split(split)
         data_root, file, images = self._paths(root, split)
-        problems = Problems(skip_bad)
-        checker = ImageChecker(check_images)
+        problems, checker = self._checks(skip_bad, check_images, max_pixels)
         dups = Duplicates(file)
 
         def make(file: Path, label: object, rec: Any) -> VQASample:
@@ -139,9 +141,7 @@ class LlavaMedJson(FileBenchmark):
             answer_type = parsed.answer_type if source == "dataset" else yes_no_type(parsed.answer)
             return dataclasses.replace(parsed, image=str(image), answer_type=answer_type, meta=meta)
 
-        samples = collect(((file, label, rec) for label, rec in _records(file)), make, problems)
-        self.skipped = problems.skipped
-        return samples
+        return collect(((file, label, rec) for label, rec in _records(file)), make, problems)
 
 
 def _id(rec: Any) -> Any:

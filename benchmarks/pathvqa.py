@@ -21,7 +21,6 @@ from typing import ClassVar
 from medvqa.benchmarks._files import (
     IMAGE_SUFFIXES,
     YES_NO_RULE,
-    ImageChecker,
     OriginalOrParquetBenchmark,
     Problems,
     collect,
@@ -29,11 +28,10 @@ from medvqa.benchmarks._files import (
     parquet_image,
     read_parquet_rows,
     require,
-    resolve_inside,
-    safe_load_pickle,
     text_field,
     yes_no_type,
 )
+from medvqa.benchmarks.safety import ImageChecker, resolve_inside, safe_load_pickle
 from medvqa.errors import BadInput
 from medvqa.registry import benchmarks
 from medvqa.types import VQASample
@@ -49,8 +47,7 @@ class PathVQA(OriginalOrParquetBenchmark):
     """
 
     name = "pathvqa"
-    base_version = "1"
-    version = base_version
+    version = "1"
     splits = ("train", "val", "test")
     split_aliases: ClassVar[dict[str, str]] = {"validation": "val", "valid": "val", "validate": "val"}
     description = "PathVQA pathology VQA (original pvqa pickles + images, or Hugging Face parquet)"
@@ -61,7 +58,7 @@ class PathVQA(OriginalOrParquetBenchmark):
     def _is_original(d: Path) -> bool:
         return (d / "qas").is_dir() and (d / "images").is_dir()
 
-    def closed_rule(self, root: Path) -> str:
+    def closed_rule(self, root: Path, split: str = "test") -> str:
         return YES_NO_RULE
 
     def _sample(

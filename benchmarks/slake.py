@@ -20,15 +20,13 @@ from medvqa.benchmarks._files import (
     DATASET_RULE,
     Duplicates,
     FileBenchmark,
-    ImageChecker,
-    Problems,
     answer_type_field,
     collect,
     find_root,
     no_layout,
-    resolve_inside,
     text_field,
 )
+from medvqa.benchmarks.safety import resolve_inside
 from medvqa.errors import BadInput
 from medvqa.io import read_json
 from medvqa.registry import benchmarks
@@ -60,8 +58,7 @@ class Slake(FileBenchmark):
     """
 
     name = "slake"
-    base_version = "1"
-    version = base_version
+    version = "1"
     splits = ("train", "validate", "test")
     split_aliases: ClassVar[dict[str, str]] = {"val": "validate", "validation": "validate", "dev": "validate"}
     description = "SLAKE bilingual radiology VQA (Slake1.0 JSON + imgs/), English by default"
@@ -81,14 +78,20 @@ class Slake(FileBenchmark):
             )
         return found
 
-    def detect_layout(self, root: Path) -> str:
+    def detect_layout(self, root: Path, split: str = "test") -> str:
         return f"Slake1.0 JSON ({{train,validate,test}}.json + imgs/) at {self._locate(root)}, lang={self.options.lang}"
 
-    def closed_rule(self, root: Path) -> str:
+    def closed_rule(self, root: Path, split: str = "test") -> str:
         return f"{DATASET_RULE} (SLAKE's CLOSED includes non-yes/no answers)"
 
     def load(
-        self, split: str, root: Path, *, skip_bad: bool = False, check_images: str = "verify"
+        self,
+        split: str,
+        root: Path,
+        *,
+        skip_bad: bool = False,
+        check_images: str = "verify",
+        max_pixels: int | None = None,
     ) -> list[VQASample]:
         split = self.canonical_split(split)
         where = self._locate(root)
@@ -100,8 +103,7 @@ class Slake(FileBenchmark):
         records = read_json(file)
         if not isinstance(records, list):
             raise BadInput(f"expected a JSON list of records, got {type(records).__name__}", path=file)
-        problems = Problems(skip_bad)
-        checker = ImageChecker(check_images)
+        problems, checker = self._checks(skip_bad, check_images, max_pixels)
         dups = Duplicates(file)
         lang = self.options.lang
         image_dir = where / "imgs"
@@ -145,6 +147,4 @@ class Slake(FileBenchmark):
             (file, f"#{i} (qid {r.get('qid') if isinstance(r, dict) else None})", r)
             for i, r in enumerate(records)
         )
-        samples = collect(items, make, problems)
-        self.skipped = problems.skipped
-        return samples
+        return collect(items, make, problems)

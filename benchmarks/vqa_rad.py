@@ -20,7 +20,6 @@ from medvqa.benchmarks._files import (
     DATASET_RULE,
     YES_NO_RULE,
     Duplicates,
-    ImageChecker,
     OriginalOrParquetBenchmark,
     Problems,
     answer_type_field,
@@ -29,10 +28,10 @@ from medvqa.benchmarks._files import (
     parquet_image,
     read_parquet_rows,
     require,
-    resolve_inside,
     text_field,
     yes_no_type,
 )
+from medvqa.benchmarks.safety import ImageChecker, resolve_inside
 from medvqa.errors import BadInput
 from medvqa.io import read_json
 from medvqa.registry import benchmarks
@@ -51,8 +50,7 @@ class VQARad(OriginalOrParquetBenchmark):
     """
 
     name = "vqa-rad"
-    base_version = "1"
-    version = base_version
+    version = "1"
     splits = ("train", "test")
     description = "VQA-RAD radiology VQA (original JSON release or Hugging Face parquet)"
     original_layout = f"'{JSON_NAME}' + '{IMAGE_DIR}/'"
@@ -62,7 +60,7 @@ class VQARad(OriginalOrParquetBenchmark):
     def _is_original(d: Path) -> bool:
         return (d / JSON_NAME).is_file()
 
-    def closed_rule(self, root: Path) -> str:
+    def closed_rule(self, root: Path, split: str = "test") -> str:
         return DATASET_RULE if self._locate(root)[0] == "original" else YES_NO_RULE
 
     def _load_original(

@@ -111,22 +111,54 @@ def dataclass_from_args(
     return cls(**values)
 
 
-def dataclass_from_mapping(cls: type[C], data: Mapping[str, Any], *, where: str = "config") -> C:
-    """Instance of `cls` from a TOML/JSON table, checking keys and scalar types."""
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _from_string(value: str, base: Any) -> Any:
+    """A CLI string (`-O lang=zh`, `--benchmark-options max=3`) as the field's scalar type, if it parses."""
+    if base is bool and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    if base in (int, float):
+        try:
+            return base(value)
+        except ValueError:
+            return value
+    return value
+
+
+def dataclass_from_mapping(
+    cls: type[C],
+    data: Mapping[str, Any],
+    *,
+    where: str = "config",
+    what: str = "key",
+    from_strings: bool = False,
+) -> C:
+    """Instance of `cls` from a TOML/JSON table, checking keys and scalar types.
+
+    The one mapping → dataclass converter: `from_strings=True` also accepts the text a command line
+    gives (`"true"`, `"3"`, `"0.5"`) for bool/int/float fields. `what` names a key in messages
+    ("option" for benchmark options).
+    """
     known = {f.name: tp for f, tp in _fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise BadInput(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        raise BadInput(f"{where}: unknown {what}(s) {unknown}; known: {sorted(known) or 'none'}")
     values = {}
     for key, value in data.items():
         base, nullable = _base_type(known[key])
         if value is None and nullable:
             values[key] = None
             continue
+        if from_strings and isinstance(value, str):
+            value = _from_string(value, base)
         origin = typing.get_origin(base)
         ok = True
         if origin is typing.Literal:
             ok = value in typing.get_args(base)
+            if not ok:
+                choices = list(typing.get_args(base))
+                raise BadInput(f"{where}: {what} {key!r} must be one of {choices}, got {value!r}")
         elif origin in (list, tuple):
             ok = isinstance(value, list)
             value = tuple(value) if origin is tuple else list(value)
@@ -136,7 +168,8 @@ def dataclass_from_mapping(cls: type[C], data: Mapping[str, Any], *, where: str 
         elif base in (int, str, bool):
             ok = isinstance(value, base) and not (base is int and isinstance(value, bool))
         if not ok:
-            raise BadInput(f"{where}: key {key!r} must be {base}, got {value!r}")
+            shown = getattr(base, "__name__", base)
+            raise BadInput(f"{where}: {what} {key!r} must be {shown}, got {value!r}")
         values[key] = value
     return cls(**values)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import email.utils
-import hashlib
 import logging
 import math
 import os
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from medvqa.benchmarks.safety import image_sha256  # noqa: F401 - re-exported for the OpenAI callers
 from medvqa.errors import BadInput, EndpointError
 
 log = logging.getLogger(__name__)
@@ -185,11 +185,6 @@ def image_data_url(image: str | os.PathLike[str] | bytes) -> str:
             f"image cannot be decoded ({exc.__class__.__name__})", path=where, field="image"
         ) from None
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def image_sha256(image: str | os.PathLike[str] | bytes) -> str:
-    """Content hash of an image (cache keys use content, so a moved data folder still hits)."""
-    return hashlib.sha256(read_image_bytes(image)).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -35,6 +35,10 @@ CLOSED_YES_NO = "Please choose from the following two options: [yes, no]"
 IMAGE_PLACEHOLDER = "<image>"
 
 DEFAULT_POLICY = "short-answer"
+# What the trainers ask a model to do with an image: STLLaVA-Med's self-questioning and the align
+# stage's captions. One source, so the tiny model's vocabulary (Phantom's corpus) always covers them.
+ASK_INSTRUCTION = "Ask a question about this image."
+CAPTION_INSTRUCTION = "Describe this image."
 
 
 @dataclass(frozen=True)

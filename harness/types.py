@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -193,25 +193,107 @@ class Expert(Protocol):
     def judge(self, image: str | bytes, question: str, answers: Sequence[str]) -> list[float] | None: ...
 
 
-class Benchmark:
-    """Base class of a benchmark: a name, a version, splits, and a loader.
+@dataclass(frozen=True)
+class NoOptions:
+    """This benchmark takes no options."""
 
-    Subclasses register themselves with `@benchmarks.register("name")` and implement `load`.
-    `closed_rule` says how CLOSED is defined ("dataset answer_type" or "gold answer is yes/no"),
-    because it changes the split and every report must say which was used.
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """A record a loader skipped under `skip_bad`: where it was and why.
+
+    Every benchmark lists these in `Benchmark.skipped` after `load`, so an eval can count them in
+    `scores.json` and list them in `skipped.jsonl` instead of letting `n` shrink silently.
+    """
+
+    error: str  # the full one-line message (file, record, field, what is wrong)
+    path: str = ""
+    record: str = ""
+    field: str = ""
+
+    @classmethod
+    def from_error(cls, exc: Exception) -> SkippedRecord:
+        def text(value: object) -> str:
+            return "" if value is None else str(value)
+
+        return cls(
+            error=str(exc),
+            path=text(getattr(exc, "path", None)),
+            record=text(getattr(exc, "record", None)),
+            field=text(getattr(exc, "field", None)),
+        )
+
+    def to_json(self) -> dict[str, str]:
+        return {"stage": "load", **asdict(self)}
+
+    def __str__(self) -> str:
+        return self.error
+
+
+class Benchmark:
+    """Base class of a benchmark: the whole contract callers may rely on, declared here.
+
+    Subclasses register themselves with `@benchmarks.register("name")` (the registry refuses a class
+    that is not a `Benchmark`) and implement `load` (and usually `detect_layout`, `closed_rule`).
+
+    - `Options`: a frozen dataclass, one field per option with its default and `metadata={"help"}`;
+      `Benchmark(**options)` converts (CLI strings too) and validates them. A non-default option is
+      part of `version`, so predictions cached for one setting are never served for another.
+    - `load(split, root, *, skip_bad, check_images, max_pixels)`: every benchmark takes every keyword;
+      afterwards `skipped` lists the records skipped under `skip_bad=True` (`SkippedRecord`s).
+    - `closed_rule(root, split)`: how CLOSED is defined ("dataset answer_type" or "gold answer is
+      yes/no"), because it changes the split and every report must say which was used.
+    - `prompt_policy`: the prompt policy of this benchmark's convention ("" = the harness default).
+    - `has_captions` / `load_captions(root, split)`: one caption per image, for the align stage.
     """
 
     name: ClassVar[str] = ""
-    version: ClassVar[str] = "0"
+    version: str = "0"  # the class's version; an instance with non-default options extends it
     splits: ClassVar[tuple[str, ...]] = ("train", "test")
     description: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    prompt_policy: ClassVar[str] = ""
+    has_captions: ClassVar[bool] = False
 
-    def detect_layout(self, root: Path) -> str:
+    def __init__(self, **options: Any):
+        from medvqa.config import dataclass_from_mapping
+
+        self.options = dataclass_from_mapping(
+            self.Options, options, where=f"benchmark {self.name!r}", what="option", from_strings=True
+        )
+        changed = {
+            f.name: getattr(self.options, f.name)
+            for f in fields(self.options)
+            if getattr(self.options, f.name) != f.default
+        }
+        self.version = f"{type(self).version}" + "".join(f"+{k}={v}" for k, v in sorted(changed.items()))
+        self.skipped: list[SkippedRecord] = []
+
+    def detect_layout(self, root: Path, split: str = "test") -> str:
         """Which of the known on-disk layouts `root` holds (raise BadInput if none)."""
         raise NotImplementedError
 
-    def closed_rule(self, root: Path) -> str:
+    def closed_rule(self, root: Path, split: str = "test") -> str:
         return "dataset answer_type"
 
-    def load(self, split: str, root: Path, *, skip_bad: bool = False) -> list[VQASample]:
+    def load(
+        self,
+        split: str,
+        root: Path,
+        *,
+        skip_bad: bool = False,
+        check_images: str = "verify",
+        max_pixels: int | None = None,
+    ) -> list[VQASample]:
+        """The samples of `split` under `root`; a bad record is a BadInput, or skipped into `skipped`.
+
+        `check_images`: "exists", "verify" (parse, the default) or "decode" (every pixel).
+        `max_pixels`: the pixel cap above which an image is refused (None: the harness default; 0: none).
+        """
         raise NotImplementedError
+
+    def load_captions(self, root: Path, split: str) -> list[Mapping[str, str]]:
+        """`{"image_id", "image" (absolute, inside root), "caption"}` per image, where `has_captions`."""
+        from medvqa.errors import BadInput
+
+        raise BadInput(f"benchmark {self.name!r} has no captions")

@@ -97,7 +97,7 @@ def test_errors_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
         (["inspect", "nope", "--root", "."], "unknown benchmark 'nope'; known: "),
         (["inspect", "vqa-rad", "--root", "ROOT", "--lang", "zh"], "--lang applies to slake"),
         (["inspect", "slake", "--root", "ROOT", "-O", "lang"], "--option expects KEY=VALUE"),
-        (["inspect", "slake", "--root", "ROOT", "-O", "colour=red"], "has no option(s) ['colour']"),
+        (["inspect", "slake", "--root", "ROOT", "-O", "colour=red"], "unknown option(s) ['colour']"),
         (["inspect", "vqa-rad", "--root", "ROOT"], "no known vqa-rad layout here"),
         (["inspect", "slake", "--root", "ROOT/missing"], "data root does not exist"),
     ],

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from medvqa.benchmarks.phantom import (
-    ASK_INSTRUCTION,
     COUNT_WORDS,
     MODALITIES,
     SLOTS,
@@ -32,6 +31,7 @@ from medvqa.benchmarks.phantom import (
     write_phantom,
 )
 from medvqa.errors import BadInput
+from medvqa.prompts import ASK_INSTRUCTION
 from medvqa.registry import benchmarks
 
 SMALL = PhantomConfig(seed=3, train_images=60, test_images=20, size=32)
@@ -263,7 +263,7 @@ def test_unknown_split_and_bad_records(built, tmp_path):
         Phantom().load("test", copy)
     phantom = Phantom()
     kept = phantom.load("test", copy, skip_bad=True)
-    assert len(kept) == len(lines) - 1 and phantom.n_skipped == 1
+    assert len(kept) == len(lines) - 1 and len(phantom.skipped) == 1
     lines[0] = json.dumps({**bad, "image": json.loads(lines[1])["image"]})
     (copy / "test/samples.jsonl").write_text("\n".join(lines) + "\n")
     assert len(Phantom().load("test", copy)) == len(lines)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medvqa.errors import BadInput
+
+if TYPE_CHECKING:
+    from medvqa.types import Benchmark
 
 ORDER = 10
 
@@ -36,6 +39,8 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 
 
 def _add_benchmark_args(p: argparse.ArgumentParser, *, split: bool = True) -> None:
+    from medvqa.benchmarks.safety import DEFAULT_MAX_PIXELS
+
     p.add_argument("benchmark", metavar="BENCHMARK", help="a registered benchmark (see `medvqa benchmarks`)")
     p.add_argument("--root", required=True, type=Path, help="the data folder (or its parent)")
     if split:
@@ -60,6 +65,14 @@ def _add_benchmark_args(p: argparse.ArgumentParser, *, split: bool = True) -> No
         default=None,
         help="how hard to check each image: exists, verify (parse the file; the default) or decode "
         "(every pixel: also catches truncated JPEGs, slower)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        metavar="N",
+        help="refuse an image of more than N pixels before decoding it (a decompression bomb; "
+        f"default: {DEFAULT_MAX_PIXELS:,}; 0: no cap)",
     )
     p.add_argument(
         "--skip-bad",
@@ -202,58 +215,33 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
     options: dict[str, Any] = parse_options(args.option)
     if args.lang is not None:
-        if args.benchmark != "slake" and "lang" not in options:
-            from medvqa.benchmarks._files import option_fields
-            from medvqa.registry import benchmarks
+        import dataclasses
 
-            cls = benchmarks.get(args.benchmark)
-            fields = [f[0] for f in option_fields(cls.Options)] if getattr(cls, "Options", None) else []
-            if "lang" not in fields:
-                raise BadInput(
-                    f"--lang applies to slake; benchmark {args.benchmark!r} has no language option"
-                )
+        from medvqa.registry import benchmarks
+
+        if "lang" not in {f.name for f in dataclasses.fields(benchmarks.get(args.benchmark).Options)}:
+            raise BadInput(f"--lang applies to slake; benchmark {args.benchmark!r} has no language option")
         options["lang"] = args.lang
     return options
 
 
-def _benchmark(args: argparse.Namespace) -> Any:
+def _benchmark(args: argparse.Namespace) -> Benchmark:
     from medvqa.benchmarks import make_benchmark
 
     return make_benchmark(args.benchmark, _options(args))
 
 
-def _load(
-    bench: Any, split: str, root: Path, skip_bad: bool, check_images: str | None = None
-) -> tuple[list[Any], list[str], int]:
-    """(samples, skipped messages, number skipped) — file benchmarks keep messages, others a count."""
-    import inspect
-
-    kwargs: dict[str, Any] = {"skip_bad": skip_bad}
-    if check_images is not None:
-        if "check_images" not in inspect.signature(bench.load).parameters:
-            raise BadInput(f"--check-images does not apply to benchmark {bench.name!r}")
-        kwargs["check_images"] = check_images
-    samples = bench.load(split, root, **kwargs)
-    messages = list(getattr(bench, "skipped", []) or [])
-    n_skipped = len(messages) if messages else int(getattr(bench, "n_skipped", 0) or 0)
-    return samples, messages, n_skipped
-
-
-def _takes_split(method: Any) -> bool:
-    import inspect
-
-    return "split" in inspect.signature(method).parameters
-
-
-def _closed_rule(bench: Any, root: Path, split: str) -> str:
-    """The closed rule; llava-med-json looks at the split's own file, so it takes the split too."""
-    return bench.closed_rule(root, split) if _takes_split(bench.closed_rule) else bench.closed_rule(root)
-
-
-def _layout(bench: Any, root: Path, split: str) -> str:
-    return (
-        bench.detect_layout(root, split) if _takes_split(bench.detect_layout) else bench.detect_layout(root)
+def _load(bench: Benchmark, split: str, args: argparse.Namespace) -> tuple[list[Any], list[str], int]:
+    """(samples, skipped messages, number skipped) through the `Benchmark.load` contract."""
+    samples = bench.load(
+        split,
+        args.root,
+        skip_bad=args.skip_bad,
+        check_images=args.check_images or "verify",
+        max_pixels=args.max_pixels,
     )
+    messages = [str(s) for s in bench.skipped]
+    return samples, messages, len(messages)
 
 
 # ------------------------------------------------------------------------------------------ inspect
@@ -263,8 +251,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     from medvqa.benchmarks._files import is_yes_no
 
     bench = _benchmark(args)
-    layout = _layout(bench, args.root, args.split)
-    samples, skipped, n_skipped = _load(bench, args.split, args.root, args.skip_bad, args.check_images)
+    layout = bench.detect_layout(args.root, args.split)
+    samples, skipped, n_skipped = _load(bench, args.split, args)
     split = samples[0].split if samples else args.split
     n_open = sum(s.answer_type == "OPEN" for s in samples)
     n_closed = len(samples) - n_open
@@ -276,7 +264,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         "layout": layout,
         "root": str(args.root),
         "split": split,
-        "closed_rule": _closed_rule(bench, args.root, args.split),
+        "closed_rule": bench.closed_rule(args.root, args.split),
         "n": len(samples),
         "n_open": n_open,
         "n_closed": n_closed,
@@ -313,7 +301,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_overlap(args: argparse.Namespace) -> int:
-    from medvqa.benchmarks._files import image_sha256
+    from medvqa.benchmarks.safety import image_sha256
 
     bench = _benchmark(args)
     hashes: dict[str, dict[str, str]] = {}  # split -> sha256 -> image id
@@ -321,7 +309,7 @@ def run_overlap(args: argparse.Namespace) -> int:
     n_skipped = 0
     cache: dict[str, str] = {}
     for split in (args.train_split, args.test_split):
-        samples, _, skipped = _load(bench, split, args.root, args.skip_bad, args.check_images)
+        samples, _, skipped = _load(bench, split, args)
         n_skipped += skipped
         seen: dict[str, str] = {}
         digests = []
@@ -330,10 +318,7 @@ def run_overlap(args: argparse.Namespace) -> int:
             if key is not None and key in cache:
                 digest = cache[key]
             else:
-                try:
-                    digest = image_sha256(s.image)
-                except OSError as exc:
-                    raise BadInput(f"cannot read image ({exc.strerror})", path=s.image, record=s.id) from None
+                digest = image_sha256(s.image)
                 if key is not None:
                     cache[key] = digest
             seen.setdefault(digest, s.image_id)
@@ -346,7 +331,7 @@ def run_overlap(args: argparse.Namespace) -> int:
     out = {
         "benchmark": bench.name,
         "benchmark_version": bench.version,
-        "layout": _layout(bench, args.root, args.test_split),
+        "layout": bench.detect_layout(args.root, args.test_split),
         "splits": [args.train_split, args.test_split],
         "n_images": {args.train_split: len(a), args.test_split: len(b)},
         "n_shared_images": len(shared),
@@ -394,7 +379,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from medvqa.answer_files import write_llava_med_test_json
 
     bench = _benchmark(args)
-    samples, _, n_skipped = _load(bench, args.split, args.root, args.skip_bad, args.check_images)
+    samples, _, n_skipped = _load(bench, args.split, args)
     out = Path(args.out)
     images_dir = Path(args.images) if args.images else out.parent / "images"
     real_root = Path(args.root).resolve()

@@ -140,10 +140,8 @@ def _caption_samples(args: argparse.Namespace, bench: Any) -> list[Any]:
                     "caption": rec["caption"],
                 }
             )
-    elif args.benchmark == "phantom":
-        from medvqa.benchmarks.phantom import load_captions
-
-        records = load_captions(args.root, args.split)
+    elif bench.has_captions:
+        records = bench.load_captions(args.root, args.split)
     else:
         raise BadInput(
             f"the align trainer needs captions: benchmark {args.benchmark!r} has none; pass --captions FILE"
@@ -178,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(trainer_cls, args)
     bench = benchmarks.get(args.benchmark)()
     if not cfg.prompt_policy:
-        cfg = dataclasses.replace(cfg, prompt_policy=getattr(bench, "prompt_policy", "") or "")
+        cfg = dataclasses.replace(cfg, prompt_policy=bench.prompt_policy)
     if args.show_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0

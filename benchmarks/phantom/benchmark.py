@@ -1,0 +1,99 @@
+"""The Phantom `Benchmark`: registry name `phantom`, loading a folder written by `write_phantom`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from medvqa.benchmarks._files import FileBenchmark, collect
+from medvqa.benchmarks.phantom.files import inside, load_captions, read_manifest, split_file
+from medvqa.benchmarks.phantom.taxonomy import GENERATOR_VERSION, SPLITS
+from medvqa.benchmarks.safety import ImageChecker
+from medvqa.errors import BadInput
+from medvqa.registry import benchmarks
+from medvqa.types import VQASample
+
+
+@benchmarks.register("phantom")
+class Phantom(FileBenchmark):
+    """Phantom: synthetic radiology-like VQA (ct/mri/x-ray, head/chest/abdomen, lesions), built offline."""
+
+    name = "phantom"
+    version = GENERATOR_VERSION
+    splits = SPLITS
+    description = (
+        "Procedurally generated radiology-like VQA (modality, region, plane, lesions), deterministic from a "
+        "seed; the embedded default of the CPU demo."
+    )
+    has_captions = True
+
+    def detect_layout(self, root: Path, split: str = "test") -> str:
+        manifest = read_manifest(root)
+        config = manifest.get("config", {})
+        return (
+            f"phantom generator v{manifest['version']} (seed {config.get('seed')}, {config.get('size')} px, "
+            f"data key {manifest.get('data_key')})"
+        )
+
+    def closed_rule(self, root: Path, split: str = "test") -> str:
+        return "dataset answer_type (generated yes/no questions)"
+
+    def load_captions(self, root: Path, split: str) -> list[Mapping[str, str]]:
+        return load_captions(root, split)
+
+    def load(
+        self,
+        split: str,
+        root: Path,
+        *,
+        skip_bad: bool = False,
+        check_images: str = "verify",
+        max_pixels: int | None = None,
+    ) -> list[VQASample]:
+        from medvqa.io import iter_jsonl
+
+        root = Path(root)
+        problems, checker = self._checks(skip_bad, check_images, max_pixels)
+        path = split_file(root, split, "samples.jsonl")
+        seen: set[str] = set()
+
+        def make(file: Path, lineno: Any, record: Any) -> VQASample:
+            return self._sample(root, file, lineno, record, split, seen, checker)
+
+        return collect(((path, lineno, record) for lineno, record in iter_jsonl(path)), make, problems)
+
+    @staticmethod
+    def _sample(
+        root: Path, path: Path, lineno: int, record: Any, split: str, seen: set[str], checker: ImageChecker
+    ) -> VQASample:
+        where = {"path": path, "record": f"line {lineno}"}
+        if not isinstance(record, dict):
+            raise BadInput("expected a JSON object", **where)
+        for key in ("id", "image", "question", "answer", "answer_type"):
+            if not isinstance(record.get(key), str) or not record[key].strip():
+                raise BadInput("missing or empty field", **where, field=key)
+        if record["answer_type"] not in ("OPEN", "CLOSED"):
+            raise BadInput(
+                f"answer_type must be OPEN or CLOSED, got {record['answer_type']!r}",
+                **where,
+                field="answer_type",
+            )
+        if record["id"] in seen:
+            raise BadInput(f"duplicate question id {record['id']!r}", **where, field="id")
+        seen.add(record["id"])
+        image = inside(root, record["image"], path, lineno, "image")
+        checker.check(image, path=path, index=f"line {lineno}", field="image")
+        meta = record.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise BadInput(f"expected an object, got {type(meta).__name__}", **where, field="meta")
+        return VQASample(
+            id=record["id"],
+            image=str(image),
+            question=record["question"],
+            answer=record["answer"],
+            answer_type=record["answer_type"],
+            benchmark="phantom",
+            split=split,
+            meta=dict(meta),
+        )
