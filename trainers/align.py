@@ -20,8 +20,6 @@ from medvqa.trainers.base import TrainerPlugin
 from medvqa.trainers.config import TrainConfig
 from medvqa.types import Checkpoint, TrainRequest
 
-CAPTION_INSTRUCTION = "Describe this image."
-
 
 @dataclass
 class AlignConfig(TrainConfig):

@@ -121,7 +121,7 @@ def _caption_samples(args: argparse.Namespace, bench: Any) -> list[Any]:
     """Caption records as VQASamples (question = the describe-instruction, answer = the caption)."""
     from medvqa.errors import BadInput
     from medvqa.io import iter_jsonl
-    from medvqa.trainers.align import CAPTION_INSTRUCTION
+    from medvqa.prompts import CAPTION_INSTRUCTION
     from medvqa.types import VQASample
 
     records = []
