@@ -5,6 +5,12 @@ Built-ins are declared as "module:attr" strings so that listing names (or `medvq
 imports nothing heavy; the module is imported on first `get`, and its `@registry.register`
 decorator then replaces the string with the class. Third-party packages add entries through the
 entry-point groups `medvqa.benchmarks`, `medvqa.trainers`, `medvqa.experts`, `medvqa.models`.
+
+A registry with a `base` accepts only subclasses of it (lm-eval checks its models against `LM`
+the same way): a benchmark that is not a `Benchmark` is refused where it is registered, so callers
+can rely on the base class's contract instead of probing with `getattr`. A name declared lazily
+("module:attr") can only be taken by that target: another class registering the name is an error,
+not a silent replacement.
 """
 
 from __future__ import annotations
@@ -19,20 +25,59 @@ from medvqa.errors import BadInput
 T = TypeVar("T")
 
 
+def _is_target(obj: Any, target: str) -> bool:
+    """Whether `obj` is what the lazy `"module:attr"` names (defined in that module or a submodule)."""
+    module_name, _, attr = target.partition(":")
+    module = getattr(obj, "__module__", None) or ""
+    in_module = module == module_name or module.startswith(module_name + ".")
+    return in_module and (not attr or getattr(obj, "__name__", None) == attr)
+
+
 class Registry(Generic[T]):
-    def __init__(self, kind: str, entry_point_group: str, builtins: dict[str, str] | None = None):
+    def __init__(
+        self,
+        kind: str,
+        entry_point_group: str,
+        builtins: dict[str, str] | None = None,
+        *,
+        base: type | str | None = None,
+    ):
+        """`base`: the class every entry must subclass, or its "module:attr" (imported on first check)."""
         self.kind = kind
         self.entry_point_group = entry_point_group
         self._targets: dict[str, T | str] = dict(builtins or {})
         self._plugins_loaded = False
+        self._base = base
+
+    def _base_class(self) -> type | None:
+        if isinstance(self._base, str):
+            module_name, _, attr = self._base.partition(":")
+            self._base = getattr(importlib.import_module(module_name), attr)
+        return self._base
+
+    def _problem(self, name: str, obj: Any) -> str | None:
+        base = self._base_class()
+        if base is None or (isinstance(obj, type) and issubclass(obj, base)):
+            return None
+        shown = getattr(obj, "__qualname__", repr(obj))
+        return f"{self.kind} {name!r}: {shown} is not a subclass of {base.__module__}.{base.__qualname__}"
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: `@benchmarks.register("vqa-rad")` on a class (or factory)."""
 
         def decorate(obj: T) -> T:
             current = self._targets.get(name)
+            if isinstance(current, str) and not _is_target(obj, current):
+                shown = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', obj)}"
+                raise ValueError(
+                    f"{self.kind} {name!r} is declared as {current!r}; {shown} may not replace it "
+                    "(register it under another name)"
+                )
             if current is not None and not isinstance(current, str) and current is not obj:
                 raise ValueError(f"{self.kind} {name!r} is already registered to {current!r}")
+            problem = self._problem(name, obj)
+            if problem is not None:
+                raise TypeError(problem)
             self._targets[name] = obj
             return obj
 
@@ -69,7 +114,11 @@ class Registry(Generic[T]):
             obj: Any = getattr(module, attr) if attr else module
             # The import normally ran the decorator; keep whatever it registered, else the attr.
             resolved = self._targets.get(name)
-            self._targets[name] = obj if isinstance(resolved, str) else resolved
+            if isinstance(resolved, str):  # not registered by a decorator (e.g. an entry-point plug-in)
+                problem = self._problem(name, obj)
+                if problem is not None:
+                    raise BadInput(f"{problem} (from {target!r})")
+                self._targets[name] = obj
             target = self._targets[name]
         return target  # type: ignore[return-value]
 
@@ -82,7 +131,8 @@ class Registry(Generic[T]):
 benchmarks: Registry[Any] = Registry(
     "benchmark",
     "medvqa.benchmarks",
-    {
+    base="medvqa.types:Benchmark",
+    builtins={
         "vqa-rad": "medvqa.benchmarks.vqa_rad:VQARad",
         "slake": "medvqa.benchmarks.slake:Slake",
         "pathvqa": "medvqa.benchmarks.pathvqa:PathVQA",
@@ -94,7 +144,8 @@ benchmarks: Registry[Any] = Registry(
 trainers: Registry[Any] = Registry(
     "trainer",
     "medvqa.trainers",
-    {
+    base="medvqa.trainers.base:TrainerPlugin",
+    builtins={
         "align": "medvqa.trainers.align:AlignTrainer",
         "sft": "medvqa.trainers.sft:SFTTrainerPlugin",
         "stllava-med": "medvqa.trainers.stllava_med:STLLaVAMedTrainer",
