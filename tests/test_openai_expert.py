@@ -36,6 +36,7 @@ def make_expert(fake, tmp_path, **overrides) -> OpenAIExpert:
         backoff_initial=0.01,
         backoff_max=0.05,
         cache_path=str(tmp_path / "judge-cache.sqlite"),
+        root=str(tmp_path),
     )
     cls = experts.get("openai")
     return cls(cls.config_class(**{**config.__dict__, **overrides}))
@@ -299,6 +300,7 @@ def test_medvqa_stllava_judge_with_the_openai_expert(
     )
     argv = ["stllava", "judge", "--answers", str(run / "answers.jsonl"), "--out", str(run / "judged.jsonl")]
     argv += ["--expert", "openai", "--expert-model", "judge-vlm", "--base-url", fake_openai.base_url]
+    argv += ["--root", str(tmp_path)]
     assert main(argv) == 0
     judged = {r["id"]: r for r in map(json.loads, (run / "judged.jsonl").read_text().splitlines())}
     assert judged["a-q0"]["scores"] == [2.0, 9.0] and judged["b-q0"]["scores"] == [7.0, 7.0]
@@ -377,3 +379,88 @@ def test_judge_step_does_not_record_failed_requests_so_a_rerun_asks_again(
     counts = st.judge_answers(answers, judged, expert)
     assert counts == {"judged": 2, "unjudgeable": 0, "failed": 0}
     assert {r["id"] for r in map(json.loads, judged.read_text().splitlines())} == {"a-q0", "b-q0"}
+
+
+# --- what comes back is stored safely, what goes out is confined (issue 11, items 6, 11, 13) -------
+
+
+def test_a_lone_surrogate_in_a_judge_reply_is_cached_and_judged(
+    fake_openai, fake_key, images, tmp_path
+) -> None:
+    (a, _), _ = images
+    fake_openai.reply = lambda body: "8 3\nAnswer 1 \ud800 is right."
+    expert = make_expert(fake_openai, tmp_path)
+    (j,) = expert.judge_many_detailed([(str(a), "Is it normal?", ["yes", "no"])])
+    assert j.status == "ok" and j.scores == [8.0, 3.0] and "\ufffd" in j.reply
+    expert.close()
+    again = make_expert(fake_openai, tmp_path)
+    assert again.judge(str(a), "Is it normal?", ["yes", "no"]) == [8.0, 3.0]
+    assert fake_openai.n_requests == 1 and again.counts()["cache_hits"] == 1
+
+
+def test_content_null_judge_reply_is_a_failed_request(fake_openai, fake_key, images, tmp_path) -> None:
+    (a, _), _ = images
+    fake_openai.reply = lambda body: None
+    expert = make_expert(fake_openai, tmp_path)
+    (j,) = expert.judge_many_detailed([(str(a), "Is it normal?", ["yes", "no"])])
+    assert j.status == "failed" and j.scores is None and "no content" in j.error
+    assert expert.counts()["failed"] == 1
+    fake_openai.reply = lambda body: "8 3"
+    assert expert.judge(str(a), "Is it normal?", ["yes", "no"]) == [8.0, 3.0]  # asked again: not cached
+    assert fake_openai.n_requests == 2
+
+
+def test_a_key_echoed_in_a_judge_reply_is_not_stored(fake_openai, images, tmp_path, monkeypatch) -> None:
+    (a, _), _ = images
+    key = "medvqa-local-judge-secret-4242"
+    monkeypatch.setenv("MEDVQA_TEST_KEY", key)
+    fake_openai.reply = lambda body: f"8 3\nauth was {fake_openai.auth[-1]}"
+    expert = make_expert(fake_openai, tmp_path, max_concurrency=1)
+    (j,) = expert.judge_many_detailed([(str(a), "Is it normal?", ["yes", "no"])])
+    expert.close()
+    assert j.scores == [8.0, 3.0] and key not in j.reply and "Bearer ***" in j.reply
+    assert files_containing(tmp_path, key) == []
+
+
+def test_judge_uploads_only_images_inside_the_declared_root(fake_openai, fake_key, tmp_path) -> None:
+    """Paths named in answers.jsonl are not trusted: absolute paths outside the root, `..`, an
+    escaping symlink and a missing root are refused before anything is sent."""
+    root = tmp_path / "data"
+    root.mkdir()
+    inside = root / "a.png"
+    write_png(inside)
+    secret = tmp_path / "private.png"
+    write_png(secret, (1, 2, 3))
+    (root / "link.png").symlink_to(secret)
+    fake_openai.reply = lambda body: "8 3"
+    expert = make_expert(fake_openai, tmp_path, root=str(root))
+    assert expert.judge(str(inside), "q?", ["a", "b"]) == [8.0, 3.0]
+    assert expert.judge("a.png", "q?", ["a", "b"]) == [8.0, 3.0]  # relative to the root
+    for bad in (str(secret), "../private.png", str(root / ".." / "private.png"), "link.png", "/etc/hostname"):
+        with pytest.raises(BadInput, match="field 'image'"):
+            expert.judge(bad, "q?", ["a", "b"])
+    with pytest.raises(BadInput, match="declared folder"):
+        make_expert(fake_openai, tmp_path, root="").judge(str(inside), "q?", ["a", "b"])
+    assert fake_openai.n_requests == 1  # the second judgment came from the cache; nothing else went out
+
+
+def test_stllava_judge_refuses_an_image_outside_root(
+    fake_openai, images, tmp_path, monkeypatch, capsys
+) -> None:
+    import json
+
+    from medvqa.cli import main
+
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    (a, _), _ = images
+    (tmp_path / "data").mkdir()
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(
+        json.dumps({"id": "x", "image": str(a), "question": "q?", "answers": ["a", "b"]}) + "\n"
+    )
+    argv = ["stllava", "judge", "--answers", str(answers), "--out", str(tmp_path / "judged.jsonl")]
+    argv += ["--expert", "openai", "--base-url", fake_openai.base_url, "--root", str(tmp_path / "data")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "outside the declared root" in err and len(err.strip().splitlines()) == 1
+    assert fake_openai.n_requests == 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -187,6 +188,14 @@ class OpenAIExpertConfig:
             "help": "also judge each item with the answers in reverse order and average (against position bias; 2x cost)"
         },
     )
+    root: str = field(
+        default="",
+        metadata={
+            "help": "the folder judged images must lie in (absolute paths inside it, or relative to it): "
+            "image files are uploaded to the endpoint, so none is read from anywhere else; required "
+            "for image paths (stllava judge --root)"
+        },
+    )
     cache: bool = field(default=True, metadata={"help": "store every reply in the SQLite cache and reuse it"})
     cache_path: str | None = field(
         default=None,
@@ -241,6 +250,31 @@ def _combine_swapped(first: Judgment, swapped: Judgment) -> Judgment:
     scores = [(a + b) / 2 for a, b in zip(first.scores, reversed(swapped.scores), strict=True)]
     reply = f"{first.reply}\n---- answers swapped ----\n{swapped.reply}"
     return Judgment(scores, "ok", reply, cached=cached)
+
+
+def confine_image(image: str, root: str, *, record: object) -> str:
+    """The real path of `image` if it lies inside `root` (paths from a file are not trusted: the
+    judge uploads what they name). Absolute paths must lead inside `root`, relative ones are taken
+    from it; `..`, escaping symlinks and a missing root are BadInput naming the record."""
+    from medvqa.benchmarks.safety import resolve_inside
+
+    if not isinstance(image, str) or not image.strip():
+        raise BadInput("image must be a path or image bytes", record=record, field="image")
+    if not root:
+        raise BadInput(
+            f"image {image!r}: the openai judge uploads image files, so it reads them only from a "
+            "declared folder; give it (stllava judge --root DIR, or the expert's root)",
+            record=record,
+            field="image",
+        )
+    rel = os.path.relpath(image, root) if os.path.isabs(image) else image
+    if rel == ".." or rel.startswith(".." + os.sep):
+        raise BadInput(
+            f"image {image!r} lies outside the declared root {root}; refused (nothing outside it is uploaded)",
+            record=record,
+            field="image",
+        )
+    return str(resolve_inside(Path(root), rel, path=None, index=record, field="image"))
 
 
 def _as_item(obj: Any, index: int) -> JudgeItem:
@@ -393,6 +427,14 @@ class OpenAIExpert:
             },
         ]
 
+    def _confined(self, item: JudgeItem, index: int) -> JudgeItem:
+        """`item` with its image path resolved inside the declared `root` (refused elsewhere)."""
+        if isinstance(item.image, bytes):
+            return item
+        return JudgeItem(
+            confine_image(item.image, self.config.root, record=index), item.question, item.answers
+        )
+
     # -- judging -----------------------------------------------------------------------------------
 
     def judge(self, image: str | bytes, question: str, answers: Sequence[str]) -> list[float] | None:
@@ -414,7 +456,7 @@ class OpenAIExpert:
 
         With `swap_check`, each item is also judged with its answers in reverse order and the two
         score lists are averaged (a failed or malformed half makes the item failed / malformed)."""
-        parsed = [_as_item(obj, i) for i, obj in enumerate(items)]
+        parsed = [self._confined(_as_item(obj, i), i) for i, obj in enumerate(items)]
         self._count("items", len(parsed))
         results: list[Judgment | None] = [None] * len(parsed)
 
