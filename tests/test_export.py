@@ -160,3 +160,76 @@ def test_bad_runs_are_one_line(eval_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "scores.json" in err and "closed_accuracy" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+# --- STLLaVA-Med preference pairs → trl's vision DPO format ------------------------------------
+
+
+@pytest.fixture()
+def pairs_file(tmp_path, phantom_root) -> Path:
+    """A stage-2 pairs.jsonl in the trainer's format, on real Phantom images."""
+    images = sorted((phantom_root).rglob("*.png"))[:3]
+    pairs = [
+        {
+            "id": f"img{i}-q0",
+            "image": str(image),
+            "prompt": "is there a lesion in the liver?",
+            "answer_type": "CLOSED",
+            "chosen": "yes",
+            "rejected": "no",
+            "scores": [10.0, 0.0],
+        }
+        for i, image in enumerate(images)
+    ]
+    pairs.append({**pairs[0]})  # a pair written twice (two writers) is exported once
+    path = tmp_path / "ckpt" / "stages" / "pairs.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return path
+
+
+def test_pairs_export_is_a_trl_vision_dpo_dataset(pairs_file, tmp_path, tiny_model_dir):
+    import datasets
+    from transformers import AutoProcessor
+    from trl.data_utils import is_conversational, prepare_multimodal_messages
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    out = tmp_path / "exp"
+    assert main(["export", str(pairs_file.parents[1]), "--format", "trl-dpo", "--out", str(out)]) == 0
+    from_disk = datasets.load_from_disk(str(out / "disk"))
+    from_parquet = datasets.load_dataset("parquet", data_files=str(out / "data" / "*.parquet"), split="train")
+    for ds in (from_disk, from_parquet):
+        assert len(ds) == 3
+        assert {"images", "prompt", "chosen", "rejected"} <= set(ds.column_names)
+        assert isinstance(ds.features["images"], datasets.List)
+        assert isinstance(ds.features["images"].feature, datasets.Image)
+    row = from_parquet[0]
+    assert row["images"][0].size == (32, 32)  # the bytes travelled with the export
+    assert is_conversational(row)
+    assert row["chosen"][0]["role"] == "assistant" and row["chosen"][0]["content"][0]["text"] == "yes"
+    assert "is there a lesion in the liver?" in row["prompt"][-1]["content"][-1]["text"]
+    filled = prepare_multimodal_messages(row["prompt"], images=row["images"])
+    assert sum(part.get("image") is not None for m in filled for part in m["content"]) == 1
+
+    # trl's own vision-preference collator (what DPOTrainer batches with) takes the rows as they are
+    processor = AutoProcessor.from_pretrained(str(tiny_model_dir))
+    batch = DataCollatorForVisionPreference(processor)([dict(r) for r in from_disk.select(range(2))])
+    assert batch["input_ids"].shape[0] == 4  # 2 chosen + 2 rejected
+    assert batch["pixel_values"].shape[0] == 4 and batch["completion_mask"].sum() > 0
+
+
+def test_pairs_export_refuses_bad_pairs(pairs_file, tmp_path, capsys):
+    lines = pairs_file.read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["chosen"] = ""
+    pairs_file.write_text("\n".join([lines[0], json.dumps(bad)]) + "\n")
+    assert main(["export", str(pairs_file), "--format", "trl-dpo", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "pairs.jsonl" in err and "line 2" in err and "'chosen'" in err
+
+    broken = json.loads(lines[0])
+    broken["image"] = str(tmp_path / "missing.png")
+    pairs_file.write_text(json.dumps(broken) + "\n")
+    assert main(["export", str(pairs_file), "--format", "trl-dpo", "--out", str(tmp_path / "o")]) == 2
+    assert "image not found" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "none"), "--format", "trl-dpo", "--out", str(tmp_path / "o")]) == 2
