@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import pkgutil
 import sys
@@ -32,8 +33,9 @@ Start here:
 
 def build_parser() -> argparse.ArgumentParser:
     import medvqa.commands as commands
+    from medvqa.config import ArgumentParser
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="medvqa", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"medvqa-harness {__version__}")
@@ -54,6 +56,13 @@ def _quiet_library_progress_bars() -> None:
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
+def _configure_logging() -> None:
+    """The one place logging is configured (library code never touches process-wide state):
+    medvqa's own INFO lines (training progress, retries) on stderr, other libraries' warnings."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("medvqa").setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _quiet_library_progress_bars()
     parser = build_parser()
@@ -61,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    _configure_logging()
     try:
         return int(args.func(args) or 0)
     except BadInput as exc:

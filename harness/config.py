@@ -39,6 +39,64 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def field_help(cls: type, name: str) -> str:
+    """The help of field `name`: its own, else the nearest base class's.
+
+    A subclass that only changes a default (`learning_rate: float = 1e-3`) writes no metadata; the
+    help written once on the base class still describes the field.
+    """
+    for klass in cls.__mro__:
+        if not dataclasses.is_dataclass(klass):
+            continue
+        own = {f.name: f for f in dataclasses.fields(klass)}
+        if name in own and own[name].metadata.get("help"):
+            return str(own[name].metadata["help"])
+    return ""
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _parse_mapping(text: str) -> dict[str, str]:
+    """`"a=1,b=x"` → `{"a": "1", "b": "x"}` (a dict field on the command line)."""
+    out: dict[str, str] = {}
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE[,KEY=VALUE...], got {text!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, plus `--flag_name` accepted wherever `--flag-name` is defined (what trl users type).
+
+    Sub-parsers made with `add_subparsers().add_parser` are of the same class, so every command gets it.
+    """
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        import sys
+
+        argv = list(sys.argv[1:] if args is None else args)
+        known = self._option_string_actions
+        for i, token in enumerate(argv):
+            if token == "--":
+                break
+            if token.startswith("--") and "_" in token:
+                name, sep, value = token.partition("=")
+                dashed = name.replace("_", "-")
+                if name not in known and dashed in known:
+                    argv[i] = dashed + sep + value
+        return super().parse_known_args(argv, namespace)
+
+
 def add_dataclass_arguments(
     parser: argparse.ArgumentParser | Any,
     *classes: type,
@@ -70,17 +128,11 @@ def add_dataclass_arguments(
                 continue
             added.append(f.name)
             base, _ = _base_type(tp)
-            help_text = f.metadata.get("help", "")
-            if show_defaults:
-                default = (
-                    f.default
-                    if f.default is not dataclasses.MISSING
-                    else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-                )
+            help_text = field_help(cls, f.name)
+            if show_defaults and "(default" not in help_text:  # a help that states its default says it once
+                default = _default(f)
                 help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
-            help_text = help_text.replace(
-                "%", "%%"
-            )  # argparse formats help with %: a literal "50%" must survive
+            help_text = help_text.replace("%", "%%")  # argparse formats help with %: "50%" must survive
             flag = _flag(prefix + f.name)
             kwargs: dict[str, Any] = {"dest": dest_prefix + f.name, "default": None, "help": help_text}
             origin = typing.get_origin(base)
@@ -93,6 +145,8 @@ def add_dataclass_arguments(
                 (item,) = typing.get_args(base)[:1]
                 parse_list = lambda s, item=item: [item(x) for x in s.split(",") if x]  # noqa: E731
                 group.add_argument(flag, type=parse_list, metavar=f.name.upper(), **kwargs)
+            elif origin is dict:
+                group.add_argument(flag, type=_parse_mapping, metavar="KEY=VALUE,...", **kwargs)
             else:
                 scalar = base if base in (int, float, str) else str
                 group.add_argument(flag, type=scalar, metavar=f.name.upper(), **kwargs)

@@ -188,3 +188,162 @@ def test_train_config_file_errors_exit_2(tmp_path, capsys):
         == 2
     )
     assert "sft.toml: malformed TOML" in capsys.readouterr().err
+
+
+# --- config dataclasses: help everywhere, said once, --flag_name too (issues 12, 13) --------------
+
+
+@dataclass(frozen=True)
+class _Tuned(_Knobs):
+    lr: float = 0.01  # only the default changes: the base class's help still applies
+
+
+def test_a_subclass_that_overrides_a_default_keeps_the_fields_help():
+    from medvqa.config import field_help
+
+    assert field_help(_Tuned, "lr") == "learning rate"
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, _Tuned)
+    assert "learning rate (default: 0.01)" in parser.format_help()
+
+
+def test_train_help_shows_learning_rate_help():
+    from medvqa.cli import build_parser
+
+    train = _subparsers(build_parser())["train"]
+    (action,) = [a for a in train._actions if "--learning-rate" in a.option_strings]
+    assert action.help and "learning rate" in action.help
+
+
+def _subparsers(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every (sub)command's parser, by its command line ("train", "stllava judge", ...)."""
+    out = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out[(prefix + " " + name).strip()] = sub
+                out.update(_subparsers(sub, prefix + " " + name))
+    return out
+
+
+def test_every_flag_of_every_command_has_help_and_states_its_default_once():
+    from medvqa.cli import build_parser
+
+    commands = _subparsers(build_parser())
+    assert {"train", "eval", "stllava judge", "data phantom"} <= set(commands)
+    problems = []
+    for command, parser in commands.items():
+        for action in parser._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            flag = action.option_strings[-1]
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if not (action.help or "").strip():
+                problems.append(f"medvqa {command} {flag}: no help")
+            elif action.help.count("(default") > 1:
+                problems.append(f"medvqa {command} {flag}: {action.help!r}")
+    assert problems == []
+
+
+def test_every_field_of_every_registered_config_has_help():
+    import dataclasses
+
+    from medvqa.config import field_help
+
+    checked, missing = 0, []
+    for kind in ("trainers", "experts", "benchmarks"):
+        reg = getattr(registry, kind)
+        for name in reg.names():
+            cls = reg.get(name)
+            for attr in ("config_class", "Options"):
+                cfg = getattr(cls, attr, None)
+                if cfg is None or not dataclasses.is_dataclass(cfg):
+                    continue
+                for f in dataclasses.fields(cfg):
+                    checked += 1
+                    if f.init and not field_help(cfg, f.name).strip():
+                        missing.append(f"{kind} {name}: {cfg.__name__}.{f.name}")
+    assert checked > 50 and missing == []
+
+
+def test_underscore_flags_are_accepted_beside_dashed_ones():
+    from medvqa.cli import build_parser
+
+    common = ["train", "--trainer", "sft", "--model", "hf:x", "--benchmark", "phantom", "--root", "r"]
+    common += ["--out", "o"]
+    dashed = build_parser().parse_args(
+        [*common, "--learning-rate", "0.5", "--per-device-train-batch-size=4", "--no-use-lora"]
+    )
+    trl_style = build_parser().parse_args(
+        [*common, "--learning_rate", "0.5", "--per_device_train_batch_size=4", "--no_use_lora"]
+    )
+    assert vars(dashed) == vars(trl_style)
+    assert trl_style.cfg_learning_rate == 0.5 and trl_style.cfg_per_device_train_batch_size == 4
+    assert trl_style.cfg_use_lora is False
+    with pytest.raises(SystemExit):  # still only flags that exist
+        build_parser().parse_args([*common, "--learning_rat", "0.5"])
+
+
+def test_dict_fields_become_key_value_flags():
+    from medvqa.config import ArgumentParser
+
+    @dataclass
+    class _WithEnv:
+        env: dict[str, str] = field(default_factory=dict, metadata={"help": "environment"})
+
+    parser = ArgumentParser()
+    add_dataclass_arguments(parser, _WithEnv)
+    assert dataclass_from_args(_WithEnv, parser.parse_args(["--env", "A=1,B=x"])) == _WithEnv(
+        {"A": "1", "B": "x"}
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--env", "A"])
+
+
+# --- python -m medvqa, and no process-wide side effects from library code (issues 12, 13) ----------
+
+
+def test_python_dash_m_medvqa_is_the_medvqa_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "medvqa", "benchmarks", "--json"], capture_output=True, text=True, check=True
+    )
+    assert "phantom" in json.loads(out.stdout)
+    bad = subprocess.run(
+        [sys.executable, "-m", "medvqa", "benchmarks", "--nope"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2
+
+
+def test_accelerate_launch_dash_m_medvqa(tmp_path):
+    import os
+    import shutil
+    from pathlib import Path
+
+    accelerate = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
+    if not os.path.exists(accelerate):
+        pytest.skip("accelerate is not installed")
+    env = {**os.environ, "HF_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [accelerate, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "medvqa", "prompts", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert any(p["name"] == "short-answer" for p in json.loads(out.stdout))
+
+
+def test_only_the_cli_entry_point_configures_logging():
+    """`logging.basicConfig` is process-wide: a command run from Python (the sweep, a notebook) must
+    not reconfigure the caller's logging. Only `cli.main` may."""
+    import ast
+    from pathlib import Path
+
+    import medvqa
+
+    root = Path(medvqa.__file__).resolve().parent.parent
+    offenders = []
+    for folder in ("harness", "benchmarks", "trainers", "reports"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Attribute) and node.attr == "basicConfig":
+                    offenders.append(str(path.relative_to(root)))
+    assert offenders == ["harness/cli.py"]
