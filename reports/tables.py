@@ -588,12 +588,16 @@ def to_csv(table: Table) -> str:
     return buf.getvalue()
 
 
-def write_tables(table: Table, out_dir: str | Path, formats: tuple[str, ...] = ("md", "csv")) -> list[Path]:
+def write_tables(
+    table: Table, out_dir: str | Path, formats: tuple[str, ...] = ("md", "csv"), *, extra_md: str = ""
+) -> list[Path]:
+    """data_efficiency.md (the table, its notes, then `extra_md`: the category breakdown, the viewer
+    link) and data_efficiency.csv."""
     out_dir = Path(out_dir)
     written = []
     if "md" in formats:
         p = out_dir / "data_efficiency.md"
-        atomic_write_text(p, to_markdown(table))
+        atomic_write_text(p, to_markdown(table) + (f"\n{extra_md}" if extra_md else ""))
         written.append(p)
     if "csv" in formats:
         p = out_dir / "data_efficiency.csv"

@@ -415,3 +415,80 @@ def test_table_marks_what_survives_holm_and_states_the_mde(tmp_path):
     effect, n, basis = table.mde[("phantom", "closed_accuracy")]
     assert n == 120 and "sft@1.0" in basis and 5 < effect < 20
     assert "Minimum detectable effect" in md and f"phantom closed acc {effect:.1f} points (n 120" in md
+
+
+# --- accuracy by question category (issue 10, item 6) and the link to the sample viewer (issue 13) ---
+
+
+def _with_slots(run: Path) -> None:
+    """Give every scored row a category (as eval now writes the sample's meta into scored.jsonl)."""
+    for f in run.rglob("scored.jsonl"):
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        for r in rows:
+            img = int(r["image_id"][3:])
+            r["meta"] = {"slot": "organ" if img % 2 else "presence", "n_lesions": img}  # n_lesions: 60 values
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_accuracy_by_category_from_the_scored_meta(tmp_path):
+    from medvqa.reports import categories
+
+    run = fabricate(tmp_path / "r", seeds=(0, 1), benches=("phantom",), references=False)
+    _with_slots(run)
+    table = build_table(run, n_boot=50)
+    tables = categories.category_tables(table)
+    assert [(t.benchmark, t.field) for t in tables] == [("phantom", "slot")]  # n_lesions: too many values
+    t = tables[0]
+    assert t.columns == ["sft@0.09", "sft@0.25", "sft@1.0", "stllava-med@0.09"]
+    assert t.deltas == [("stllava-med@0.09", "sft@0.09")]
+    by_key = {(r.value, r.answer_type): r for r in t.rows}
+    assert set(by_key) == {
+        ("organ", "CLOSED"),
+        ("organ", "OPEN"),
+        ("presence", "CLOSED"),
+        ("presence", "OPEN"),
+    }
+    expected = []
+    for seed in (0, 1):
+        rows = [
+            json.loads(x)
+            for x in (run / "sft" / "f0.09" / f"s{seed}" / "eval" / "phantom" / "scored.jsonl").open()
+        ]
+        vals = [
+            r["llava-med"]["closed_accuracy"]
+            for r in rows
+            if r["meta"]["slot"] == "organ" and r["answer_type"] == "CLOSED"
+        ]
+        expected.append(sum(vals) / len(vals))
+    organ = by_key[("organ", "CLOSED")]
+    assert organ.n == 60 and organ.means["sft@0.09"] == pytest.approx(sum(expected) / 2)
+    md = categories.to_markdown(tables, "llava-med")
+    delta = organ.means["stllava-med@0.09"] - organ.means["sft@0.09"]
+    assert "**phantom** by `slot`" in md and "Δ stllava-med@0.09 − sft@0.09" in md
+    assert f"| organ | closed | 60 | {organ.means['sft@0.09']:.1f} |" in md and f"{delta:+.1f} |" in md
+    long = list(csv.DictReader(io.StringIO(categories.to_csv(tables, "llava-med"))))
+    assert len(long) == 4 * 4 and {r["metric"] for r in long} == {"closed_accuracy", "open_recall"}
+
+
+def test_report_has_the_breakdown_and_links_the_sample_viewer(tmp_path, capsys):
+    run = fabricate(tmp_path / "r", seeds=(0,), benches=("phantom",), references=False)
+    _with_slots(run)
+    assert main(["report", str(run), "--format", "md,csv,html", "--quiet"]) == 0
+    rep = run / "report"
+    md = (rep / "data_efficiency.md").read_text()
+    assert "## Accuracy by question category" in md and (rep / "by_category.csv").is_file()
+    assert "Samples: [samples.html](samples.html) — stllava-med@0.09 beside sft@0.09 (seed 0)" in md
+    page = (rep / "samples.html").read_text()
+    assert "medvqa samples: stllava-med@0.09 vs sft@0.09" in page and page.count("<script") == 2
+    data = json.loads(page.split('id="medvqa-data">', 1)[1].split("</script>", 1)[0])
+    assert len(data["sides"]) == 2 and len(data["items"]) == N_IMAGES * 4
+    assert data["categories"]["slot"] == ["organ", "presence"]
+
+
+def test_no_category_metadata_is_said_not_hidden(tmp_path):
+    from medvqa.reports import categories
+
+    run = fabricate(tmp_path / "r", seeds=(0,), benches=("phantom",), references=False)
+    table = build_table(run, n_boot=50)
+    assert categories.category_tables(table) == []
+    assert "No per-category breakdown" in categories.to_markdown([], "llava-med")

@@ -12,7 +12,12 @@ Read the stored scores of a sweep folder (never reruns a model) and write, under
   data_efficiency.md/.csv  one line per trainer@fraction (+ reference checkpoints): medical data
                            used, closed accuracy and open recall per benchmark (mean ± 95% CI over
                            seeds), the strict scorer beside, and a paired test against SFT@100%
+                           (Holm-corrected; * = still significant), a minimum-detectable-effect line
   data_efficiency.png      score vs data used (log x), one line per trainer, error bars
+  by_category.csv          accuracy by question category (the benchmark's slot / content type /
+                           question type / modality), also a section of data_efficiency.md
+  samples.html             the sample viewer (medvqa show): a trainer line beside the baseline
+                           trainer on the same labeled data, disagreements first; linked from the .md
 Then print the markdown table.
 """
 
@@ -25,7 +30,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a sweep folder (runs/<name>)")
-    p.add_argument("--format", default="md,csv,png", help="comma list of md, csv, png (default: md,csv,png)")
+    p.add_argument(
+        "--format",
+        default="md,csv,png,html",
+        help="comma list of md, csv, png, html (default: md,csv,png,html)",
+    )
     p.add_argument("--out", default=None, help="where to write the files (default: RUN_DIR/report)")
     p.add_argument("--scorer", default="llava-med", help="main scorer of the table (default: llava-med)")
     p.add_argument(
