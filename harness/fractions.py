@@ -11,9 +11,11 @@ import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from medvqa.errors import BadInput
-from medvqa.types import VQASample, stable_hash
+from medvqa.types import TrainRequest, VQASample, stable_hash
 
 
 def _rank(seed: int, image_id: str) -> str:
@@ -41,3 +43,31 @@ def select_fraction(samples: Sequence[VQASample], fraction: float, seed: int) ->
 def manifest_hash(samples: Sequence[VQASample]) -> str:
     """Identity of a training subset: the hash of its sorted sample ids (and benchmark/split)."""
     return stable_hash(sorted((s.benchmark, s.split, s.id) for s in samples))
+
+
+def fraction_request(
+    samples: Sequence[VQASample],
+    fraction: float,
+    seed: int,
+    *,
+    base_model: str,
+    out_dir: Path,
+    config: Any = None,
+) -> TrainRequest:
+    """The training request for `fraction` of `samples`: the labeled subset and its manifest, the
+    held-out rest (the `reference` expert's QA, never test data) and its images as the unlabeled pool."""
+    chosen = select_fraction(samples, fraction, seed)
+    chosen_images = {s.image_id for s in chosen}
+    heldout = [s for s in samples if s.image_id not in chosen_images]
+    unlabeled = sorted(dict.fromkeys(str(s.image) for s in heldout if isinstance(s.image, str)))
+    return TrainRequest(
+        base_model=base_model,
+        train_samples=chosen,
+        out_dir=out_dir,
+        seed=seed,
+        fraction=fraction,
+        manifest_hash=manifest_hash(chosen),
+        unlabeled_images=unlabeled,
+        config=config,
+        heldout_samples=heldout,
+    )

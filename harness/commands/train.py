@@ -163,12 +163,10 @@ def _caption_samples(args: argparse.Namespace, bench: Any) -> list[Any]:
 
 def run(args: argparse.Namespace) -> int:
     import json
-    import logging
 
     from medvqa.errors import BadInput
-    from medvqa.fractions import manifest_hash, select_fraction
+    from medvqa.fractions import fraction_request
     from medvqa.registry import benchmarks, trainers
-    from medvqa.types import TrainRequest
 
     trainer_cls = trainers.get(args.trainer)
     if not hasattr(trainer_cls, "config_class"):
@@ -187,33 +185,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"{out} already holds a finished checkpoint (pass --force to retrain)")
         return 0
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
 
-    if args.trainer == "align":
+    if trainer_cls.trains_on == "captions":
         samples = _caption_samples(args, bench)
     else:
         samples = bench.load(args.split, Path(args.root))
     if not samples:
         raise BadInput(f"no training samples in {args.benchmark} split {args.split!r}", path=args.root)
-    chosen = select_fraction(samples, args.fraction, args.seed)
-    chosen_images = {s.image_id for s in chosen}
-    heldout = [s for s in samples if s.image_id not in chosen_images]
-    unlabeled = sorted(dict.fromkeys(str(s.image) for s in heldout if isinstance(s.image, str)))
-    request = TrainRequest(
-        base_model=args.model,
-        train_samples=chosen,
-        out_dir=out,
-        seed=args.seed,
-        fraction=args.fraction,
-        manifest_hash=manifest_hash(chosen),
-        unlabeled_images=unlabeled,
-        config=cfg,
-        heldout_samples=heldout,
+    request = fraction_request(
+        samples, args.fraction, args.seed, base_model=args.model, out_dir=out, config=cfg
     )
+    chosen, unlabeled = request.train_samples, request.unlabeled_images
     print(
         f"train {args.trainer}: {len(chosen)} of {len(samples)} {args.benchmark}/{args.split} samples "
         f"(fraction {args.fraction:g}, seed {args.seed}, manifest {request.manifest_hash}), "
