@@ -45,6 +45,7 @@ class AlignTrainer(TrainerPlugin):
     name = "align"
     config_class = AlignConfig
     presets = ALIGN_PRESETS
+    trains_on = "captions"
 
     def train(self, request: TrainRequest) -> Checkpoint:
         cfg = self._config(request)

@@ -18,12 +18,15 @@ class TrainerPlugin:
     """Base of the registered trainers: `train(TrainRequest) -> Checkpoint`.
 
     Subclasses set `name`, `config_class` (one dataclass; flags and TOML keys derive from it) and
-    `presets` (named overrides of that dataclass, e.g. "phantom").
+    `presets` (named overrides of that dataclass, e.g. "phantom"), and `trains_on`: what the
+    request's samples are, "qa" (the benchmark's training QA) or "captions" (one caption per image,
+    from the benchmark's `load_captions` or a captions file).
     """
 
     name: str = ""
     config_class: type = TrainConfig
     presets: Mapping[str, Mapping[str, Any]] = {}
+    trains_on: str = "qa"
 
     @classmethod
     def make_config(cls, preset: str | None = None) -> Any:
