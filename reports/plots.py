@@ -51,19 +51,16 @@ def _count_ticks(ax: Any, lo: float, hi: float) -> None:
 
 
 def plot_data_efficiency(table: Table, out: str | Path, *, dpi: int = 130) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot): no process-wide backend switch, no global figure registry.
+    from matplotlib.figure import Figure
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     benches = table.benchmarks or ["(none)"]
     metrics = table.metrics
     nrows, ncols = len(benches), len(metrics)
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(5.2 * ncols, 3.9 * nrows + 0.9), squeeze=False, constrained_layout=True
-    )
+    fig = Figure(figsize=(5.2 * ncols, 3.9 * nrows + 0.9), constrained_layout=True)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     sweep_labels: list[str] = []
     for line in table.lines:
         if line.kind == "sweep" and line.label not in sweep_labels:
@@ -172,5 +169,4 @@ def plot_data_efficiency(table: Table, out: str | Path, *, dpi: int = 130) -> Pa
         )
     fig.suptitle("Data efficiency: score vs medical data used (error bars: 95% CI)", fontsize=12)
     fig.savefig(out, dpi=dpi)
-    plt.close(fig)
     return out
