@@ -5,7 +5,7 @@ unpickler) is `medvqa.benchmarks.safety`, kept apart so it can be reviewed alone
 `BadInput` naming file, record and field, or with `skip_bad` it is skipped and listed (`Problems`,
 then `Benchmark.skipped`).
 
-Heavy libraries (PIL, pyarrow) are imported inside the functions that need them, so importing a
+Heavy libraries (PIL, datasets) are imported inside the functions that need them, so importing a
 benchmark module (e.g. for `medvqa benchmarks`) stays cheap.
 """
 
@@ -178,7 +178,12 @@ def find_root(root: Path, test: Callable[[Path], bool]) -> Path | None:
 
 
 def parquet_files(root: Path, split_names: Sequence[str]) -> list[Path]:
-    """Hugging Face parquet shards of a split: `data/{split}-*.parquet` (or `{split}-*.parquet`)."""
+    """Hugging Face parquet shards of a split: `data/{split}-*.parquet` (or `{split}-*.parquet`), or the
+    split's folder of a `datasets.save_to_disk` export (`read_parquet_rows` reads both)."""
+    from medvqa.benchmarks.hub import is_save_to_disk_dict, save_to_disk_splits
+
+    if is_save_to_disk_dict(root):
+        return save_to_disk_splits(root, split_names)
     out: list[Path] = []
     for folder in (root / "data", root):
         for name in split_names:
@@ -189,7 +194,10 @@ def parquet_files(root: Path, split_names: Sequence[str]) -> list[Path]:
 
 
 def has_parquet(root: Path) -> bool:
-    return any((root / "data").glob("*.parquet")) or any(root.glob("*.parquet"))
+    """A Hugging Face release here: parquet shards, or a `DatasetDict.save_to_disk` folder."""
+    from medvqa.benchmarks.hub import is_save_to_disk_dict
+
+    return any((root / "data").glob("*.parquet")) or any(root.glob("*.parquet")) or is_save_to_disk_dict(root)
 
 
 # --------------------------------------------------------------------------------------------- fields
@@ -250,25 +258,11 @@ def yes_no_type(answer: str) -> str:
 def read_parquet_rows(
     files: Iterable[Path], columns: Sequence[str]
 ) -> Iterator[tuple[Path, int, dict[str, Any]]]:
-    """(file, row index within the file, row) for each row of the shards; missing columns name the file."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:  # pragma: no cover - pyarrow is a dependency
-        raise BadInput("reading parquet needs pyarrow: pip install pyarrow") from None
-    for file in files:
-        try:
-            table = pq.read_table(file)
-        except Exception as exc:  # pyarrow raises its own error types for malformed files
-            raise BadInput(f"not a readable parquet file ({type(exc).__name__}: {exc})", path=file) from None
-        missing = [c for c in columns if c not in table.column_names]
-        if missing:
-            raise BadInput(
-                f"parquet file lacks column(s) {missing}; has {table.column_names}",
-                path=file,
-                field=missing[0],
-            )
-        for i, row in enumerate(table.select(list(columns)).to_pylist()):
-            yield file, i, row
+    """(file, row index within the file, row) for each row of the shards (parquet files or save_to_disk
+    split folders), read by `datasets` itself with images undecoded; missing columns name the file."""
+    from medvqa.benchmarks.hub import dataset_rows
+
+    return dataset_rows(files, columns)
 
 
 def parquet_image(

@@ -64,9 +64,20 @@ def resolve_inside(
         raise refuse(f"image path {rel!r} is a symlink loop; refused") from None
     except (OSError, ValueError) as exc:
         raise refuse(f"image path {rel!r} cannot be resolved ({type(exc).__name__}: {exc})") from None
-    if not real.is_relative_to(real_root):
+    if not any(real.is_relative_to(allowed) for allowed in confinement_roots(real_root)):
         raise refuse(f"image path {rel!r} leads outside the data root through a symlink (to {real}); refused")
     return real
+
+
+def confinement_roots(real_root: Path) -> tuple[Path, ...]:
+    """Where a path under the (resolved) data root may lead: the root itself, and — when the root is a
+    Hugging Face cache snapshot (`<cache>/datasets--O--N/snapshots/<commit>/...`, `medvqa.benchmarks.hub`)
+    — that repo's `blobs/`, which huggingface_hub links every snapshot file to. Nowhere else."""
+    for folder in (real_root, *real_root.parents):
+        repo = folder.parent.parent
+        if folder.parent.name == "snapshots" and repo.name.startswith("datasets--"):
+            return (real_root, repo / "blobs")
+    return (real_root,)
 
 
 # --------------------------------------------------------------------------------------------- images

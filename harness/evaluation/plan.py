@@ -112,9 +112,13 @@ def make_plan(cfg: EvalConfig, spec: str) -> EvalPlan:
         raise BadInput(
             f"benchmark {cfg.benchmark!r} has no split {cfg.split!r}; splits: {', '.join(bench.splits)}"
         )
-    root = Path(cfg.root).expanduser()
+    from medvqa.benchmarks.hub import resolve_root
+
+    resolved = resolve_root(cfg.root)  # a folder, or hf://datasets/OWNER/NAME[@REV] from the HF cache
+    root = resolved.path
     if not root.exists():
         raise BadInput("benchmark data folder does not exist", path=root, field="--root")
+    bench.version = f"{bench.version}{resolved.version_suffix}"  # the hub commit scored, in every key
     samples: list[VQASample] = bench.load(cfg.split, root, skip_bad=cfg.skip_bad)
     n_skipped = len(bench.skipped)  # records skipped at load (Benchmark.skipped)
     if cfg.limit:

@@ -1,0 +1,147 @@
+"""Benchmark data from where users hold it: the Hugging Face cache, and folders `datasets` wrote.
+
+    resolve_root("hf://datasets/flaviagiammarino/vqa-rad@main")  -> ResolvedRoot(path=<snapshot>, commit=...)
+    resolve_root("flaviagiammarino/vqa-rad")                      (a bare hub id, when no such local folder)
+    resolve_root("~/data/vqa-rad")                                (a local folder, unchanged)
+
+A hub root is resolved by `huggingface_hub.snapshot_download(..., local_files_only=True)`: the
+library's own cache layout and offline rules (`HF_HUB_CACHE`, `HF_HUB_OFFLINE`); nothing is fetched at
+run time — a dataset not yet in the cache is a BadInput that says how to get it. The resolved commit
+goes into the benchmark version of every score, so two users can tell whether they scored the same
+data. The snapshot's files are links into the repo's `blobs/`; path confinement admits exactly those
+(`medvqa.benchmarks.safety.confinement_roots`).
+
+`dataset_rows` reads Hugging Face parquet shards (streamed by `datasets`' own parquet reader) and
+split folders written by `datasets.save_to_disk` (memory-mapped by `datasets.load_from_disk`), with
+image columns left undecoded (`{bytes, path}`: the loaders check and confine them).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medvqa.errors import BadInput
+
+HF_PREFIX = "hf://"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SAVE_TO_DISK_SPLIT = "state.json"  # beside dataset_info.json and the .arrow shards of one split
+SAVE_TO_DISK_DICT = "dataset_dict.json"
+
+
+@dataclass(frozen=True)
+class ResolvedRoot:
+    """A data root on disk, and where it came from when it came from the hub."""
+
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None  # as asked (a branch, tag or commit); None = the default branch
+    commit: str | None = None  # the snapshot's commit hash
+
+    @property
+    def version_suffix(self) -> str:
+        """What the benchmark version gains: `+hf=<repo>@<commit>` (empty for a local folder)."""
+        return f"+hf={self.repo_id}@{self.commit}" if self.repo_id else ""
+
+
+def parse_hub_root(root: str) -> tuple[str, str | None] | None:
+    """(repo id, revision) of `hf://datasets/OWNER/NAME[@REV]` or a bare `OWNER/NAME[@REV]`, else None."""
+    text = root.strip()
+    if text.startswith(HF_PREFIX):
+        text = text[len(HF_PREFIX) :]
+        if not text.startswith("datasets/"):
+            raise BadInput(
+                f"{root!r}: only dataset repos are benchmark data (hf://datasets/OWNER/NAME[@REVISION])",
+                field="--root",
+            )
+        text = text[len("datasets/") :]
+        explicit = True
+    else:
+        explicit = False
+    repo, _, revision = text.partition("@")
+    if not _REPO_ID.match(repo) or (explicit and "@" in text and not revision):
+        if explicit:
+            raise BadInput(f"{root!r} is not hf://datasets/OWNER/NAME[@REVISION]", field="--root")
+        return None
+    return repo, revision or None
+
+
+def resolve_root(root: str | os.PathLike[str]) -> ResolvedRoot:
+    """A local folder as it is; an `hf://` root or a bare hub id through the local Hugging Face cache."""
+    text = str(root)
+    local = Path(text).expanduser()
+    if not text.startswith(HF_PREFIX) and (local.exists() or parse_hub_root(text) is None):
+        return ResolvedRoot(path=local)
+    parsed = parse_hub_root(text)
+    assert parsed is not None  # an hf:// root that does not parse raised above
+    repo_id, revision = parsed
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError) as exc:
+        how = f"hf download {repo_id} --repo-type dataset" + (f" --revision {revision}" if revision else "")
+        raise BadInput(
+            f"{text!r} is neither a local folder nor a dataset in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}); fetch it once where there is network: `{how}` "
+            f"({type(exc).__name__})",
+            field="--root",
+        ) from None
+    return ResolvedRoot(path=path, repo_id=repo_id, revision=revision, commit=path.name)
+
+
+# --- rows through `datasets` ------------------------------------------------------------------
+
+
+def is_save_to_disk_dict(root: Path) -> bool:
+    return (root / SAVE_TO_DISK_DICT).is_file()
+
+
+def save_to_disk_splits(root: Path, split_names: Sequence[str]) -> list[Path]:
+    """The split folders of a `DatasetDict.save_to_disk` folder, for the first of `split_names` it has."""
+    for name in split_names:
+        if (root / name / SAVE_TO_DISK_SPLIT).is_file():
+            return [root / name]
+    return []
+
+
+def _open(source: Path) -> Any:
+    """A `datasets` dataset over one parquet shard (streamed) or one save_to_disk split folder."""
+    import datasets
+
+    try:
+        if source.is_dir():
+            return datasets.load_from_disk(str(source))
+        return datasets.load_dataset("parquet", data_files=[str(source)], split="train", streaming=True)
+    except Exception as exc:  # datasets and pyarrow raise their own types for malformed files
+        what = "save_to_disk folder" if source.is_dir() else "parquet file"
+        raise BadInput(f"not a readable {what} ({type(exc).__name__}: {exc})", path=source) from None
+
+
+def dataset_rows(
+    sources: Iterable[Path], columns: Sequence[str]
+) -> Iterator[tuple[Path, int, dict[str, Any]]]:
+    """(source, row index within it, row) for each row; a missing column is a BadInput naming the source."""
+    import datasets
+
+    for source in sources:
+        ds = _open(source)
+        names = list(ds.features or {})
+        missing = [c for c in columns if c not in names]
+        if missing:
+            what = "save_to_disk folder" if source.is_dir() else "parquet file"
+            raise BadInput(f"{what} lacks column(s) {missing}; has {names}", path=source, field=missing[0])
+        ds = ds.select_columns(list(columns))
+        for name, feature in dict(ds.features).items():
+            if isinstance(feature, datasets.Image):
+                ds = ds.cast_column(name, datasets.Image(decode=False))
+        try:
+            for i, row in enumerate(ds):
+                yield source, i, row
+        except Exception as exc:  # a shard that breaks mid-way
+            raise BadInput(f"unreadable rows ({type(exc).__name__}: {exc})", path=source) from None
