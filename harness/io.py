@@ -38,7 +38,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        # a lone surrogate (legal in JSON, from a hostile file) is not UTF-8: written as the text \ud800
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
@@ -48,12 +49,23 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         raise
 
 
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """`json.dumps` that a UTF-8 file can always hold: readable UTF-8 as a rule, but `\\ud800`-style
+    escapes when the value holds a lone surrogate (legal in JSON, not encodable), so it round-trips."""
+    text = json.dumps(obj, ensure_ascii=False, **kwargs)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True, **kwargs)
+    return text
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+    atomic_write_text(path, json_text(obj, indent=2, sort_keys=False) + "\n")
 
 
 def atomic_write_jsonl(path: str | os.PathLike[str], rows: Iterable[Any]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json_text(r) + "\n" for r in rows))
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -154,7 +166,7 @@ class JsonlAppender:
 
     def write(self, rows: Iterable[Any]) -> None:
         for row in rows:
-            self._fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self._fh.write(json_text(row) + "\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())
 

@@ -6,7 +6,7 @@ import os
 import stat
 
 import pytest
-from medvqa.io import atomic_write_json, atomic_write_text, current_umask
+from medvqa.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, current_umask
 
 
 @pytest.fixture
@@ -37,3 +37,17 @@ def test_a_rewrite_keeps_the_content_whole_and_leaves_no_temp_file(tmp_path, uma
     atomic_write_text(p, "new")
     assert p.read_text() == "new" and sorted(x.name for x in tmp_path.iterdir()) == ["r.txt"]
     assert stat.S_IMODE(p.stat().st_mode) == 0o664
+
+
+def test_a_lone_surrogate_is_stored_and_read_back_exactly(tmp_path):
+    """JSON allows "\\ud800" (a lone UTF-16 surrogate) in a string; a UTF-8 file cannot hold it raw."""
+    from medvqa.io import JsonlAppender, read_json, read_jsonl
+
+    row = {"text": "yes\ud800no", "other": "é"}
+    atomic_write_jsonl(tmp_path / "a.jsonl", [row, {"text": "plain é"}])
+    atomic_write_json(tmp_path / "b.json", row)
+    with JsonlAppender(tmp_path / "c.jsonl") as app:
+        app.write([row])
+    assert read_jsonl(tmp_path / "a.jsonl") == [row, {"text": "plain é"}]
+    assert read_json(tmp_path / "b.json") == row and read_jsonl(tmp_path / "c.jsonl") == [row]
+    assert "plain é" in (tmp_path / "a.jsonl").read_text(encoding="utf-8")  # readable UTF-8 where it can be

@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
         side_scorer=side,
         baseline=args.baseline,
     )
-    if not args.quiet:
-        print(md)
+    if not args.quiet:  # stored text may hold a lone surrogate: shown as "\ud800", not a crash
+        print(md.encode("utf-8", "backslashreplace").decode("utf-8"))
     for path in written:
         print(f"wrote {path}")
     return 0
