@@ -165,6 +165,17 @@ def dataclass_from_args(
     return cls(**values)
 
 
+def _is_a(value: Any, tp: Any) -> bool:
+    """`value` fits the element type `tp` of a list or dict field (ints count as floats, bools as neither)."""
+    if tp is Any:
+        return True
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -214,8 +225,14 @@ def dataclass_from_mapping(
                 choices = list(typing.get_args(base))
                 raise BadInput(f"{where}: {what} {key!r} must be one of {choices}, got {value!r}")
         elif origin in (list, tuple):
-            ok = isinstance(value, list)
-            value = tuple(value) if origin is tuple else list(value)
+            item = (typing.get_args(base) or (Any,))[0]
+            ok = isinstance(value, list) and all(_is_a(v, item) for v in value)
+            value = (tuple(value) if origin is tuple else list(value)) if ok else value
+        elif origin is dict:
+            key_tp, val_tp = typing.get_args(base) or (Any, Any)
+            ok = isinstance(value, Mapping) and all(
+                _is_a(k, key_tp) and _is_a(v, val_tp) for k, v in value.items()
+            )
         elif base is float:
             ok = isinstance(value, int | float) and not isinstance(value, bool)
             value = float(value) if ok else value

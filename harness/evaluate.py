@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medvqa.errors import BadInput
 from medvqa.evaluation.generate import Dist, generate_predictions
 from medvqa.evaluation.plan import default_out_dir, generation_settings, make_plan, run_key
 from medvqa.evaluation.runfiles import PREDICTIONS, SCORED, SCORES, consolidate, is_complete, remove_run
@@ -96,6 +97,21 @@ class EvalConfig:
     progress: bool | None = field(
         default=None, metadata={"help": "progress bar (default: only when stderr is a terminal)"}
     )
+
+    def __post_init__(self) -> None:
+        """Ranges, checked when the config is built (so a sweep refuses a bad eval job at load)."""
+        checks = [
+            ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
+            ("--limit", self.limit, self.limit >= 0, ">= 0"),
+            ("--max-new-tokens", self.max_new_tokens, (self.max_new_tokens or 1) >= 1, ">= 1"),
+            ("--n-boot", self.n_boot, self.n_boot >= 0, ">= 0"),
+            ("--seed", self.seed, 0 <= self.seed < 2**32, "in [0, 2^32)"),
+            ("--temperature", self.temperature, self.temperature is None or self.temperature >= 0, ">= 0"),
+            ("--top-p", self.top_p, self.top_p is None or 0 < self.top_p <= 1, "in (0, 1]"),
+        ]
+        for flag, value, ok, rule in checks:
+            if not ok:
+                raise BadInput(f"{flag} must be {rule}, got {value!r}")
 
 
 def _summary_line(scores: dict[str, Any], out: Path, elapsed: float, note: str = "") -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from medvqa.cli import main
 from medvqa.errors import BadInput
-from medvqa.sweep import Sweep, load_config, settings_toml
+from medvqa.sweeps import Sweep, load_config, settings_toml
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "phantom-smoke.toml"

@@ -54,6 +54,28 @@ class TrainConfig:
         default="all-linear", metadata={"help": "peft target_modules: 'all-linear' or comma-separated names"}
     )
 
+    def __post_init__(self) -> None:
+        """Ranges, checked when the config is built: `medvqa train` and a sweep's load both refuse a
+        bad value before any model is loaded (subclasses with checks of their own call this too)."""
+        checks = [
+            ("learning_rate", self.learning_rate >= 0, ">= 0"),
+            ("max_steps", self.max_steps == -1 or self.max_steps >= 1, "-1 or >= 1"),
+            ("num_train_epochs", self.num_train_epochs > 0, "> 0"),
+            ("per_device_train_batch_size", self.per_device_train_batch_size >= 1, ">= 1"),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, ">= 1"),
+            ("warmup_ratio", 0 <= self.warmup_ratio <= 1, "in [0, 1]"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("max_grad_norm", self.max_grad_norm >= 0, ">= 0"),
+            ("max_length", self.max_length >= 0, ">= 0"),
+            ("logging_steps", self.logging_steps >= 1, ">= 1"),
+            ("save_steps", self.save_steps >= 0, ">= 0"),
+            ("lora_r", self.lora_r >= 1, ">= 1"),
+            ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise BadInput(f"{type(self).__name__}: {name!r} must be {rule}, got {getattr(self, name)!r}")
+
 
 def config_with_preset(cls: type, presets: Mapping[str, Mapping[str, Any]], preset: str | None) -> Any:
     """`cls()` with the named preset's overrides (None/'' = the dataclass defaults)."""

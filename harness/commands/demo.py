@@ -23,10 +23,11 @@ skips what is done; a killed demo resumes. The same sweep runs on real data and 
 
 
 def config_dir() -> Path:
-    """The `configs/` folder of the source tree (next to the `harness` folder, the `medvqa` package)."""
-    import medvqa
+    """The shipped configs: package data of `medvqa.configs` (the `configs/` folder of a source
+    checkout, or the installed copy of a wheel)."""
+    from importlib.resources import files
 
-    return Path(medvqa.__file__).resolve().parent.parent / "configs"
+    return Path(str(files("medvqa.configs")))
 
 
 def preset_config(preset: str) -> Path:
@@ -34,7 +35,7 @@ def preset_config(preset: str) -> Path:
 
     path = config_dir() / PRESETS[preset]
     if not path.is_file():
-        raise BadInput(f"demo preset {preset!r}: config not found (expected in the source tree)", path=path)
+        raise BadInput(f"demo preset {preset!r}: config not found in the installed package data", path=path)
     return path
 
 
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from medvqa.errors import BadInput
-    from medvqa.sweep import run_sweep
+    from medvqa.sweeps import run_sweep
 
     config = preset_config(args.preset)
     out = args.out or ("runs/demo" if args.preset == "default" else "runs/demo-smoke")

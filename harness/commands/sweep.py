@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medvqa.errors import BadInput
-    from medvqa.sweep import run_sweep
+    from medvqa.sweeps import run_sweep
 
     overrides = {}
     if args.jobs is not None:

@@ -1,0 +1,344 @@
+"""The job plan of a sweep: prepare → base → train × fraction × seed → eval, each an ordinary
+`medvqa` command with a key (the hash of its command, its settings files, the keys of the jobs it
+depends on, and for training the data manifest of its fraction)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medvqa.errors import BadInput
+from medvqa.layout import fraction_dirname, seed_dirname
+from medvqa.sweeps.config import EvalSpec, SweepConfig, check_trainer_settings, settings_toml
+from medvqa.types import stable_hash
+
+SWEEP_FORMAT = 1
+
+
+@dataclass
+class Job:
+    id: str  # e.g. "train/sft/f0.09/s0"
+    kind: str  # prepare | base | train | eval
+    args: list[str]  # medvqa arguments (without the launcher)
+    deps: list[str]
+    title: str
+    output: Path  # the folder (or file) the job creates
+    launcher: str = ""
+    manifest_hash: str = ""
+    creates: str = ""
+    key: str = ""  # filled by `plan`: hash of the command and the keys of its dependencies
+    priority: int = 0  # among ready jobs, higher starts first (then config order)
+
+    @property
+    def file_stem(self) -> str:
+        """The job's name in the state folder (markers, logs, settings files)."""
+        return self.id.replace("/", "__")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower() or "ref"
+
+
+class Planner:
+    """Turns a config into jobs; computes the fraction manifests the trainers must reproduce."""
+
+    def __init__(self, cfg: SweepConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.state_dir = run_dir / ".sweep"
+        self._manifest_cache: dict[tuple[float, int], tuple[str, int]] = {}
+        self._samples: list[Any] | None = None
+        self.n_train_full: int | None = None
+        self.files: dict[Path, str] = {}  # settings files the planned commands read
+
+    # -- data manifests (computed here, compared with what the trainer recorded) -------------
+
+    def forget_data(self) -> None:
+        """Drop what was read from the training data (it is being rebuilt)."""
+        self._manifest_cache.clear()
+        self._samples = None
+
+    def manifest(self, fraction: float, seed: int) -> tuple[str, int]:
+        """(manifest hash, n labeled) of a fraction; "" if the training data is not there yet."""
+        key = (float(fraction), int(seed))
+        if key not in self._manifest_cache:
+            if not Path(self.cfg.train.root).exists():
+                return ("", 0)
+            from medvqa.fractions import manifest_hash, select_fraction
+            from medvqa.registry import benchmarks
+
+            if self._samples is None:
+                bench = benchmarks.get(self.cfg.train.benchmark)()
+                self._samples = bench.load(self.cfg.train.split, Path(self.cfg.train.root))
+                self.n_train_full = len(self._samples)
+            subset = select_fraction(self._samples, float(fraction), int(seed))
+            self._manifest_cache[key] = (manifest_hash(subset), len(subset))
+        return self._manifest_cache[key]
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def _eval_args(
+        self, model: str, e: EvalSpec, out: Path, extra: Sequence[str], policy: str = ""
+    ) -> list[str]:
+        g = self.cfg.generation
+        args = [
+            "eval",
+            "--model",
+            model,
+            "--benchmark",
+            e.benchmark,
+            "--root",
+            e.root,
+            "--split",
+            e.split,
+            "--batch-size",
+            str(g.batch_size),
+            "--max-new-tokens",
+            str(g.max_new_tokens),
+            "--out",
+            str(out),
+        ]
+        if e.limit:
+            args += ["--limit", str(e.limit)]
+        if e.options:
+            args += ["--benchmark-options", ",".join(f"{k}={v}" for k, v in sorted(e.options.items()))]
+        if policy or e.prompt_policy:
+            args += ["--prompt-policy", policy or e.prompt_policy]
+        return args + list(e.args) + list(extra)
+
+    def _train_args(
+        self,
+        job_id: str,
+        trainer: str,
+        base_model: str,
+        fraction: float,
+        seed: int,
+        out: Path,
+        preset: str,
+        settings: Mapping[str, Any],
+        extra: Sequence[str],
+    ) -> list[str]:
+        args = [
+            "train",
+            "--trainer",
+            trainer,
+            "--model",
+            base_model,
+            "--benchmark",
+            self.cfg.train.benchmark,
+            "--root",
+            self.cfg.train.root,
+            "--split",
+            self.cfg.train.split,
+            "--fraction",
+            repr(float(fraction)),
+            "--seed",
+            str(seed),
+            "--out",
+            str(out),
+        ]
+        if preset:
+            args += ["--preset", preset]
+        if settings:
+            check_trainer_settings(trainer, settings, f"{self.cfg.source}: {job_id} [config]", preset=preset)
+            text = settings_toml(settings)
+            path = self.state_dir / "configs" / (job_id.replace("/", "__") + ".toml")
+            self.files[path] = text
+            args += ["--config", str(path)]
+        return args + list(self.cfg.train.args) + list(extra)
+
+    # -- the plan ------------------------------------------------------------------------------
+
+    def jobs(self, *, with_manifests: bool = True) -> list[Job]:
+        cfg, run = self.cfg, self.run_dir
+        eval_launcher = cfg.run.eval_launcher or cfg.run.launcher
+        jobs: list[Job] = []
+        prep_ids = []
+        for p in cfg.prepare:
+            jid = f"prepare/{slug(p.name)}"
+            prep_ids.append(jid)
+            out = Path(p.creates) if p.creates else run
+            jobs.append(Job(jid, "prepare", list(p.args), [], f"prepare {p.name}", out, creates=p.creates))
+        base_model, base_deps = cfg.base_model, list(prep_ids)
+        if cfg.base is not None:
+            b = cfg.base
+            out = run / "base" / b.trainer / "checkpoint"
+            args = self._train_args(
+                f"base/{b.trainer}",
+                b.trainer,
+                cfg.base_model,
+                b.fraction,
+                b.seed,
+                out,
+                b.preset,
+                b.config,
+                b.args,
+            )
+            jobs.append(
+                Job(
+                    f"base/{b.trainer}",
+                    "base",
+                    args,
+                    list(prep_ids),
+                    f"base step {b.trainer}",
+                    out,
+                    cfg.run.launcher,
+                )
+            )
+            base_model, base_deps = f"hf:{out}", [f"base/{b.trainer}"]
+        if cfg.run.eval_base:
+            for e in cfg.evals:
+                out = run / "reference" / "base" / "eval" / e.name
+                jobs.append(
+                    Job(
+                        f"eval/base/{e.name}",
+                        "eval",
+                        self._eval_args(base_model, e, out, ()),
+                        list(base_deps),
+                        f"eval base model on {e.name}",
+                        out,
+                        eval_launcher,
+                    )
+                )
+        for t in cfg.trainers:
+            for f in t.fractions or cfg.fractions:
+                for s in t.seeds or cfg.seeds:
+                    rel = f"{t.label}/{fraction_dirname(f)}/{seed_dirname(s)}"
+                    job_dir = run / rel
+                    ckpt = job_dir / "checkpoint"
+                    tid = f"train/{rel}"
+                    args = self._train_args(tid, t.name, base_model, f, s, ckpt, t.preset, t.config, t.args)
+                    mh = self.manifest(f, s)[0] if with_manifests else ""
+                    jobs.append(
+                        Job(
+                            tid,
+                            "train",
+                            args,
+                            list(base_deps),
+                            f"train {t.label} @ {float(f)!r} seed {s}",
+                            ckpt,
+                            cfg.run.launcher,
+                            manifest_hash=mh,
+                            priority=t.priority,
+                        )
+                    )
+                    for e in cfg.evals:
+                        out = job_dir / "eval" / e.name
+                        jobs.append(
+                            Job(
+                                f"eval/{rel}/{e.name}",
+                                "eval",
+                                self._eval_args(f"hf:{ckpt}", e, out, ()),
+                                [tid],
+                                f"eval {t.label} @ {float(f)!r} seed {s} on {e.name}",
+                                out,
+                                eval_launcher,
+                            )
+                        )
+        for r in cfg.references:
+            if not r.model:
+                continue
+            for e in cfg.evals:
+                out = run / "reference" / slug(r.name) / "eval" / e.name
+                jobs.append(
+                    Job(
+                        f"eval/reference/{slug(r.name)}/{e.name}",
+                        "eval",
+                        self._eval_args(r.model, e, out, r.args, r.prompt_policy),
+                        list(prep_ids),
+                        f"eval {r.name} on {e.name}",
+                        out,
+                        r.launcher or eval_launcher,
+                    )
+                )
+        by_id = {j.id: j for j in jobs}
+        for j in jobs:  # keys in dependency order (deps always come first in the list)
+            dep_keys = [by_id[d].key for d in j.deps]
+            files = {self._portable(str(p)): t for p, t in self.files.items() if str(p) in j.args}
+            j.key = stable_hash(
+                {
+                    "args": [self._portable(a) for a in j.args],
+                    "files": files,
+                    "deps": dep_keys,
+                    "manifest": j.manifest_hash,
+                    "versions": self._versions(j),
+                    "format": SWEEP_FORMAT,
+                }
+            )
+        return jobs
+
+    def _versions(self, job: Job) -> dict[str, str]:
+        """Versions of the benchmarks a job reads (a new generator or loader version reruns it)."""
+        from medvqa.registry import benchmarks
+
+        names = [job.args[i + 1] for i, a in enumerate(job.args[:-1]) if a == "--benchmark"]
+        return {n: str(getattr(benchmarks.get(n), "version", "")) for n in names if n in benchmarks}
+
+    def _portable(self, arg: str) -> str:
+        """An argument with the run folder written as `{out}`: a moved or copied run keeps its keys."""
+        return arg.replace(str(self.run_dir), "{out}")
+
+    def check_jobs(self, jobs: Sequence[Job]) -> None:
+        """Every train/eval job's full settings, checked as its own command will check them — its
+        flags through the real `medvqa` parser, then the config object it builds (whose
+        `__post_init__` checks the ranges) — before any job runs (`--dry-run` included)."""
+        from medvqa.cli import build_parser
+
+        parser = build_parser()
+        with tempfile.TemporaryDirectory() as tmp:
+            for job in jobs:
+                if job.kind not in ("base", "train", "eval"):
+                    continue
+                where = f"{self.cfg.source}: job {job.id}"
+                args = list(job.args)
+                for path, text in self.files.items():  # the settings files, as the job will read them
+                    if str(path) in args:
+                        local = Path(tmp) / path.name
+                        local.write_text(text)
+                        args[args.index(str(path))] = str(local)
+                ns = _parse(parser, args, where)
+                try:
+                    _build_job_config(ns)
+                except BadInput as exc:
+                    raise BadInput(f"{where}: {exc}") from None
+                except (TypeError, ValueError) as exc:
+                    raise BadInput(f"{where}: {exc}") from None
+
+
+def _parse(parser: argparse.ArgumentParser, args: list[str], where: str) -> argparse.Namespace:
+    """argparse, with its usage error (normally printed, then exit 2) turned into one BadInput line."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parser.parse_args(args)
+    except SystemExit:
+        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+        message = lines[-1].split(" error: ", 1)[-1] if lines else "bad arguments"
+        raise BadInput(f"{where}: {message}") from None
+
+
+def _build_job_config(ns: argparse.Namespace) -> Any:
+    """The config object a `medvqa train` / `medvqa eval` with these flags builds before it runs."""
+    from medvqa.commands.train import resolve_config
+    from medvqa.registry import trainers
+
+    if ns.func.__module__.endswith(".train"):
+        from medvqa.sweeps.config import check_fraction, check_seed
+
+        check_fraction(ns.fraction, "--fraction")
+        check_seed(ns.seed, "--seed")
+        return resolve_config(trainers.get(ns.trainer), ns)
+    from medvqa.evaluate import EvalConfig
+
+    values = {
+        f.name: getattr(ns, f.name) for f in dataclasses.fields(EvalConfig) if getattr(ns, f.name) is not None
+    }
+    return EvalConfig(**values)
