@@ -511,3 +511,44 @@ def test_per_request_seeds_are_sent_cached_and_batch_independent(
     assert model.generate([reqs[2]], sampled) == ["draw 102 at T=1.2"]  # alone: the same draw, cached
     assert fake_openai.n_requests == 4 and model.stats["cache_hits"] == 1
     model.close()
+
+
+def test_stllava_stage2_sampling_through_an_openai_endpoint(fake_openai, fake_key, tmp_path) -> None:
+    """`medvqa stllava questions|answers --model openai:...`: every question and both answers are
+    seeded requests; the files do not depend on the batch size or the concurrency, and a rerun
+    asks for nothing."""
+    import json
+
+    from medvqa.cli import main
+
+    for name in ("a", "b", "c"):
+        write_png(tmp_path / f"{name}.png", (ord(name), 0, 0))
+    (tmp_path / "images.txt").write_text("a.png\nb.png\nc.png\n")
+
+    def reply(body: dict) -> str:
+        text = json.dumps(body["messages"])
+        if "Ask a question" in text:
+            return f"is there a lesion {body['seed'] % 97}?"
+        return f"answer {body['seed'] % 89}"
+
+    fake_openai.reply = reply
+    outputs = []
+    for batch, concurrency in ((2, 1), (5, 4)):
+        run = tmp_path / f"run{batch}"
+        spec = (
+            f"openai:stage1@{fake_openai.base_url},api_key_env=MEDVQA_TEST_KEY,max_concurrency={concurrency}"
+        )
+        common = ["--model", spec, "--k-questions", "2", "--generation-batch-size", str(batch), "--seed", "3"]
+        q = ["stllava", "questions", "--images", str(tmp_path / "images.txt"), "--out", str(run / "q.jsonl")]
+        a = ["stllava", "answers", "--questions", str(run / "q.jsonl"), "--out", str(run / "a.jsonl")]
+        before = fake_openai.n_requests
+        assert main([*q, *common]) == 0 and main([*a, *common]) == 0
+        assert fake_openai.n_requests - before == 6 + 12  # 3 images x 2 questions, 2 answers each
+        assert main([*q, *common]) == 0 and main([*a, *common]) == 0
+        assert fake_openai.n_requests - before == 18  # resumed: nothing asked again
+        outputs.append(((run / "q.jsonl").read_bytes(), (run / "a.jsonl").read_bytes()))
+    assert outputs[0] == outputs[1]
+    rows = [json.loads(line) for line in outputs[0][1].decode().splitlines()]
+    assert len(rows) == 6 and all(len(r["answers"]) == 2 and r["answers"][0] != r["answers"][1] for r in rows)
+    seeds = [b["seed"] for b in fake_openai.bodies]
+    assert len(set(seeds[:18])) == 18  # every draw its own seed

@@ -94,6 +94,17 @@ def load_pil(image: str | bytes) -> Any:
         return im.convert("RGB")
 
 
+def instruction_prompt(policy: Any, text: str) -> Prompt:
+    """The prompt for an instruction that bypasses the policy's own (captions, the ask-instruction),
+    in the policy's style. No processor needed: stage-2 sampling through an endpoint uses it too."""
+    if policy.style == "raw":
+        return Prompt(text=policy.template.replace("{suffix}", "").format(question=text, instruction=""))
+    return Prompt(
+        messages=({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]},),
+        policy="raw-instruction",
+    )
+
+
 class RowBuilder:
     """Builds training rows in the evaluation format (prompt policy + the model's chat template)."""
 
@@ -109,14 +120,7 @@ class RowBuilder:
 
     def raw_prompt(self, text: str) -> tuple[Prompt, str]:
         """A prompt that bypasses the policy's instruction (captions, the ask-instruction)."""
-        prompt = Prompt(
-            messages=({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]},),
-            policy="raw-instruction",
-        )
-        if self.policy.style == "raw":
-            prompt = Prompt(
-                text=self.policy.template.replace("{suffix}", "").format(question=text, instruction="")
-            )
+        prompt = instruction_prompt(self.policy, text)
         return prompt, render_prompt_text(self.processor, prompt)
 
     def qa_row(self, image: str | bytes, question: str, answer_type: str, answer: str, **extra: Any) -> dict:
