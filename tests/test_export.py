@@ -64,7 +64,9 @@ def test_lm_eval_reads_the_export(eval_dir, tmp_path, capsys):
     results = json.loads((tmp_path / results_name).read_text())
     for key in ("results", "configs", "versions", "n-samples", "n-shot", "higher_is_better", "config"):
         assert key in results, key
-    assert results["git_hash"] and isinstance(results["date"], float)
+    assert isinstance(results["date"], float) and "git_hash" in results
+    if (Path(__file__).resolve().parents[1] / ".git").exists():  # a checkout: the harness's own commit
+        assert results["git_hash"]
     assert results["versions"]["phantom"] == scores["benchmark_version"]
     assert results["n-samples"]["phantom"] == {"original": 40, "effective": 40}
     task = results["results"]["phantom"]
