@@ -27,19 +27,34 @@ and scores: the same files and scores as one process.
 
 from __future__ import annotations
 
+import errno
 import sys
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from medvqa.errors import BadInput
 from medvqa.evaluation.generate import Dist, generate_predictions
-from medvqa.evaluation.plan import default_out_dir, generation_settings, make_plan, run_key
-from medvqa.evaluation.runfiles import PREDICTIONS, SCORED, SCORES, consolidate, is_complete, remove_run
-from medvqa.evaluation.score import finished_scores, score_run
-from medvqa.io import read_json
+from medvqa.evaluation.plan import EvalPlan, default_out_dir, generation_settings, make_plan, run_key
+from medvqa.evaluation.runfiles import (
+    PREDICTIONS,
+    SCORED,
+    SCORES,
+    SKIPPED,
+    consolidate,
+    is_complete,
+    read_rows,
+    remove_run,
+)
+from medvqa.evaluation.score import finished_scores, previous_model_details, score_run
+from medvqa.io import output_lock, read_json
+
+# OS errors that mean "this output cannot be written", wherever the library reports them
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 __all__ = [
     "PREDICTIONS",
@@ -97,6 +112,13 @@ class EvalConfig:
     progress: bool | None = field(
         default=None, metadata={"help": "progress bar (default: only when stderr is a terminal)"}
     )
+    rescore: bool = field(
+        default=False,
+        metadata={
+            "help": "score the run folder's predictions.jsonl again (other --scorers, --n-boot, +think) "
+            "without loading the model or generating"
+        },
+    )
 
     def __post_init__(self) -> None:
         """Ranges, checked when the config is built (so a sweep refuses a bad eval job at load)."""
@@ -139,12 +161,13 @@ def evaluate(
     log: Callable[[str], None] | None = None,
     stop_after_batches: int | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) one eval and return the `scores.json` content.
+    """Run (or resume, or rescore) one eval and return the `scores.json` content.
 
     `model` may be an already loaded VQAModel (a sweep reusing it); else `cfg.model` is loaded,
-    and only when some question still needs an answer. `stop_after_batches` stops after that
-    many batches on this rank without scoring (tests simulate a kill with it; the returned dict
-    is then empty).
+    and only when some question still needs an answer: a run whose predictions are complete but
+    whose scoring options changed is rescored from predictions.jsonl. `stop_after_batches` stops
+    after that many batches on this rank without scoring (tests simulate a kill with it; the
+    returned dict is then empty).
     """
     started = time.perf_counter()
     dist = Dist()
@@ -161,57 +184,183 @@ def evaluate(
 
     device = cfg.device or dist.device
     fingerprint = model.fingerprint if model is not None else _model_fingerprint_light(spec, device or None)
+    if cfg.rescore and model is None and fingerprint is None:
+        fingerprint = stored_fingerprint(out)
     key = plan.key(fingerprint) if fingerprint else None
 
-    # A finished run (same key, same questions) needs no model and no work.
+    # A finished run (same key, same questions, same scoring) needs no model and no work.
     if (previous := finished(key)) is not None:
         return previous
-    if key is None or not is_complete(out, key, plan.ids):
-        if model is None:
-            from medvqa.models import load_model
+    with ExitStack() as stack:
+        if dist.main:  # before any model is loaded: the folder is writable and ours alone
+            prepare_out_dir(out)
+            stack.enter_context(output_lock(out))
+        stack.enter_context(output_errors(out))
+        if cfg.rescore:
+            return _rescore(plan, key, fingerprint, dist, say, started)
+        if key is None or not is_complete(out, key, plan.ids):
+            if model is None:
+                from medvqa.models import load_model
 
-            overrides = {"device": device} if device and spec_adapter(spec) == "hf" else {}
-            model = load_model(spec, **overrides)
-        light_key = key
-        fingerprint = model.fingerprint
-        key = plan.key(fingerprint)
-        if key != light_key and (previous := finished(key)) is not None:
-            return previous
-    assert key is not None and fingerprint is not None
+                overrides = {"device": device} if device and spec_adapter(spec) == "hf" else {}
+                model = load_model(spec, **overrides)
+            light_key = key
+            fingerprint = model.fingerprint
+            key = plan.key(fingerprint)
+            if key != light_key and (previous := finished(key)) is not None:
+                return previous
+        assert key is not None and fingerprint is not None
+        if model is not None and hasattr(model, "describe"):
+            details = model.describe()
+        else:  # a rescore: what the earlier scoring recorded of the model
+            details = previous_model_details(plan, key)
 
-    # Merge what earlier (possibly multi-process) runs left, then everyone reads the same state.
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / SCORES).unlink(missing_ok=True)  # no stale scores beside changing predictions
-        consolidate(out, key, plan.order, say)
-    dist.barrier()
-    generated = generate_predictions(
-        plan,
-        model,
-        key,
-        dist,
-        batch_size=cfg.batch_size,
-        skip_bad=cfg.skip_bad,
-        progress=cfg.progress,
-        log=say,
-        stop_after_batches=stop_after_batches,
-    )
-    if generated.stopped:
-        return {}
-    dist.barrier()
-
-    scores: dict[str, Any] = {}
-    if dist.main:
-        rows = consolidate(out, key, plan.order, say)
-        details = model.describe() if hasattr(model, "describe") else None
-        scores = score_run(
-            plan, key, fingerprint, rows, skipped=generated.skipped, model_details=details, log=say
+        # Merge what earlier (possibly multi-process) runs left, then everyone reads the same state.
+        if dist.main:
+            (out / SCORES).unlink(missing_ok=True)  # no stale scores beside changing predictions
+            consolidate(out, key, plan.order, say)
+        dist.barrier()
+        generated = generate_predictions(
+            plan,
+            model,
+            key,
+            dist,
+            batch_size=cfg.batch_size,
+            skip_bad=cfg.skip_bad,
+            progress=cfg.progress,
+            log=say,
+            stop_after_batches=stop_after_batches,
         )
-        say(_summary_line(scores, out, time.perf_counter() - started))
-    dist.barrier()
+        if generated.stopped:
+            return {}
+        dist.barrier()
+
+        scores: dict[str, Any] = {}
+        if dist.main:
+            rows = consolidate(out, key, plan.order, say)
+            scores = score_run(
+                plan, key, fingerprint, rows, skipped=generated.skipped, model_details=details, log=say
+            )
+            say(_summary_line(scores, out, time.perf_counter() - started))
+        dist.barrier()
     if not dist.main:
         scores = read_json(out / SCORES)
     return scores
+
+
+def _rescore(
+    plan: EvalPlan,
+    key: str | None,
+    fingerprint: str | None,
+    dist: Dist,
+    say: Callable[[str], None],
+    started: float,
+) -> dict[str, Any]:
+    """`--rescore`: score predictions.jsonl again (new scorers, bootstrap, `+think`); no model, no generation."""
+    out = plan.out
+    if not key or not fingerprint:
+        raise BadInput(
+            "nothing to rescore: no scored or predicted rows of this model in the run folder",
+            path=out,
+            field="--out",
+        )
+    if not dist.main:
+        return {}
+    details = previous_model_details(plan, key)
+    rows = consolidate(out, key, plan.order, say)
+    listed = {str(r.get("id")) for r in read_rows(out / SKIPPED) if r.get("stage") != "load"}
+    missing = [qid for qid in plan.ids if qid not in rows and qid not in listed]
+    if missing:
+        raise BadInput(
+            f"--rescore: {len(missing)} of {len(plan.ids)} questions have no prediction of this model and "
+            f"settings (e.g. {missing[0]!r}); run without --rescore to answer them",
+            path=out / PREDICTIONS,
+        )
+    scores = score_run(plan, key, fingerprint, rows, skipped=[], model_details=details, log=say)
+    say(_summary_line(scores, out, time.perf_counter() - started, " (rescored)"))
+    return scores
+
+
+def stored_fingerprint(out: Path) -> str | None:
+    """The model fingerprint an earlier run recorded (for `--rescore` of a model that cannot tell
+    its fingerprint without loading): from scores.json, else the predictions' one fingerprint."""
+    path = out / SCORES
+    if path.is_file():
+        try:
+            fingerprint = read_json(path).get("model", {}).get("fingerprint")
+        except (BadInput, AttributeError):
+            fingerprint = None
+        if isinstance(fingerprint, str) and fingerprint:
+            return fingerprint
+    found = {r.get("fingerprint") for r in read_rows(out / PREDICTIONS)}
+    return found.pop() if len(found) == 1 and isinstance(next(iter(found)), str) else None
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Create the run folder and prove it writable, before a model is loaded (one line, exit 2)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        if isinstance(exc, FileExistsError | NotADirectoryError) or out.is_file():
+            why = "is a file or lies under a file"
+        else:
+            why = f"is not writable ({exc.strerror or exc})"
+        raise BadInput(f"the run folder {why}", path=out, field="--out") from None
+
+
+@contextmanager
+def output_errors(out: Path) -> Iterator[None]:
+    """An OS error writing the run folder (full disk, read-only filesystem) is one line, exit 2.
+
+    The files stay intact: rows are appended whole and flushed, the others replaced atomically.
+    """
+    try:
+        yield
+    except OSError as exc:
+        filename = exc.filename if isinstance(exc.filename, str) else ""
+        inside = bool(filename) and Path(filename).absolute().is_relative_to(out.absolute())
+        if not inside and exc.errno not in WRITE_ERRNOS:
+            raise
+        where = filename if inside else out
+        raise BadInput(
+            f"cannot write the run folder ({exc.strerror or exc}); what was written is intact, rerun to resume",
+            path=where,
+            field="--out",
+        ) from None
+
+
+def per_benchmark(cfg: EvalConfig) -> list[EvalConfig]:
+    """`--benchmark a,b --root A,B`: one job per benchmark (root i for benchmark i), all checked
+    before the first runs; with `--out`, benchmark b's run folder is `<out>/<b>-<split>`."""
+    names = [n.strip() for n in cfg.benchmark.split(",")]
+    if len(names) == 1:
+        return [cfg]
+    roots = [r.strip() for r in cfg.root.split(",")]
+    if len(roots) != len(names):
+        raise BadInput(
+            f"--benchmark names {len(names)} benchmarks but --root gives {len(roots)} folders; "
+            "give one root per benchmark, in the same order",
+            field="--root",
+        )
+    if "" in names or len(set(names)) != len(names):
+        raise BadInput(f"--benchmark {cfg.benchmark!r}: names must be non-empty and distinct")
+    from medvqa.registry import benchmarks
+
+    for name, root in zip(names, roots):
+        benchmarks.get(name)  # an unknown name is a BadInput listing the known ones
+        if not Path(root).expanduser().exists():
+            raise BadInput(f"benchmark data folder of {name!r} does not exist", path=root, field="--root")
+    return [
+        replace(
+            cfg,
+            benchmark=name,
+            root=root,
+            out=str(Path(cfg.out) / f"{name}-{cfg.split}") if cfg.out else "",
+        )
+        for name, root in zip(names, roots)
+    ]
 
 
 def spec_adapter(spec: str) -> str:

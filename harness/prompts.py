@@ -33,6 +33,7 @@ from medvqa.types import Prompt
 SHORT_ANSWER = "Answer with a single word or phrase."
 CLOSED_YES_NO = "Please choose from the following two options: [yes, no]"
 IMAGE_PLACEHOLDER = "<image>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 DEFAULT_POLICY = "short-answer"
 # What the trainers ask a model to do with an image: STLLaVA-Med's self-questioning and the align
@@ -68,6 +69,9 @@ class PromptPolicy:
     # Published output post-processing: the answer is the generated text up to the first of these
     # strings, stripped (e.g. LLaVA-Med v1.0 cuts at its "###" separator). Empty: kept as generated.
     stop: tuple[str, ...] = ()
+    # Reasoning models: score only what follows `</think>` (`NAME+think`). A scoring option: the
+    # stored predictions keep the whole text, so switching it rescores without generating again.
+    strip_think: bool = False
 
     def postprocess(self, text: str) -> str:
         """The answer as the convention reads it from the generated text (cut at the first stop string)."""
@@ -91,6 +95,17 @@ class PromptPolicy:
         suffix = "+options" if enabled else "-options"
         base = self.name.removesuffix("+options").removesuffix("-options")
         return replace(self, name=base + suffix, closed_options=options)
+
+    def with_strip_think(self, enabled: bool) -> PromptPolicy:
+        """This policy with `<think>…</think>` stripping before the scorers on (`NAME+think`) or off."""
+        if enabled == self.strip_think:
+            return self
+        base = self.name.removesuffix("+think")
+        return replace(self, name=base + "+think" if enabled else base, strip_think=enabled)
+
+    def scored_text(self, text: str) -> str:
+        """The part of a stored answer the scorers see (the reasoning cut away under `+think`)."""
+        return strip_reasoning(text) if self.strip_think else text
 
     def render_text(self, question: str, answer_type: str) -> str:
         instruction = self.instruction_for(answer_type)
@@ -126,7 +141,19 @@ class PromptPolicy:
             "closed_options": self.closed_options,
             "generation": dict(self.generation),
             "stop": list(self.stop),
+            **({"strip_think": True} if self.strip_think else {}),
         }
+
+
+def strip_reasoning(text: str) -> str:
+    """The answer after a reasoning model's `<think>…</think>` (substring scorers would otherwise
+    count every "no" in the reasoning). Text after the last `</think>` (also when the chat template
+    opened the `<think>` in the prompt); an unclosed `<think>` drops everything from it (no answer)."""
+    if THINK_CLOSE in text:
+        return text.rsplit(THINK_CLOSE, 1)[1].strip()
+    if THINK_OPEN in text:
+        return text.split(THINK_OPEN, 1)[0].strip()
+    return text
 
 
 _POLICIES: dict[str, PromptPolicy] = {}
@@ -140,8 +167,11 @@ def register_policy(policy: PromptPolicy) -> PromptPolicy:
 
 
 def get_policy(name: str | None = None) -> PromptPolicy:
-    """A registered policy; `NAME+options` / `NAME-options` switch the closed-question options."""
+    """A registered policy; `NAME+options` / `NAME-options` switch the closed-question options,
+    `NAME+think` (last) strips reasoning before the scorers."""
     name = name or DEFAULT_POLICY
+    if name.endswith("+think"):
+        return get_policy(name.removesuffix("+think")).with_strip_think(True)
     for suffix, enabled in (("+options", True), ("-options", False)):
         if name.endswith(suffix) and name.removesuffix(suffix) in _POLICIES:
             return _POLICIES[name.removesuffix(suffix)].with_closed_options(enabled)

@@ -43,6 +43,9 @@ from medvqa.errors import BadInput
 from medvqa.types import MetricValue, VQASample
 
 SCORERS: tuple[str, ...] = ("llava-med", "strict")
+# Bumped whenever a scorer gives other numbers for the same predictions (a fix): a finished eval
+# scored by another version is rescored from its predictions.jsonl, without generating again.
+SCORER_VERSION = "1"
 # Bootstrap replicates: beyond ~10^4 the CI's percentiles no longer move; the cap keeps the replicate
 # table (n_boot × metrics × 8 bytes) at a few MB, so `--n-boot 1000000000` is refused, not an 82 GiB alloc.
 MAX_N_BOOT = 100_000

@@ -70,7 +70,8 @@ def test_run_files_follow_the_contract(reference_run, tiny) -> None:
         "generation",
     ):
         assert key in scores
-    assert scores["model"] == {**scores["model"], "spec": tiny.spec, "fingerprint": tiny.fingerprint}
+    portable_spec = "hf:" + os.path.relpath(tiny.spec.removeprefix("hf:"), out)  # no absolute local path
+    assert scores["model"] == {**scores["model"], "spec": portable_spec, "fingerprint": tiny.fingerprint}
     assert scores["generation"]["max_new_tokens"] == 4 and scores["generation"]["do_sample"] is False
     assert scores["prompt_policy"] == "short-answer" and "transformers" in scores["versions"]
     assert scores["n"] == LIMIT == scores["n_open"] + scores["n_closed"]
@@ -90,7 +91,7 @@ def test_run_files_follow_the_contract(reference_run, tiny) -> None:
     gt = out / "gt.jsonl"
     from medvqa.benchmarks.phantom import Phantom
 
-    samples = Phantom().load("test", Path(scores["root"]))[:LIMIT]
+    samples = Phantom().load("test", out / scores["root"])[:LIMIT]  # the root, relative to the run folder
     gt.write_text("".join(json.dumps(s.to_json()) + "\n" for s in samples))
     res = subprocess.run(
         [
@@ -152,7 +153,7 @@ def test_finished_run_is_not_recomputed(reference_run, tiny, monkeypatch) -> Non
 
     monkeypatch.setattr(medvqa.models, "load_model", refuse)
     messages: list[str] = []
-    again = evaluate(_cfg(tiny.spec, Path(ref["root"]), out), log=messages.append)
+    again = evaluate(_cfg(tiny.spec, out / ref["root"], out), log=messages.append)
     assert again == ref and "already done" in messages[-1]
 
 
@@ -193,26 +194,23 @@ def test_cli_eval_and_bad_input_exit_2(tiny_model_dir, phantom_root, tmp_path, c
     out = tmp_path / "out"
     args = ["eval", "--model", f"hf:{tiny_model_dir}", "--benchmark", "phantom", "--root", str(root)]
     args += ["--out", str(out), "--batch-size", "4", "--max-new-tokens", "2"]
-    assert main(args) == 2
+    assert main(args) == 2  # found by the loader's image check, or when the batch reads it
     err = capsys.readouterr().err
-    assert "does not decode" in err and str(bad_image) in err and "image" in err
-    kept = read_jsonl(out / "predictions.jsonl")
-    assert len(kept) >= 4 and not (out / "scores.json").exists()  # what was written stays intact
+    assert str(bad_image) in err and "image" in err and not (out / "scores.json").exists()
     assert main([*args, "--skip-bad"]) == 0
     scores = json.loads((out / "scores.json").read_text())
     n_bad = sum(1 for r in rows if root / r["image"] == bad_image)
-    assert scores["n_skipped"] == n_bad and scores["n"] == len(rows) - n_bad
-    assert len(read_jsonl(out / "skipped.jsonl")) == n_bad
+    at = scores["n_skipped_at_load"] + scores["n_skipped_at_generation"]
+    assert n_bad and scores["n_skipped"] == at == n_bad and scores["n"] == len(rows) - n_bad
+    listed = read_jsonl(out / "skipped.jsonl")  # each skipped record, with where and why
+    assert len(listed) == n_bad and len({r["stage"] for r in listed}) == 1
+    assert all(str(bad_image) in r["error"] for r in listed)
     capsys.readouterr()
     assert main([*args, "--skip-bad"]) == 0  # finished: the broken image is not retried
     assert "already done" in capsys.readouterr().err
     capsys.readouterr()
-    assert (
-        main(
-            ["eval", "--model", f"hf:{tmp_path / 'no-model'}", "--benchmark", "phantom", "--root", str(root)]
-        )
-        == 2
-    )
+    args[2] = f"hf:{tmp_path / 'no-model'}"
+    assert main([*args[:3], "--benchmark", "phantom", "--root", str(root), "--skip-bad"]) == 2
     assert "model path does not exist" in capsys.readouterr().err
     assert main([*args[:5], "--root", str(tmp_path / "nowhere")]) == 2
     assert main([*args, "--split", "validation"]) == 2
@@ -241,7 +239,7 @@ def test_light_commands_do_not_import_torch(reference_run, tmp_path) -> None:
     from medvqa.benchmarks.phantom import Phantom
 
     gt = tmp_path / "gt.jsonl"
-    samples = Phantom().load("test", Path(scores["root"]))[:LIMIT]
+    samples = Phantom().load("test", out / scores["root"])[:LIMIT]
     gt.write_text("".join(json.dumps(s.to_json()) + "\n" for s in samples))
     code = (
         "import sys\n"
@@ -390,3 +388,240 @@ def test_gold_derived_closed_questions_are_prompted_as_open(tiny, tmp_path) -> N
     rows = read_jsonl(out / "predictions.jsonl")
     assert any(r["answer_type"] == "CLOSED" for r in rows)
     assert all("[yes, no]" not in r["prompt"] for r in rows)
+
+
+def _refuse_model_loading(monkeypatch) -> None:
+    import medvqa.models
+
+    def refuse(*a, **k):
+        raise AssertionError("this eval must not load the model")
+
+    monkeypatch.setattr(medvqa.models, "load_model", refuse)
+
+
+def test_changed_scoring_settings_rescore_without_generating(reference_run, tiny, tmp_path, monkeypatch):
+    """Other --n-boot / --scorers or a new scorer version: rescored from predictions.jsonl, no model."""
+    import medvqa.scoring
+
+    ref_out, ref = reference_run
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    predictions = (out / "predictions.jsonl").read_bytes()
+    _refuse_model_loading(monkeypatch)
+    root = ref_out / ref["root"]
+    messages: list[str] = []
+    fewer = evaluate(_cfg(tiny.spec, root, out, n_boot=0), log=messages.append)
+    assert "already done" not in messages[-1] and fewer["scoring"]["n_boot"] == 0
+    values = {(s, m): v["value"] for s, ms in ref["scorers"].items() for m, v in ms.items()}
+    assert values == {(s, m): v["value"] for s, ms in fewer["scorers"].items() for m, v in ms.items()}
+    ci = fewer["scorers"]["strict"]["closed_accuracy"]
+    assert ci["ci_low"] is None and ref["scorers"]["strict"]["closed_accuracy"]["ci_low"] is not None
+    assert fewer["model"].get("details") == ref["model"]["details"]  # kept from the scored run
+    only = evaluate(_cfg(tiny.spec, root, out, scorers="strict"), log=lambda m: None)
+    assert set(only["scorers"]) == {"strict"}
+    monkeypatch.setattr(medvqa.scoring, "SCORER_VERSION", "999")  # a scorer fix
+    fixed = evaluate(_cfg(tiny.spec, root, out), log=lambda m: None)
+    assert fixed["scoring"]["scorer_version"] == "999" and fixed["scorers"] == ref["scorers"]
+    messages.clear()
+    assert evaluate(_cfg(tiny.spec, root, out), log=messages.append) == fixed
+    assert "already done" in messages[-1]
+    assert (out / "predictions.jsonl").read_bytes() == predictions
+
+
+def test_cli_rescore_needs_complete_predictions(reference_run, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    ref_out, ref = reference_run
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    _refuse_model_loading(monkeypatch)
+    args = [
+        "eval",
+        "--model",
+        f"hf:{tiny_model_dir}",
+        "--benchmark",
+        "phantom",
+        "--root",
+        str(ref_out / ref["root"]),
+    ]
+    args += ["--out", str(out), "--limit", str(LIMIT), "--max-new-tokens", "4", "--rescore"]
+    assert main([*args, "--n-boot", "20"]) == 0
+    assert "(rescored)" in capsys.readouterr().err
+    assert json.loads((out / "scores.json").read_text())["scoring"]["n_boot"] == 20
+    rows = (out / "predictions.jsonl").read_text().splitlines(keepends=True)
+    (out / "predictions.jsonl").write_text("".join(rows[:-5]))  # a killed run: 5 answers missing
+    assert main([*args, "--n-boot", "30"]) == 2
+    assert "5 of 48 questions have no prediction" in capsys.readouterr().err
+
+
+class ThinkingModel(Counting):
+    """Answers like a reasoning model: its reasoning says "no", then the answer."""
+
+    def generate(self, requests, settings):
+        self.asked += len(requests)
+        return [
+            f"<think>no, no: is there a lesion? {a}</think> yes"
+            for a in self.inner.generate(requests, settings)
+        ]
+
+
+def test_think_policy_strips_reasoning_before_both_scorers(tiny, phantom_root, tmp_path) -> None:
+    model = ThinkingModel(tiny)
+    out = tmp_path / "think"
+    plain = evaluate(_cfg(tiny.spec, phantom_root, out), model=model, log=lambda m: None)
+    stripped = evaluate(
+        _cfg(tiny.spec, phantom_root, out, prompt_policy="short-answer+think"),
+        model=model,
+        log=lambda m: None,
+    )
+    assert model.asked == LIMIT  # the same answers: switching +think rescores, it does not generate
+    assert stripped["key"] == plain["key"] and stripped["prompt_policy"] == "short-answer+think"
+    assert stripped["scoring"]["strip_think"] and stripped["prompt_policy_config"]["strip_think"]
+    scored = read_jsonl(out / "scored.jsonl")
+    assert {r["prediction"] for r in scored} == {"yes"}
+    assert all(r["text"].startswith("<think>") for r in read_jsonl(out / "predictions.jsonl"))
+    yes_gold = [r for r in scored if r["answer_type"] == "CLOSED" and r["gold"] == "yes"]
+    n_closed = stripped["n_closed"]
+    for scorer in ("llava-med", "strict"):
+        assert stripped["scorers"][scorer]["closed_accuracy"]["value"] == pytest.approx(
+            100 * len(yes_gold) / n_closed
+        )
+    # unstripped, the substring rule counts the reasoning's "no" as an answer
+    assert plain["scorers"]["llava-med"]["closed_accuracy"]["value"] == 100.0
+
+
+def test_strip_reasoning_rules() -> None:
+    from medvqa.prompts import strip_reasoning
+
+    assert strip_reasoning("<think>no</think> yes") == "yes"
+    assert strip_reasoning("reasoning opened by the template</think>\nyes") == "yes"
+    assert strip_reasoning("<think>still thinking about no") == ""  # no answer, not "no"
+    assert strip_reasoning("plain answer") == "plain answer"
+
+
+class FailsOn(Counting):
+    """A model whose image reader fails for some questions, as a corrupt-but-verifiable file would."""
+
+    def __init__(self, model, bad_ids):
+        super().__init__(model)
+        self.bad_ids = set(bad_ids)
+
+    def generate(self, requests, settings):
+        for r in requests:
+            if r.id in self.bad_ids:
+                raise BadInput("image does not decode (truncated)", path=r.image, record=r.id, field="image")
+        return super().generate(requests, settings)
+
+
+def test_generation_skips_are_counted_and_listed(tiny, phantom_root, tmp_path) -> None:
+    from medvqa.benchmarks.phantom import Phantom
+
+    ids = [s.id for s in Phantom().load("test", phantom_root)[:LIMIT]]
+    bad = {ids[3], ids[20]}
+    out = tmp_path / "run"
+    scores = evaluate(
+        _cfg(tiny.spec, phantom_root, out, skip_bad=True), model=FailsOn(tiny, bad), log=lambda m: None
+    )
+    assert scores["n"] == LIMIT - 2 and scores["n_skipped"] == scores["n_skipped_at_generation"] == 2
+    listed = read_jsonl(out / "skipped.jsonl")
+    assert [r["id"] for r in listed] == [ids[3], ids[20]] and {r["stage"] for r in listed} == {"generate"}
+    # a rescore keeps the list though it generates nothing
+    again = evaluate(
+        _cfg(tiny.spec, phantom_root, out, skip_bad=True, n_boot=10),
+        model=FailsOn(tiny, bad),
+        log=lambda m: None,
+    )
+    assert again["n_skipped"] == 2 and [r["id"] for r in read_jsonl(out / "skipped.jsonl")] == [
+        ids[3],
+        ids[20],
+    ]
+
+
+def test_second_process_on_the_same_out_fails_at_once(
+    tiny_model_dir, phantom_root, tmp_path, monkeypatch, capsys
+):
+    from medvqa.io import output_lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    _refuse_model_loading(monkeypatch)
+    args = ["eval", "--model", f"hf:{tiny_model_dir}", "--benchmark", "phantom", "--root", str(phantom_root)]
+    args += ["--out", str(out), "--limit", "8"]
+    with output_lock(out):  # what a running eval holds
+        assert main(args) == 2
+        assert main([*args, "--fresh"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("another process") == 2 and str(out) in err and len(err.strip().splitlines()) == 2
+
+
+def test_unwritable_out_is_one_line_before_the_model_loads(
+    tiny_model_dir, phantom_root, tmp_path, monkeypatch, capsys
+):
+    _refuse_model_loading(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    args = ["eval", "--model", f"hf:{tiny_model_dir}", "--benchmark", "phantom", "--root", str(phantom_root)]
+    for out in (blocker, blocker / "under"):
+        assert main([*args, "--out", str(out), "--limit", "8"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is a file or lies under a file" in err and str(out) in err
+    assert blocker.read_text() == "x"
+
+
+def test_full_disk_mid_run_is_one_line_and_resumes(
+    reference_run, tiny, phantom_root, tmp_path, monkeypatch
+) -> None:
+    import errno
+
+    import medvqa.io
+
+    ref_out, ref = reference_run
+    out = tmp_path / "full"
+    real_write = medvqa.io.JsonlAppender.write
+    calls = {"n": 0}
+
+    def write(self, rows):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the disk fills up at the third batch
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return real_write(self, rows)
+
+    monkeypatch.setattr(medvqa.io.JsonlAppender, "write", write)
+    with pytest.raises(BadInput, match="No space left on device") as exc:
+        evaluate(_cfg(tiny.spec, phantom_root, out), model=tiny, log=lambda m: None)
+    assert "\n" not in str(exc.value) and "--out" in str(exc.value)
+    assert len(read_jsonl(out / "predictions.jsonl")) == 16  # two whole batches, intact
+    monkeypatch.setattr(medvqa.io.JsonlAppender, "write", real_write)
+    scores = evaluate(_cfg(tiny.spec, phantom_root, out), model=tiny, log=lambda m: None)
+    assert scores["scorers"] == ref["scorers"]
+    assert (out / "predictions.jsonl").read_text() == (ref_out / "predictions.jsonl").read_text()
+
+
+def test_several_benchmarks_one_call_one_table(tiny_model_dir, phantom_root, tmp_path, capsys) -> None:
+    from tests.real_fixtures import make_slake
+
+    slake = make_slake(tmp_path / "data")
+    out = tmp_path / "runs"
+    args = ["eval", "--model", f"hf:{tiny_model_dir}", "--benchmark", "phantom,slake"]
+    args += ["--root", f"{phantom_root},{slake}", "--out", str(out), "--limit", "8", "--max-new-tokens", "2"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].startswith("| benchmark | split | n |")
+    assert "| phantom | test | 8 |" in table and "| slake | test | 4 |" in table
+    for name in ("phantom", "slake"):
+        assert json.loads((out / f"{name}-test" / "scores.json").read_text())["benchmark"] == name
+    assert main([*args[:5], "--root", str(phantom_root)]) == 2
+    assert "one root per benchmark" in capsys.readouterr().err
+
+
+def test_scores_json_holds_no_absolute_path(reference_run, tmp_path) -> None:
+    out, scores = reference_run
+    text = (out / "scores.json").read_text()
+    assert str(tmp_path.parents[1]) not in text and '"/' not in text
+    assert (out / scores["root"]).resolve() == (out / scores["root"]).resolve()
+    assert len(scores["data_hash"]) == 16
+    # the same questions give the same data hash wherever the data lives
+    moved = tmp_path / "moved"
+    shutil.copytree(out / scores["root"], moved)
+    from medvqa.evaluation.plan import make_plan
+
+    cfg = _cfg(scores["model"]["spec"], moved, tmp_path / "x")
+    assert make_plan(cfg, cfg.model).data_hash == scores["data_hash"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from medvqa.config import add_dataclass_arguments
 
@@ -24,6 +25,11 @@ resumes from the last flushed batch; a finished one returns at once; predictions
 model's fingerprint, the benchmark version, the prompt policy and the decoding settings, so a new
 checkpoint never reuses old answers.
 
+Several benchmarks in one call: --benchmark vqa-rad,slake,pathvqa --root A,B,C (one root per
+benchmark, in order); each gets its own run folder (under --out when given) and one summary table
+ends the run. --rescore scores a run folder's predictions again (other --scorers, --n-boot, a
++think policy) without loading the model. A second process on the same run folder stops at once.
+
 Multi-process / multi-GPU: accelerate launch [--cpu] --num_processes N -m medvqa eval ...
 """
 
@@ -34,6 +40,9 @@ examples:
   medvqa eval --model hf:runs/demo/sft/f0.09/s0/checkpoint --benchmark phantom --root data/phantom \\
       --batch-size 32 --out runs/demo/sft/f0.09/s0/eval/phantom
   medvqa eval --model openai:gpt-4o --benchmark vqa-rad --root data/vqa-rad --prompt-policy short-answer
+  medvqa eval --model hf:models/tiny --benchmark vqa-rad,slake,pathvqa --root data/vqa-rad,data/slake,data/pvqa
+  medvqa eval --model hf:models/tiny --benchmark phantom --root data/phantom --n-boot 5000 --rescore
+  medvqa eval --model hf:models/reasoning-vlm --benchmark slake --root data/slake --prompt-policy short-answer+think
   accelerate launch --num_processes 8 -m medvqa eval --model hf:llava-hf/llava-1.5-7b-hf,dtype=bfloat16 \\
       --benchmark slake --root data/slake --batch-size 16
 """
@@ -74,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from medvqa.errors import BadInput
-    from medvqa.evaluate import EvalConfig, default_out_dir, evaluate, remove_run
+    from medvqa.evaluate import EvalConfig, default_out_dir, evaluate, per_benchmark, remove_run
+    from medvqa.io import output_lock
 
     for name in ("model", "benchmark", "root"):
         if not getattr(args, name, None):
@@ -84,14 +94,38 @@ def run(args: argparse.Namespace) -> int:
         for f in dataclasses.fields(EvalConfig)
         if getattr(args, f.name) is not None
     }
-    cfg = EvalConfig(**values)
-    if args.fresh:
-        remove_run(cfg.out or default_out_dir(cfg.model, cfg.benchmark, cfg.split))
-    _quiet_libraries(cfg.progress)
-    scores = evaluate(cfg)
+    jobs = per_benchmark(EvalConfig(**values))
+    _quiet_libraries(jobs[0].progress)
+    results = []
+    for cfg in jobs:
+        out = Path(cfg.out or default_out_dir(cfg.model, cfg.benchmark, cfg.split))
+        if args.fresh and out.is_dir():
+            with output_lock(out):  # never delete what another process is writing
+                remove_run(out)
+        results.append(evaluate(cfg))
+    if len(results) > 1:
+        print(summary_table(results))
     if args.json:
-        print(json.dumps(scores, indent=2))
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0
+
+
+def summary_table(results: list[dict]) -> str:
+    """One markdown row per benchmark: n, closed accuracy and open recall of each scorer."""
+    scorers = [s for s in ("llava-med", "strict") if any(s in r["scorers"] for r in results)]
+    head = ["benchmark", "split", "n", "skipped"]
+    for scorer in scorers:
+        head += [f"{scorer} closed", f"{scorer} open recall"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [r["benchmark"], r["split"], str(r["n"]), str(r.get("n_skipped", 0))]
+        for scorer in scorers:
+            metrics = r["scorers"].get(scorer, {})
+            for metric in ("closed_accuracy", "open_recall"):
+                value = metrics.get(metric, {}).get("value")
+                cells.append("" if value is None else f"{value:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _quiet_libraries(progress: bool | None) -> None:

@@ -8,7 +8,6 @@ order) before scoring: the same files as one process.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,16 +21,14 @@ from medvqa.types import GenerationRequest, GenerationSettings, VQASample
 
 
 class Dist:
-    """Rank, world size and barriers: accelerate's PartialState when launched with >1 process."""
+    """Rank, world size, device and barriers of this launch (`medvqa.distributed` decides)."""
 
     def __init__(self) -> None:
-        self.state: Any = None
-        self.rank, self.world = 0, 1
-        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-            from accelerate import PartialState
+        from medvqa import distributed
 
-            self.state = PartialState()
-            self.rank, self.world = self.state.process_index, self.state.num_processes
+        self.state: Any = distributed.state()
+        self.rank = distributed.rank()
+        self.world = int(self.state.num_processes) if self.state is not None else 1
 
     @property
     def main(self) -> bool:
@@ -84,18 +81,19 @@ def generate_predictions(
         target = out / (PREDICTIONS if dist.world == 1 else f"predictions.rank{dist.rank}.jsonl")
         bar = _progress(len(pending), progress if dist.main else False, f"eval {plan.benchmark.name}")
         fingerprint = model.fingerprint
+        policy = plan.generation_policy
         with JsonlAppender(target) as appender:
             for b, start in enumerate(range(0, len(mine), batch_size)):
                 if stop_after_batches is not None and b >= stop_after_batches:
                     result.stopped = True
                     break
                 batch = mine[start : start + batch_size]
-                answers, bad = _generate_batch(model, plan.policy, batch, plan.settings, skip_bad)
+                answers, bad = _generate_batch(model, policy, batch, plan.settings, skip_bad)
                 # the convention's own answer extraction (e.g. LLaVA-Med v1.0 cuts at "###")
-                answers = [None if a is None else plan.policy.postprocess(a) for a in answers]
+                answers = [None if a is None else policy.postprocess(a) for a in answers]
                 result.skipped += bad
                 appender.write(
-                    _row(s, a, plan.policy, plan.spec, key, fingerprint)
+                    _row(s, a, policy, plan.spec, key, fingerprint)
                     for s, a in zip(batch, answers)
                     if a is not None
                 )
@@ -136,7 +134,7 @@ def _generate_batch(
             if exc.field != "image":
                 raise
             answers.append(None)
-            bad.append({"id": sample.id, "error": str(exc)})
+            bad.append({"stage": "generate", "id": sample.id, "error": str(exc)})
     return answers, bad
 
 

@@ -39,7 +39,8 @@ class EvalPlan:
     limit: int
     spec: str
     out: Path
-    n_skipped_at_load: int = 0
+    # the records the benchmark skipped while loading (`--skip-bad`), as `SkippedRecord.to_json()`
+    load_skips: tuple[dict[str, str], ...] = ()
 
     @cached_property
     def ids(self) -> list[str]:
@@ -54,8 +55,45 @@ class EvalPlan:
     def order(self) -> dict[str, int]:
         return {qid: i for i, qid in enumerate(self.ids)}
 
+    @cached_property
+    def generation_policy(self) -> PromptPolicy:
+        """The policy as the model sees it: scoring-only options (`+think`) do not change answers."""
+        return self.policy.with_strip_think(False)
+
+    @cached_property
+    def data_hash(self) -> str:
+        """The content of the questions asked, without local paths: two users can tell their data apart."""
+        return stable_hash(
+            [
+                [s.id, s.question, str(s.answer), s.answer_type, _image_ident(s, self.root)]
+                for s in self.samples
+            ]
+        )
+
+    def scoring(self) -> dict[str, Any]:
+        """Everything besides the predictions that changes a score: part of what "finished" means."""
+        from medvqa.scoring import SCORER_VERSION
+
+        return {
+            "scorers": list(self.scorers),
+            "scorer_version": SCORER_VERSION,
+            "n_boot": self.n_boot,
+            "seed": self.seed,
+            "strip_think": self.policy.strip_think,
+        }
+
     def key(self, fingerprint: str) -> str:
-        return run_key(fingerprint, self.benchmark, self.split, self.policy, self.settings)
+        return run_key(fingerprint, self.benchmark, self.split, self.generation_policy, self.settings)
+
+
+def _image_ident(sample: VQASample, root: Path) -> str:
+    """The image's dataset id, else its path inside the data root (never an absolute path)."""
+    if "image_id" in sample.meta or isinstance(sample.image, bytes):
+        return sample.image_id
+    try:
+        return Path(sample.image).relative_to(root).as_posix()
+    except ValueError:
+        return Path(sample.image).name
 
 
 def default_out_dir(model_spec: str, benchmark: str, split: str) -> Path:
@@ -120,7 +158,7 @@ def make_plan(cfg: EvalConfig, spec: str) -> EvalPlan:
         raise BadInput("benchmark data folder does not exist", path=root, field="--root")
     bench.version = f"{bench.version}{resolved.version_suffix}"  # the hub commit scored, in every key
     samples: list[VQASample] = bench.load(cfg.split, root, skip_bad=cfg.skip_bad)
-    n_skipped = len(bench.skipped)  # records skipped at load (Benchmark.skipped)
+    load_skips = tuple(record.to_json() for record in bench.skipped)
     if cfg.limit:
         samples = samples[: cfg.limit]
     if not samples:
@@ -141,5 +179,5 @@ def make_plan(cfg: EvalConfig, spec: str) -> EvalPlan:
         limit=cfg.limit,
         spec=spec,
         out=out,
-        n_skipped_at_load=n_skipped,
+        load_skips=load_skips,
     )
