@@ -48,10 +48,14 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_shipped_configs_validate(tmp_path):
-    for name in ("phantom.toml", "phantom-smoke.toml", "real-gpu.toml"):
+    shipped = sorted(p.name for p in (REPO / "configs").glob("*.toml"))
+    assert {"phantom.toml", "phantom-smoke.toml", "real-gpu.toml", "slurm-zero3.toml"} <= set(shipped)
+    for name in shipped:
         cfg, run_dir = load_config(REPO / "configs" / name, out=tmp_path / name)
         assert run_dir == (tmp_path / name).resolve()
-        jobs = Sweep(cfg, run_dir).jobs(with_manifests=False)  # also checks every trainer's settings
+        sweep = Sweep(cfg, run_dir)
+        jobs = sweep.jobs(with_manifests=False)  # also checks every trainer's settings
+        sweep.planner.check_jobs(jobs)  # and every job's flags through the real parser
         assert any(j.kind == "train" for j in jobs) and any(j.kind == "eval" for j in jobs)
 
 

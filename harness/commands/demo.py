@@ -9,15 +9,16 @@ ORDER = 1
 
 PRESETS = {
     "default": "phantom.toml",  # ≤ 10 min on a 2-core CPU
-    "smoke": "phantom-smoke.toml",  # ≤ 90 s: the same path on a toy grid
+    "smoke": "phantom-smoke.toml",  # ≤ 60 s: the same path on a toy grid, one seed
 }
 
 DESCRIPTION = """\
 Build Phantom (a synthetic radiology-like VQA benchmark) and a tiny LLaVA-architecture model if
 they are missing, align the model on captions, then sweep: SFT on 9%, 25% and 100% of the labeled
 training QA and STLLaVA-Med on 9% (self-questioning on the unlabeled training images, judged by the
-phantom expert, DPO), evaluate every checkpoint, and print the data-efficiency table. Rerunning
-skips what is done; a killed demo resumes. The same sweep runs on real data and GPUs:
+phantom expert, DPO), three seeds each, two jobs side by side at one thread each, evaluate every
+checkpoint, and print the data-efficiency table (± = the spread over seeds) and where the time
+went. Rerunning skips what is done; a killed demo resumes. The same sweep runs on real data and GPUs:
 `medvqa sweep configs/real-gpu.toml`.
 """
 
@@ -50,10 +51,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default="default",
-        help="default (≤ 10 min on 2 CPU cores) or smoke (≤ 90 s) (default: default)",
+        help="default (≤ 10 min on 2 CPU cores) or smoke (≤ 60 s) (default: default)",
     )
     p.add_argument("--out", default=None, help="run folder (default: runs/demo, or runs/demo-smoke)")
     p.add_argument("--jobs", type=int, default=None, help="jobs side by side (default: the preset's)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per job (default: the preset's)")
     p.add_argument("--verbose", action="store_true", help="stream every job's output")
     p.set_defaults(func=run)
 
@@ -67,10 +69,12 @@ def run(args: argparse.Namespace) -> int:
     config = preset_config(args.preset)
     out = args.out or ("runs/demo" if args.preset == "default" else "runs/demo-smoke")
     overrides = {}
-    if args.jobs is not None:
-        if args.jobs < 1:
-            raise BadInput("--jobs must be >= 1")
-        overrides["jobs"] = args.jobs
+    for name in ("jobs", "threads"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 0:
+                raise BadInput(f"--{name} must be >= 0 (0 = auto)")
+            overrides[name] = value
     print(f"medvqa demo ({args.preset}): config {config}, run folder {out}", flush=True)
     t0 = time.perf_counter()
     failed, run_dir, md = run_sweep(

@@ -27,7 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", metavar="CONFIG.toml", help="sweep config")
     p.add_argument("--out", default=None, help="run folder (default: runs/<name>)")
-    p.add_argument("--jobs", type=int, default=None, help="jobs side by side (overrides [run] jobs)")
+    p.add_argument(
+        "--jobs", type=int, default=None, help="jobs side by side (overrides [run] jobs; 0 = auto)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads per local job (overrides [run] threads)"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the jobs that would run, run nothing")
     p.add_argument("--verbose", action="store_true", help="stream every job's output (default: to log files)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
@@ -39,10 +44,12 @@ def run(args: argparse.Namespace) -> int:
     from medvqa.sweeps import run_sweep
 
     overrides = {}
-    if args.jobs is not None:
-        if args.jobs < 1:
-            raise BadInput("--jobs must be >= 1")
-        overrides["jobs"] = args.jobs
+    for name in ("jobs", "threads"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 0:
+                raise BadInput(f"--{name} must be >= 0 (0 = auto)")
+            overrides[name] = value
     failed, _run_dir, md = run_sweep(
         args.config,
         out=args.out,

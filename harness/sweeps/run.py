@@ -28,6 +28,7 @@ class Sweep:
         self.log = log
         self.planner = Planner(cfg, run_dir)
         self.state = SweepState(run_dir / ".sweep", log=log)
+        self.timings: list[tuple[str, float]] = []  # (kind, seconds) of every job that ran this time
 
     def jobs(self, *, with_manifests: bool = True) -> list[Job]:
         return self.planner.jobs(with_manifests=with_manifests)
@@ -78,12 +79,14 @@ class Sweep:
         lock = self.state.lock(self.run_dir)
         executor = make_executor(self.cfg, self.run_dir, n_jobs=len(plan))
         t0 = time.perf_counter()
+        self.timings = []
         try:
             self._n_ok = 0
             failed = self._run_all(plan, executor, dry_run=False, verbose=verbose)
-            self.log(
-                f"sweep: {self._n_ok} job(s) ok, {failed} failed or not run, {time.perf_counter() - t0:.0f} s"
-            )
+            wall = time.perf_counter() - t0
+            self.log(f"sweep: {self._n_ok} job(s) ok, {failed} failed or not run, {wall:.0f} s")
+            if self.timings:
+                self.log(f"sweep: {timing_summary(self.timings, wall, executor.capacity)}")
             return failed
         finally:
             executor.close()
@@ -213,6 +216,7 @@ class Sweep:
                 problem = check_outputs(job) if rc == 0 else f"exit code {rc}{_detail(proc)}"
                 if problem is None:
                     self.state.mark_done(job, dt)
+                    self.timings.append((job.kind, dt))
                     done.add(jid)
                     self.log(f"  done: {job.title} ({dt:.0f} s)")
                 else:
@@ -227,6 +231,19 @@ class Sweep:
                 self.log("  running: " + "; ".join(_progress(j, t0) for _, j, t0 in running.values()))
         self._n_ok += len(done)
         return len(failed)
+
+
+def timing_summary(timings: list[tuple[str, float]], wall: float, capacity: int) -> str:
+    """Where the wall time went: job seconds per kind, and how well the side-by-side slots were used."""
+    by_kind: dict[str, list[float]] = {}
+    for kind, seconds in timings:
+        by_kind.setdefault(kind, []).append(seconds)
+    parts = [
+        f"{kind} {sum(v):.0f} s ({len(v)} job{'s' if len(v) > 1 else ''})" for kind, v in by_kind.items()
+    ]
+    busy = sum(seconds for _, seconds in timings)
+    used = f"; {busy / (wall * capacity):.0%} of {capacity} slots busy" if wall > 0 and capacity > 1 else ""
+    return f"job time {', '.join(parts)}: {busy:.0f} s in {wall:.0f} s wall{used}"
 
 
 def _detail(proc: Running) -> str:
