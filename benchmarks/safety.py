@@ -8,7 +8,7 @@ Benchmark files come from the internet and are treated as hostile:
 - an image is checked to exist and to parse (`ImageChecker`, once per image), and an image larger
   than the harness's pixel cap (`DEFAULT_MAX_PIXELS`, configurable) is refused before anything
   decodes it: Pillow's own bomb limit (~179 Mpx) lets a few-hundred-KB PNG of 11000×11000 through,
-  which then takes gigabytes to decode; `open_image` applies the same cap wherever pixels are read;
+  which then takes gigabytes to decode (the cap reads only the header, at every check level);
 - a pickle (PathVQA) is read by `safe_load_pickle`: a restricted unpickler that builds only plain
   containers and scalars and refuses, without executing it, any pickle that names a callable; the
   result is then walked in bounded time (cycles and oversized graphs are refused, so a
@@ -19,10 +19,13 @@ Nothing here imports PIL at module level: listing benchmarks stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import pickle
+import warnings
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -99,29 +102,24 @@ def _pixel_problem(size: tuple[int, int], max_pixels: int) -> str | None:
     return None
 
 
-def open_image(image: str | os.PathLike[str] | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
-    """A PIL image, opened lazily and refused (BadInput) above the pixel cap before any pixel is decoded."""
-    from PIL import Image, UnidentifiedImageError
+@contextlib.contextmanager
+def _quiet_pillow() -> Iterator[None]:
+    """Pillow's own bomb warning is redundant under our cap, and a second stderr line for the CLI."""
+    from PIL import Image
 
-    where = None if isinstance(image, bytes) else image
-    try:
-        img = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise BadInput(f"corrupt image ({type(exc).__name__}: {exc})", path=where, field="image") from None
-    problem = _pixel_problem(img.size, max_pixels)
-    if problem is not None:
-        img.close()
-        raise BadInput(problem, path=where, field="image")
-    return img
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
 
 
 class ImageChecker:
     """Checks each image once (questions share images), at one of three levels, under a pixel cap.
 
     `exists`: the file is there; `verify` (the loaders' default): PIL parses the file's structure
-    (cheap: PNG chunk CRCs, JPEG headers — no pixel decoding) and its size is checked against
-    `max_pixels`; `decode`: every pixel is decoded too, which also catches truncated JPEGs
-    (`medvqa data inspect --check-images decode`). `max_pixels=0` lifts the harness's cap.
+    (cheap: PNG chunk CRCs, JPEG headers — no pixel decoding); `decode`: every pixel is decoded too,
+    which also catches truncated JPEGs (`medvqa data inspect --check-images decode`). At every
+    level an image whose header declares more than `max_pixels` pixels is refused before anything
+    decodes it (`max_pixels=0` lifts the harness's cap).
     """
 
     def __init__(self, level: str = "verify", max_pixels: int = DEFAULT_MAX_PIXELS):
@@ -149,13 +147,14 @@ class ImageChecker:
                     return "image path is not a file"
             except OSError as exc:  # e.g. ENAMETOOLONG, ELOOP on a path not from resolve_inside
                 return f"image path cannot be read ({exc.strerror or exc})"
-        if self.level == "exists":
-            return None
         from PIL import Image, UnidentifiedImageError
+
+        if self.level == "exists":
+            return self._header_problem(image)
 
         try:
             src = io.BytesIO(image) if isinstance(image, bytes) else image
-            with Image.open(src) as im:
+            with _quiet_pillow(), Image.open(src) as im:
                 too_big = _pixel_problem(im.size, self.max_pixels)
                 if too_big is not None:
                     return too_big
@@ -172,6 +171,20 @@ class ImageChecker:
         ) as exc:
             return f"corrupt image ({type(exc).__name__}: {exc})"
         return None
+
+    def _header_problem(self, image: Path | bytes) -> str | None:
+        """Only the pixel cap, from the header (`exists` leaves every other problem to the decoder)."""
+        if not self.max_pixels:
+            return None
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with _quiet_pillow(), Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
+                return _pixel_problem(im.size, self.max_pixels)
+        except Image.DecompressionBombError as exc:
+            return f"corrupt image (DecompressionBombError: {exc})"
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            return None  # not a readable header: not this level's business
 
     def check(self, image: Path | bytes, *, path: Path, index: object, field: str) -> None:
         what = self.problem(image)

@@ -267,3 +267,27 @@ def make_llava_med(root: Path, items: list[dict[str, Any]] | None = None) -> Pat
     write_image(root / "images" / "synpic2.jpg", 72)
     write_json(root / "test.json", llava_med_items() if items is None else items)
     return root
+
+
+# ------------------------------------------------------------------------------------------ hostile
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A well-formed PNG whose header declares width x height grey pixels, in a few hundred bytes.
+
+    Chunk CRCs are valid (PIL's `verify` accepts it); the zlib stream holds one row of zeros, so
+    anything that decodes it either fails or allocates the full declared size first.
+    """
+    import struct
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    data = zlib.compress(b"\x00" * (width + 1), 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")

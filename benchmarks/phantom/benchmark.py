@@ -48,9 +48,11 @@ class Phantom(FileBenchmark):
         root: Path,
         *,
         skip_bad: bool = False,
-        check_images: str = "verify",
+        check_images: str = "exists",
         max_pixels: int | None = None,
     ) -> list[VQASample]:
+        """Phantom's images are written by `write_phantom`, so the default check is `exists` (plus the
+        pixel cap, from each header); a corrupt one is reported where it is decoded."""
         from medvqa.io import iter_jsonl
 
         root = Path(root)
