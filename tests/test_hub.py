@@ -9,6 +9,7 @@ under HF_HUB_OFFLINE=1 (set for every test in conftest).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -85,6 +86,16 @@ def test_hub_root_resolves_through_the_library_cache(hub_cache, tmp_path, monkey
 
     samples = make_benchmark("vqa-rad").load("test", resolve_root("hf://datasets/acme/vqa-rad").path)
     assert [s.answer for s in samples] == ["no", "2", "Yes", "axial"]
+
+
+def test_data_inspect_takes_a_hub_root(hub_cache, tmp_path, capsys):
+    lay_out_hub_cache(hub_cache, "acme/vqa-rad", fx.make_vqa_rad_parquet(tmp_path / "release"))
+    assert main(["data", "inspect", "vqa-rad", "--root", "hf://datasets/acme/vqa-rad@main", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 4 and "Hugging Face parquet" in report["layout"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "inspect", "vqa-rad", "--root", "hf://datasets/acme/none"])
+    assert exit_info.value.code == 2 and "hf download acme/none" in capsys.readouterr().err
 
 
 def test_a_dataset_not_in_the_cache_says_how_to_get_it(hub_cache, capsys):
