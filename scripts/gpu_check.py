@@ -57,6 +57,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _free(device: str) -> None:
+    """Release the previous phase's model and optimizer before the next one loads its own."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def _medvqa(argv: list[str]) -> None:
     from medvqa.cli import main
 
@@ -273,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     _medvqa(train)
     report["sft_wall_s"] = round(time.perf_counter() - t0, 1)
     report["medvqa_sft_steps_per_s"] = _steps_per_s(run / "train_log.jsonl", args.warmup_steps)
+    _free(args.device)
 
     train_samples = Phantom().load("train", data)
     report["raw_sft_steps_per_s"] = raw_sft_steps_per_s(
@@ -284,8 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup_steps,
     )
     report["sft_ratio_medvqa_over_raw"] = report["medvqa_sft_steps_per_s"] / report["raw_sft_steps_per_s"]
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    _free(args.device)
 
     test_samples = Phantom().load("test", data)
     dtype = "bfloat16" if args.device.startswith("cuda") else "float32"

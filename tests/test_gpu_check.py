@@ -25,8 +25,8 @@ def _run(args: list[str], timeout: float) -> dict:
 
 @pytest.mark.slow
 def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path) -> None:
-    args = ["--size", "tiny", "--device", "cpu", "--out", str(tmp_path), "--sft-steps", "3"]
-    args += ["--warmup-steps", "1", "--batch-size", "4", "--eval-batch-size", "8", "--new-tokens", "6"]
+    args = ["--size", "tiny", "--device", "cpu", "--out", str(tmp_path), "--sft-steps", "2"]
+    args += ["--warmup-steps", "1", "--batch-size", "4", "--eval-batch-size", "4", "--new-tokens", "4"]
     report = _run(
         args,
         timeout=240,
