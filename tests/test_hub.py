@@ -109,38 +109,21 @@ def test_a_dataset_not_in_the_cache_says_how_to_get_it(hub_cache, capsys):
     assert "neither a local folder nor a dataset in the Hugging Face cache" in err and "Traceback" not in err
 
 
-def test_eval_on_a_hub_root_records_the_commit(hub_cache, phantom_root, tiny_model_dir, tmp_path):
+def _eval_tiny(model_dir: Path, root: str, out: Path) -> dict:
     from medvqa.evaluate import EvalConfig, evaluate
 
-    commit = lay_out_hub_cache(hub_cache, "acme/phantom", phantom_root)
-    scores = evaluate(
-        EvalConfig(
-            model=f"hf:{tiny_model_dir}",
-            benchmark="phantom",
-            root="hf://datasets/acme/phantom@main",
-            limit=8,
-            batch_size=8,
-            n_boot=0,
-            out=str(tmp_path / "eval"),
-            progress=False,
-        ),
-        log=lambda _m: None,
+    cfg = EvalConfig(
+        model=f"hf:{model_dir}", benchmark="phantom", root=root, limit=8, batch_size=8, n_boot=0, out=str(out)
     )
+    return evaluate(cfg, log=lambda _m: None)
+
+
+def test_eval_on_a_hub_root_records_the_commit(hub_cache, phantom_root, tiny_model_dir, tmp_path):
+    commit = lay_out_hub_cache(hub_cache, "acme/phantom", phantom_root)
+    scores = _eval_tiny(tiny_model_dir, "hf://datasets/acme/phantom@main", tmp_path / "eval")
     assert scores["n"] == 8
     assert scores["benchmark_version"].endswith(f"+hf=acme/phantom@{commit}")
-    local = evaluate(
-        EvalConfig(
-            model=f"hf:{tiny_model_dir}",
-            benchmark="phantom",
-            root=str(phantom_root),
-            limit=8,
-            batch_size=8,
-            n_boot=0,
-            out=str(tmp_path / "eval-local"),
-            progress=False,
-        ),
-        log=lambda _m: None,
-    )
+    local = _eval_tiny(tiny_model_dir, str(phantom_root), tmp_path / "eval-local")
     assert "+hf=" not in local["benchmark_version"]
     assert local["scorers"] == scores["scorers"]  # same data, same answers
 
