@@ -159,6 +159,8 @@ experts: Registry[Any] = Registry(
         "phantom": "medvqa.trainers.experts.phantom:PhantomExpert",
         "openai": "medvqa.trainers.experts.openai:OpenAIExpert",
         "reference": "medvqa.trainers.experts.reference:ReferenceExpert",
+        "noisy-phantom": "medvqa.trainers.experts.noisy:NoisyPhantomExpert",
+        "model": "medvqa.trainers.experts.model:ModelExpert",
     },
 )
 

@@ -204,11 +204,17 @@ def test_stllava_pairs_counts_and_checkpoint(stllava_run):
     meta = read_json(checkpoint.path / "checkpoint.json")
     assert set(meta) >= CHECKPOINT_KEYS
     counts = meta["counts"]
-    pairs = read_jsonl(checkpoint.path / "stages" / "pairs.jsonl")
+    rows = read_jsonl(checkpoint.path / "stages" / "pairs.jsonl")
+    pairs = [r for r in rows if not r.get("replay")]  # replay rows are labeled QA, not pairs
     judged = read_jsonl(checkpoint.path / "stages" / "judged.jsonl")
     assert meta["n_pairs"] == counts["pairs"] == len(pairs) > 0
-    assert counts["judged"] + counts["unjudgeable"] == len(judged) == counts["questions"]
-    assert counts["pairs"] == counts["judged"] - counts["ties"]  # tie_policy skip
+    # the phantom preset answers each distinct (image, question) once, n = 8 times
+    assert counts["distinct_questions"] + counts["duplicate_questions"] == counts["questions"]
+    assert counts["judged"] + counts["unjudgeable"] == len(judged) == counts["distinct_questions"]
+    assert all(len(r["answers"]) == 8 for r in judged if "scores" in r)
+    assert counts["pairs"] == counts["judged"] - counts["ties"]  # tie_policy skip, <= 1 pair per question
+    assert counts["replay"] == len(request.train_samples) == meta["dpo"]["n_replay"]  # labeled replay
+    assert sum(counts["pairs_per_category"].values()) == counts["pairs"]
     assert all(p["scores"][0] > p["scores"][1] for p in pairs)
     assert meta["loss"] == "sigmoid+sft" and meta["dpo"]["loss_type"] == ["sigmoid", "sft"]
     assert meta["n_labeled"] == len(request.train_samples) and meta["fraction"] == 0.5
@@ -269,7 +275,13 @@ def test_killed_question_and_answer_stages_resume_without_redoing(stllava_run, t
     from medvqa.trainers import stllava_med as st
 
     checkpoint, _, request = stllava_run
-    cfg = dataclasses.replace(checkpoint_cfg(checkpoint), k_questions=2, generation_batch_size=10)
+    cfg = dataclasses.replace(
+        checkpoint_cfg(checkpoint),
+        k_questions=2,
+        generation_batch_size=10,
+        n_answers=2,
+        dedupe_questions=False,
+    )
     images = list(request.unlabeled_images)[:20]  # 40 questions
     generator = st._load_generator(f"hf:{checkpoint.path / 'stages' / 'stage1'}")
     qpath = tmp_path / "questions.jsonl"
@@ -366,7 +378,13 @@ def test_pairs_tie_policies(tmp_path):
     )
     counts = make_pairs(judged, tmp_path / "p.jsonl", "skip")
     pairs = read_jsonl(tmp_path / "p.jsonl")
-    assert counts == {"judged": 3, "unjudgeable": 1, "ties": 1, "pairs": 2, "chosen_yes": 1}
+    assert {k: counts[k] for k in ("judged", "unjudgeable", "ties", "pairs", "chosen_yes")} == {
+        "judged": 3,
+        "unjudgeable": 1,
+        "ties": 1,
+        "pairs": 2,
+        "chosen_yes": 1,
+    }
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("yes", "no"), ("no", "yes")]
     assert pairs[0]["prompt"] == "is this a ct?"
     counts = make_pairs(judged, tmp_path / "p2.jsonl", "second")
@@ -582,7 +600,7 @@ def test_question_sampling_seeds_do_not_depend_on_where_the_data_lives(tiny_mode
             self.seeds = []
 
         def generate(self, requests, settings):
-            self.seeds.append(settings.seed)
+            self.seeds += [r.seed for r in requests]  # one seed (and generator) per question
             return ["is the image normal?"] * len(requests)
 
     cfg = dataclasses.replace(st.STLLaVAMedConfig(), k_questions=2, generation_batch_size=2)
@@ -592,4 +610,4 @@ def test_question_sampling_seeds_do_not_depend_on_where_the_data_lives(tiny_mode
         images = [str(tmp_path / folder / f"train-{i:05d}.png") for i in range(3)]
         st.generate_questions(recorder, images, tmp_path / folder / "questions.jsonl", cfg, seed=7)
         runs.append(recorder.seeds)
-    assert runs[0] == runs[1] and len(set(runs[0])) == 3
+    assert runs[0] == runs[1] and len(set(runs[0])) == 6

@@ -17,9 +17,10 @@ ORDER = 51
 
 STEPS = {
     "questions": "sample k questions per unlabeled image from the stage-1 model → questions.jsonl",
-    "answers": "sample two answers per question → answers.jsonl",
-    "judge": "score each answer pair with an expert (phantom, openai, reference, ...) → judged.jsonl",
-    "pairs": "chosen = higher score, rejected = lower; ties skipped (or --tie-policy second) → pairs.jsonl",
+    "answers": "sample n answers per (distinct) question → answers.jsonl",
+    "judge": "score each question's n answers with an expert (phantom, openai, model, ...) → judged.jsonl",
+    "pairs": "chosen = most common best answer, rejected = most common worst (margin, cap per question); "
+    "ties skipped (or --tie-policy second); optional labeled replay rows → pairs.jsonl",
     "dpo": "trl DPOTrainer on the pairs; the reference is the --model (stage-1) folder → checkpoint",
 }
 
@@ -78,6 +79,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             )
         if step == "pairs":
             s.add_argument("--judged", required=True, help="judged.jsonl")
+            s.add_argument(
+                "--replay-benchmark",
+                default="",
+                help="with --labeled-replay: the benchmark whose labeled fraction is replayed",
+            )
+            s.add_argument("--replay-root", default="", help="its data folder")
+            s.add_argument(
+                "--replay-fraction", type=float, default=1.0, help="its labeled fraction (seeded by --seed)"
+            )
         if step == "dpo":
             s.add_argument("--pairs", required=True, help="pairs.jsonl")
         add_trainer_flags(s, [_config_cls()])
@@ -122,14 +132,31 @@ def _images_from(args: argparse.Namespace) -> list[str]:
     raise BadInput("questions: give --images FILE or --benchmark NAME --root DIR")
 
 
+def _dist(cfg: Any) -> Any:
+    """Ranks of an `accelerate launch` (the step's items are sharded across them), else one process."""
+    from medvqa.trainers.stllava_med.stagefiles import Dist
+
+    return Dist.current(cfg.dist_timeout_s)
+
+
+def _replay_samples(args: argparse.Namespace) -> list[Any]:
+    """The labeled fraction of --replay-benchmark (the same seeded, nested selection training uses)."""
+    from medvqa.errors import BadInput
+    from medvqa.fractions import select_fraction
+    from medvqa.registry import benchmarks
+
+    if not args.replay_benchmark:
+        raise BadInput("--labeled-replay needs --replay-benchmark NAME --replay-root DIR [--replay-fraction F]")
+    samples = benchmarks.get(args.replay_benchmark)().load("train", Path(args.replay_root))
+    return select_fraction(samples, args.replay_fraction, args.seed)
+
+
 def run(args: argparse.Namespace) -> int:
-    import logging
 
     from medvqa.commands.train import resolve_config
     from medvqa.io import atomic_write_json
     from medvqa.trainers import stllava_med as st
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if getattr(args, "base_url", None):
         args.cfg_expert_base_url = args.base_url
     cfg = resolve_config(st.STLLaVAMedTrainer, args)
@@ -137,13 +164,14 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any]
     if args.step == "questions":
         images = st.unlabeled_pool(_images_from(args), cfg, args.seed)
-        generator = st._load_generator(args.model)
-        result = st.generate_questions(generator, images, out, cfg, seed=args.seed, policy=cfg.prompt_policy)
-        result["parseable_questions"] = st._parseable(out)
+        generator = st.load_generator(args.model)
+        result = st.generate_questions(
+            generator, images, out, cfg, seed=args.seed, policy=cfg.prompt_policy, dist=_dist(cfg)
+        )
     elif args.step == "answers":
-        generator = st._load_generator(args.model)
+        generator = st.load_generator(args.model)
         result = st.generate_answers(
-            generator, Path(args.questions), out, cfg, seed=args.seed, policy=cfg.prompt_policy
+            generator, Path(args.questions), out, cfg, seed=args.seed, policy=cfg.prompt_policy, dist=_dist(cfg)
         )
     elif args.step == "judge":
         expert = st.build_expert(
@@ -153,16 +181,25 @@ def run(args: argparse.Namespace) -> int:
             cache_path=args.cache or cfg.judge_cache or out.parent / "judge-cache.sqlite",
             root=args.root,
             samples_file=args.samples_file,
+            error_rate=cfg.expert_error_rate,
+            seed=args.seed,
         )
-        result = st.judge_answers(Path(args.answers), out, expert)
+        result = st.judge_answers(Path(args.answers), out, expert, dist=_dist(cfg))
         if hasattr(expert, "counts"):
             result["expert"] = expert.counts()
     elif args.step == "pairs":
-        result = st.make_pairs(Path(args.judged), out, cfg.tie_policy)
+        result = st.make_pairs(
+            Path(args.judged),
+            out,
+            cfg.tie_policy,
+            min_margin=cfg.pair_min_margin,
+            per_question=cfg.pairs_per_question,
+            replay=_replay_samples(args) if cfg.labeled_replay else (),
+        )
     else:
         result = _run_dpo(args, cfg, out)
     print(json.dumps({"step": args.step, "out": str(out), **result}, default=str))
-    if args.step != "dpo":
+    if args.step != "dpo" and _dist(cfg).main:
         atomic_write_json(out.with_name(out.name + ".counts.json"), result)
     return 0
 

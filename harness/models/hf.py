@@ -481,7 +481,15 @@ class HFModel:
             "do_sample": settings.do_sample,
             "pad_token_id": self.tokenizer.pad_token_id,
         }
-        if settings.do_sample:
+        seeds = [r.seed for r in requests]
+        if settings.do_sample and all(s is not None for s in seeds):
+            # one generator per request: each sample is independent of its batch (models/sampling.py)
+            from medvqa.models.sampling import seeded_sampler
+
+            sampler = seeded_sampler(seeds, settings.temperature, settings.top_p)
+            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            gen_kwargs["logits_processor"] = [sampler]
+        elif settings.do_sample:
             gen_kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
             torch.manual_seed(settings.seed)
         else:

@@ -98,6 +98,19 @@ class PhantomExpert:
     def judge_many(self, items: Sequence[Any]) -> list[list[float] | None]:
         return [self.judge(*_unpack(item)) for item in items]
 
+    def agreement(self, samples: Sequence[Any]) -> dict[str, Any]:
+        """Share of labeled samples whose gold answer this judge scores as correct (its accuracy)."""
+        from medvqa.trainers.experts.accuracy import judge_accuracy
+
+        return judge_accuracy(self, samples, self.config.correct_score)
+
+    def category(self, question: str) -> str | None:
+        """The question's Phantom slot (None outside the grammar): per-slot pair counts."""
+        from medvqa.benchmarks.phantom import parse_question
+
+        parsed = parse_question(question)
+        return parsed.slot if parsed is not None else None
+
 
 def _unpack(item: Any) -> tuple[Any, str, Sequence[str]]:
     if isinstance(item, dict):

@@ -67,6 +67,7 @@ class ReferenceExpert:
 
     name: ClassVar[str] = "reference"
     config_class: ClassVar[type[ReferenceExpertConfig]] = ReferenceExpertConfig
+    wants_heldout_samples: ClassVar[bool] = True  # the trainer passes TrainRequest.heldout_samples
 
     def __init__(
         self,

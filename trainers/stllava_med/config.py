@@ -1,0 +1,165 @@
+"""STLLaVA-Med's one config dataclass and its named presets (`paper`, `phantom`).
+
+Every knob of every stage is one typed, documented field here; `medvqa train` flags, `medvqa
+stllava` step flags and sweep TOML keys derive from it. The `TrainConfig` optimisation fields are
+stage 1's; `dpo_*` are DPO's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from medvqa.prompts import ASK_INSTRUCTION  # one source (Phantom's vocabulary covers it)
+from medvqa.trainers.config import TrainConfig
+
+STAGE_FILES = {
+    "questions": "questions.jsonl",
+    "answers": "answers.jsonl",
+    "judged": "judged.jsonl",
+    "pairs": "pairs.jsonl",
+}
+DPO_LOSSES = {"sigmoid": ["sigmoid"], "sigmoid+sft": ["sigmoid", "sft"]}
+
+
+@dataclass
+class STLLaVAMedConfig(TrainConfig):
+    """STLLaVA-Med knobs. Defaults = the original scripts (heliossun/STLLaVA-Med `sqllava_med.sh`,
+    `visual_sq.py`, `model_collectA.py`, `dpo_finetune.sh`), i.e. the `paper` preset.
+
+    Stage 1: LoRA r128/α256 on every linear layer (LLM and vision tower), lr 2e-4, 3 epochs, cosine,
+    warmup 3%. Stage 2: k = 5 questions (T 1.2, top-p 0.95), two answers (T 1.2, top-p 0.95), no
+    de-duplication, ties skipped (the original keeps them: `tie_policy="second"`); sigmoid DPO,
+    β 0.1, lr 5e-6, cosine, warmup 3%, 1 epoch.
+    """
+
+    # stage 1 (the original scripts' values; TrainConfig's generic defaults are overridden here)
+    learning_rate: float = field(default=2e-4, metadata={"help": "stage-1 peak learning rate"})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "stage-1 epochs (if max_steps = -1)"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "stage-1 warmup fraction"})
+    use_lora: bool = field(
+        default=True, metadata={"help": "LoRA adapters (peft) instead of all weights, in stage 1 and DPO"}
+    )
+    lora_r: int = field(default=128, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha"})
+    sq_ratio: float = field(
+        default=0.5,
+        metadata={"help": "probability that a labeled question also becomes a self-questioning target"},
+    )
+    sq_format: Literal["rows", "conversation"] = field(
+        default="rows",
+        metadata={
+            "help": "'conversation' = the original's: each labeled image's QA as one multi-turn row, later "
+            "questions become targets with p = sq_ratio; 'rows' = separate ask rows beside the QA rows"
+        },
+    )
+    ask_instruction: str = field(
+        default=ASK_INSTRUCTION,
+        metadata={"help": "instruction that asks the model for a question about the image"},
+    )
+    # stage 2: questions and answers
+    k_questions: int = field(default=5, metadata={"help": "questions sampled per unlabeled image"})
+    question_temperature: float = field(
+        default=1.2, metadata={"help": "sampling temperature of the questions"}
+    )
+    question_top_p: float = field(default=0.95, metadata={"help": "nucleus top-p of the questions"})
+    question_max_new_tokens: int = field(default=32, metadata={"help": "longest question in tokens"})
+    dedupe_questions: bool = field(
+        default=False,
+        metadata={"help": "answer each distinct (image, question) once (the original answers duplicates)"},
+    )
+    n_answers: int = field(default=2, metadata={"help": "answers sampled per (distinct) question"})
+    answer_temperature: float = field(default=1.2, metadata={"help": "sampling temperature of the answers"})
+    answer_top_p: float = field(default=0.95, metadata={"help": "nucleus top-p of the answers"})
+    answer_max_new_tokens: int = field(default=16, metadata={"help": "longest answer in tokens"})
+    generation_batch_size: int = field(default=64, metadata={"help": "requests per generate() call"})
+    max_unlabeled_images: int = field(
+        default=0, metadata={"help": "use at most this many unlabeled images (seeded sample); 0 = all"}
+    )
+    # judge and pairs
+    expert: str = field(default="phantom", metadata={"help": "the judge: a name in `medvqa experts`"})
+    expert_model: str = field(
+        default="", metadata={"help": "the judge model (openai: a model name; model: an hf: spec)"}
+    )
+    expert_base_url: str = field(default="", metadata={"help": "OpenAI-compatible endpoint (openai expert)"})
+    expert_error_rate: float = field(
+        default=0.0, metadata={"help": "noisy-oracle expert: fraction of judgments flipped (seeded)"}
+    )
+    judge_cache: str = field(
+        default="", metadata={"help": "judgment cache file (openai expert); empty = beside judged.jsonl"}
+    )
+    tie_policy: Literal["skip", "second"] = field(
+        default="skip",
+        metadata={
+            "help": "all answers scored equal: skip the question, or 'second' = answer 2 chosen over "
+            "answer 1 (the original code's rule)"
+        },
+    )
+    pair_min_margin: float = field(
+        default=0.0,
+        metadata={"help": "a pair needs chosen - rejected score > 0 and >= this margin"},
+    )
+    pairs_per_question: int = field(
+        default=1, metadata={"help": "at most this many pairs per question (best vs each worse answer)"}
+    )
+    labeled_replay: bool = field(
+        default=False,
+        metadata={
+            "help": "add each labeled QA to the DPO data as a chosen == rejected row: no DPO gradient, "
+            "only the SFT term trains on it (a replay of the labels; counted once in data used)"
+        },
+    )
+    # DPO
+    dpo_loss: Literal["sigmoid", "sigmoid+sft"] = field(
+        default="sigmoid",
+        metadata={"help": "'sigmoid' = the paper's DPO; 'sigmoid+sft' adds an SFT term on the chosen answer"},
+    )
+    beta: float = field(default=0.1, metadata={"help": "DPO beta"})
+    dpo_learning_rate: float = field(default=5e-6, metadata={"help": "DPO learning rate"})
+    dpo_num_train_epochs: float = field(default=1.0, metadata={"help": "DPO epochs over the pairs"})
+    dpo_max_steps: int = field(default=-1, metadata={"help": "DPO steps; -1 = use dpo_num_train_epochs"})
+    dpo_batch_size: int = field(default=32, metadata={"help": "DPO pairs per device batch"})
+    dpo_lr_scheduler_type: str = field(default="cosine", metadata={"help": "DPO scheduler"})
+    dpo_warmup_ratio: float = field(default=0.03, metadata={"help": "DPO warmup fraction"})
+    # distributed
+    dist_timeout_s: int = field(
+        default=4 * 3600,
+        metadata={
+            "help": "process-group timeout in seconds (a rank waits this long at a barrier, e.g. while "
+            "another finishes its share of stage-2 sampling)"
+        },
+    )
+
+
+STLLAVA_PRESETS: dict[str, dict[str, Any]] = {
+    # = the dataclass defaults: the original scripts, meant for a 7B LLaVA (see docs/trainers.md)
+    "paper": {},
+    # What measured best on Phantom with the tiny model (/work/shared/STLLAVA-STUDY.md, PHANTOM-NOTES):
+    # full fine-tuning at lr 1e-3 (LoRA on a 460k-parameter model only slows it down), steps not
+    # epochs; k = 8 questions, de-duplicated; 8 answers at T 1.5 / top-p 1 (two samples at top-p 0.95
+    # are the same string 98% of the time); best vs worst, <= 1 pair per question; labeled replay;
+    # DPO + SFT term at lr 5e-4 over ~10 epochs (plain sigmoid DPO helped less).
+    "phantom": {
+        "learning_rate": 1e-3,
+        "max_steps": 1500,
+        "warmup_ratio": 0.0,
+        "use_lora": False,
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "logging_steps": 100,
+        "k_questions": 8,
+        "question_temperature": 1.0,
+        "dedupe_questions": True,
+        "n_answers": 8,
+        "answer_temperature": 1.5,
+        "answer_top_p": 1.0,
+        "generation_batch_size": 256,
+        "pair_min_margin": 1.0,
+        "labeled_replay": True,
+        "dpo_loss": "sigmoid+sft",
+        "dpo_learning_rate": 5e-4,
+        "dpo_num_train_epochs": 10.0,
+        "dpo_lr_scheduler_type": "cosine",
+        "dpo_warmup_ratio": 0.0,
+    },
+}

@@ -1,0 +1,113 @@
+"""Stage 2, step 5: trl `DPOTrainer` on `pairs.jsonl`; the reference is the stage-1 model, loaded explicitly."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from medvqa.errors import BadInput
+from medvqa.trainers.config import TrainConfig
+from medvqa.trainers.stllava_med.config import DPO_LOSSES, STLLaVAMedConfig
+from medvqa.trainers.stllava_med.stagefiles import iter_checked
+
+
+def dpo_view(cfg: STLLaVAMedConfig) -> TrainConfig:
+    """The stage-1 optimisation fields replaced by their `dpo_*` counterparts."""
+    return dataclasses.replace(
+        cfg,
+        learning_rate=cfg.dpo_learning_rate,
+        num_train_epochs=cfg.dpo_num_train_epochs,
+        max_steps=cfg.dpo_max_steps,
+        per_device_train_batch_size=cfg.dpo_batch_size,
+        lr_scheduler_type=cfg.dpo_lr_scheduler_type,
+        warmup_ratio=cfg.dpo_warmup_ratio,
+    )
+
+
+def train_dpo(
+    stage1_dir: Path,
+    pairs_path: Path,
+    out_dir: Path,
+    cfg: STLLaVAMedConfig,
+    *,
+    seed: int,
+    work_dir: Path | None = None,
+    log_path: Path | None = None,
+) -> dict[str, Any]:
+    """trl `DPOTrainer` on the pairs (and replay rows); the reference is the stage-1 model.
+
+    (trl would otherwise reload an implicit reference from the policy's `name_or_path`, not from
+    memory.) With LoRA the reference is the adapter-disabled policy, i.e. stage 1 as well.
+    Returns DPO metrics: reward margin/accuracy on the self-generated pairs after training, steps,
+    loss names, and how many rows were pairs and how many labeled replay.
+    """
+    from medvqa.trainers.checkpoints import save_model
+    from medvqa.trainers.models import load_model_and_processor, lora_config
+    from medvqa.trainers.rows import RowBuilder, guess_answer_type, to_dataset
+    from medvqa.trainers.trl_run import (
+        drop_trl_checkpoints,
+        progress_callback,
+        run_trainer,
+        seed_everything,
+        trl_kwargs,
+    )
+    from trl import DPOConfig, DPOTrainer
+
+    rows_in = iter_checked(pairs_path, ("image", "prompt", "chosen", "rejected"))
+    pairs = [p for p in rows_in if not p.get("replay")]
+    if not pairs:
+        raise BadInput("no preference pairs to train on", path=pairs_path)
+    work_dir = work_dir or out_dir / "_trl"
+    log_path = log_path or out_dir / "train_log.jsonl"
+    seed_everything(seed)
+    policy, processor = load_model_and_processor(f"hf:{stage1_dir}")
+    builder = RowBuilder(processor, cfg.prompt_policy)
+
+    def row(p: Mapping[str, Any]) -> dict[str, Any]:
+        answer_type = p.get("answer_type") or guess_answer_type(p["prompt"])
+        return builder.pair_row(p["image"], p["prompt"], answer_type, p["chosen"], p["rejected"])
+
+    dataset = to_dataset([row(p) for p in rows_in])
+    ref_model = None
+    if not cfg.use_lora:
+        ref_model, _ = load_model_and_processor(f"hf:{stage1_dir}")
+        ref_model.eval()
+    args = DPOConfig(
+        **trl_kwargs(dpo_view(cfg), work_dir, seed),
+        beta=cfg.beta,
+        loss_type=list(DPO_LOSSES[cfg.dpo_loss]),
+        precompute_ref_log_probs=False,
+        per_device_eval_batch_size=cfg.dpo_batch_size,
+    )
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=processor,
+        peft_config=lora_config(cfg) if cfg.use_lora else None,
+        callbacks=[progress_callback(log_path, "dpo")],
+    )
+    run_trainer(trainer, work_dir)
+    pair_set = to_dataset([row(p) for p in pairs])
+    metrics = trainer.evaluate(eval_dataset=pair_set, metric_key_prefix="pairs")
+    save_model(trainer.model, processor, out_dir)
+    drop_trl_checkpoints(work_dir)
+    return {
+        "steps": trainer.state.global_step,
+        "loss_type": list(DPO_LOSSES[cfg.dpo_loss]),
+        "reference": str(stage1_dir),
+        "reward_margin": _metric(metrics, "rewards/margins"),
+        "reward_accuracy": _metric(metrics, "rewards/accuracies"),
+        "n_pairs": len(pairs),
+        "n_replay": len(rows_in) - len(pairs),
+    }
+
+
+def _metric(metrics: Mapping[str, Any], name: str) -> float | None:
+    for key, value in metrics.items():
+        if key.endswith(name):
+            return float(value)
+    return None

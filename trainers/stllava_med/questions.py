@@ -1,0 +1,81 @@
+"""Stage 2, step 1: k sampled questions per unlabeled image → `questions.jsonl` `{id, image, question}`.
+
+Each question `<image stem>-q<j>` has its own sampling seed (run seed, image name, j) and its own
+generator, so a killed-and-resumed run, another batch size or another number of ranks writes the
+same file byte for byte.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medvqa.trainers.stllava_med.config import STLLaVAMedConfig
+from medvqa.trainers.stllava_med.stagefiles import Dist, image_key, run_sharded, seed_for
+
+
+def unlabeled_pool(images: Sequence[str], cfg: STLLaVAMedConfig, seed: int) -> list[str]:
+    pool = sorted(dict.fromkeys(str(i) for i in images))
+    if cfg.max_unlabeled_images and len(pool) > cfg.max_unlabeled_images:
+        pool = sorted(random.Random(seed_for("pool", seed)).sample(pool, cfg.max_unlabeled_images))
+    return pool
+
+
+def generate_questions(
+    generator: Any,
+    images: Sequence[str],
+    out_path: Path,
+    cfg: STLLaVAMedConfig,
+    *,
+    seed: int,
+    policy: str = "",
+    progress_log: Path | None = None,
+    dist: Dist | None = None,
+) -> dict[str, int]:
+    """k sampled questions per image → `questions.jsonl` (resumes: finished questions are skipped)."""
+    from medvqa.prompts import get_policy
+    from medvqa.trainers.rows import instruction_prompt
+    from medvqa.types import GenerationRequest, GenerationSettings
+
+    # prompts only (no processor): the generator may be an hf: model or an openai: endpoint
+    prompt = instruction_prompt(get_policy(policy or None), cfg.ask_instruction)
+    settings = GenerationSettings(
+        max_new_tokens=cfg.question_max_new_tokens,
+        do_sample=True,
+        temperature=cfg.question_temperature,
+        top_p=cfg.question_top_p,
+        seed=seed,
+    )
+    items = [
+        {"id": f"{image_key(img)}-q{j}", "image": img, "j": j}
+        for img in images
+        for j in range(cfg.k_questions)
+    ]
+
+    def produce(batch: list[Any]) -> list[dict[str, Any]]:
+        requests = [
+            GenerationRequest(
+                image=it["image"], prompt=prompt, id=it["id"],
+                seed=seed_for("questions", seed, image_key(it["image"]), it["j"]),
+            )
+            for it in batch
+        ]  # fmt: skip
+        texts = generator.generate(requests, settings)
+        return [
+            {"id": it["id"], "image": it["image"], "question": q.strip()}
+            for it, q in zip(batch, texts, strict=True)
+        ]
+
+    rows = run_sharded(
+        out_path,
+        items,
+        produce,
+        batch_size=cfg.generation_batch_size,
+        dist=dist or Dist(),
+        stage="questions",
+        progress_log=progress_log,
+    )
+    del rows
+    return {"images": len(images), "questions": len(items)}

@@ -1,0 +1,159 @@
+"""Stage 1, reasoning and learning to ask: SFT on the labeled fraction, with self-questioning.
+
+Two forms (`sq_format`):
+- "rows": each labeled QA is a row; with probability `sq_ratio` it also yields an ask row (image +
+  ask-instruction → the question itself).
+- "conversation" (the original's `preprocess_v1_sq2`): see `conversation_rows`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medvqa.trainers.stllava_med.config import STLLaVAMedConfig
+from medvqa.trainers.stllava_med.stagefiles import seed_for
+from medvqa.types import TrainRequest
+
+log = logging.getLogger("medvqa.train")
+
+
+def stage1_rows(samples: Sequence[Any], builder: Any, cfg: STLLaVAMedConfig, seed: int) -> list[dict]:
+    """Stage 1's training rows in the configured `sq_format`."""
+    if cfg.sq_format == "conversation":
+        return conversation_rows(samples, builder, cfg, seed)
+    rng = random.Random(seed_for("sq", seed))
+    rows = []
+    for s in samples:
+        rows.append(builder.qa_row(s.image, s.question, s.prompt_answer_type, s.answer, kind="qa"))
+        if rng.random() < cfg.sq_ratio:
+            rows.append(builder.instruction_row(s.image, cfg.ask_instruction, s.question, kind="ask"))
+    return rows
+
+
+def conversation_rows(samples: Sequence[Any], builder: Any, cfg: STLLaVAMedConfig, seed: int) -> list[dict]:
+    """The original's in-conversation self-questioning, in prompt/completion form.
+
+    Per labeled image (its QA in a seeded order): the first QA is the prompt (the evaluation
+    prompt) and its answer starts the completion; each later QA, with probability `sq_ratio`,
+    follows in the same completion as a self-questioning turn — the ask-instruction, the question
+    as the model's target, then the question asked and its answer (also trained). So questions are
+    learned inside answer sequences and no answer is diluted by extra rows. A later QA that is not
+    a target is its own QA row (the loss covers completions only, so a user turn inside a
+    completion would be trained; the original masks it). Every labeled answer is trained once per
+    epoch. Raw-text prompt policies (no chat template) fall back to `rows`.
+    """
+    if builder.policy.style == "raw":
+        return stage1_rows(samples, builder, dataclasses.replace(cfg, sq_format="rows"), seed)
+    from medvqa.trainers.rows import image_ref
+
+    rng = random.Random(seed_for("sq-conversation", seed))
+    by_image: dict[str, list[Any]] = {}
+    for s in samples:
+        by_image.setdefault(str(s.image_id), []).append(s)
+    tok = getattr(builder.processor, "tokenizer", builder.processor)
+    rows: list[dict] = []
+    for group in by_image.values():
+        order = list(group)
+        rng.shuffle(order)
+        first, later = order[0], order[1:]
+        targets = [s for s in later if rng.random() < cfg.sq_ratio]
+        rows += [
+            builder.qa_row(s.image, s.question, s.prompt_answer_type, s.answer, kind="qa")
+            for s in later
+            if s not in targets
+        ]
+        if not targets:
+            rows.append(
+                builder.qa_row(first.image, first.question, first.prompt_answer_type, first.answer, kind="qa")
+            )
+            continue
+        prompt, text = builder.prompt(first.question, first.prompt_answer_type)
+        messages = [*prompt.messages, _turn("assistant", first.answer)]
+        for s in targets:
+            asked = builder.policy.render(s.question, s.prompt_answer_type)
+            messages += [
+                _turn("user", cfg.ask_instruction),
+                _turn("assistant", s.question),
+                _turn("user", _text_of(asked.messages[-1])),
+                _turn("assistant", s.answer),
+            ]
+        full = builder.processor.apply_chat_template(messages, tokenize=False)
+        if not full.startswith(text):  # a template that renders turns differently: plain rows
+            rows.append(
+                builder.qa_row(first.image, first.question, first.prompt_answer_type, first.answer, kind="qa")
+            )
+            rows += [
+                builder.qa_row(s.image, s.question, s.prompt_answer_type, s.answer, kind="qa")
+                for s in targets
+            ]
+            continue
+        completion = full[len(text) :]
+        if tok.eos_token and not completion.endswith(tok.eos_token):
+            completion += tok.eos_token  # the model must learn to stop after the last answer
+        rows.append(
+            {"images": [image_ref(first.image)], "prompt": text, "completion": completion, "kind": "conversation",
+             "_asks": len(targets)}
+        )  # fmt: skip
+    return rows
+
+
+def _turn(role: str, text: str) -> dict[str, Any]:
+    return {"role": role, "content": [{"type": "text", "text": text}]}
+
+
+def _text_of(message: Any) -> str:
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return " ".join(part["text"] for part in content if part.get("type") == "text")
+
+
+def train_stage1(
+    request: TrainRequest, cfg: STLLaVAMedConfig, stage_dir: Path, *, log_path: Path | None = None
+) -> dict[str, Any]:
+    """Stage 1 → a full model in `stage_dir` (skipped if already finished there)."""
+    from medvqa.trainers.checkpoints import checkpoint_meta, read_checkpoint, save_model, write_checkpoint
+    from medvqa.trainers.models import load_model_and_processor
+    from medvqa.trainers.rows import RowBuilder
+    from medvqa.trainers.trl_run import drop_trl_checkpoints, fit_sft, seed_everything
+
+    done = read_checkpoint(stage_dir)
+    if done is not None:
+        log.info("stage 1 already done: %s", stage_dir)
+        return done
+    seed_everything(request.seed)
+    model, processor = load_model_and_processor(request.base_model)
+    builder = RowBuilder(processor, cfg.prompt_policy)
+    rows = stage1_rows(request.train_samples, builder, cfg, request.seed)
+    n_ask = sum(int(r.pop("_asks", r["kind"] == "ask")) for r in rows)
+    model = fit_sft(
+        model,
+        processor,
+        rows,
+        cfg,
+        work_dir=stage_dir.parent / "_trl" / "stage1",
+        log_path=log_path or stage_dir / "train_log.jsonl",
+        seed=request.seed,
+        stage="stage1",
+        merge_lora=True,
+    )
+    save_model(model, processor, stage_dir)
+    drop_trl_checkpoints(stage_dir.parent / "_trl" / "stage1")
+    meta = checkpoint_meta(
+        trainer="stllava-med/stage1",
+        request=request,
+        config=cfg,
+        n_labeled=len(request.train_samples),
+        loss="nll (completion only)",
+        n_self_questioning=n_ask,
+        n_rows=len(rows),
+        sq_format=cfg.sq_format,
+        prompt_policy=builder.policy.name,
+    )
+    write_checkpoint(stage_dir, meta)
+    return meta

@@ -1,0 +1,136 @@
+"""The registered `stllava-med` trainer: stage 1, then the stage-2 files, then DPO, in one run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from medvqa.errors import BadInput
+from medvqa.registry import trainers
+from medvqa.trainers.base import TrainerPlugin
+from medvqa.trainers.stllava_med.answers import generate_answers
+from medvqa.trainers.stllava_med.config import STAGE_FILES, STLLAVA_PRESETS, STLLaVAMedConfig
+from medvqa.trainers.stllava_med.dpo import train_dpo
+from medvqa.trainers.stllava_med.judging import build_expert, judge_answers
+from medvqa.trainers.stllava_med.pairs import make_pairs
+from medvqa.trainers.stllava_med.questions import generate_questions, unlabeled_pool
+from medvqa.trainers.stllava_med.stage1 import train_stage1
+from medvqa.trainers.stllava_med.stagefiles import Dist, read_rows
+from medvqa.types import Checkpoint, TrainRequest
+
+log = logging.getLogger("medvqa.train")
+
+
+def load_generator(model_spec: str) -> Any:
+    from medvqa.models import load_model
+
+    return load_model(model_spec)
+
+
+def parseable_share(questions_path: Path, expert: Any) -> float | None:
+    """Share of generated questions the expert can place in a category (None if it has no categories)."""
+    category = getattr(expert, "category", None)
+    rows = read_rows(questions_path)
+    if category is None or not rows:
+        return None
+    return round(sum(category(r["question"]) is not None for r in rows) / len(rows), 4)
+
+
+@trainers.register("stllava-med")
+class STLLaVAMedTrainer(TrainerPlugin):
+    """STLLaVA-Med: SFT + self-questioning, then expert-judged preference pairs and DPO."""
+
+    name = "stllava-med"
+    config_class = STLLaVAMedConfig
+    presets = STLLAVA_PRESETS
+
+    def train(self, request: TrainRequest) -> Checkpoint:
+        from medvqa.io import atomic_write_json, read_json
+        from medvqa.trainers.checkpoints import checkpoint_meta, policy_name, write_checkpoint
+
+        cfg = self._config(request)
+        if not request.unlabeled_images:
+            raise BadInput(
+                "stllava-med needs unlabeled images for stage 2 (none were given; with --fraction 1.0 every "
+                "training image is labeled)"
+            )
+        dist = Dist.current(cfg.dist_timeout_s)
+        out = Path(request.out_dir)
+        stages = out / "stages"
+        stages.mkdir(parents=True, exist_ok=True)
+        files = {k: stages / v for k, v in STAGE_FILES.items()}
+        plog = out / "train_log.jsonl"
+
+        stage1 = stages / "stage1"
+        train_stage1(request, cfg, stage1, log_path=plog)  # every rank: trl trains data-parallel
+        dist.barrier()
+
+        images = unlabeled_pool(request.unlabeled_images, cfg, request.seed)
+        generator = load_generator(f"hf:{stage1}")
+        counts: dict[str, Any] = {}
+        counts.update(
+            generate_questions(generator, images, files["questions"], cfg, seed=request.seed,
+                               progress_log=plog, dist=dist)
+        )  # fmt: skip
+        counts.update(
+            generate_answers(generator, files["questions"], files["answers"], cfg, seed=request.seed,
+                             progress_log=plog, dist=dist)
+        )  # fmt: skip
+        del generator
+        expert = build_expert(
+            cfg.expert,
+            model=cfg.expert_model,
+            base_url=cfg.expert_base_url,
+            cache_path=cfg.judge_cache or stages / "judge-cache.sqlite",
+            heldout_samples=request.heldout_samples,
+            error_rate=cfg.expert_error_rate,
+            seed=request.seed,
+        )
+        judge_answers(files["answers"], files["judged"], expert, progress_log=plog, dist=dist)
+        if dist.main:
+            counts["parseable_questions"] = parseable_share(files["questions"], expert)
+            counts.update(
+                make_pairs(
+                    files["judged"],
+                    files["pairs"],
+                    cfg.tie_policy,
+                    min_margin=cfg.pair_min_margin,
+                    per_question=cfg.pairs_per_question,
+                    replay=request.train_samples if cfg.labeled_replay else (),
+                )
+            )
+            if hasattr(expert, "agreement") and request.heldout_samples:
+                counts["judge"] = expert.agreement(request.heldout_samples)
+            log.info("stllava-med: %s", ", ".join(f"{k}={v}" for k, v in counts.items() if v is not None))
+            atomic_write_json(stages / "counts.json", counts)
+        dist.barrier()
+        counts = read_json(stages / "counts.json")
+
+        dpo = train_dpo(
+            stage1,
+            files["pairs"],
+            out,
+            cfg,
+            seed=request.seed,
+            work_dir=stages / "_trl" / "dpo",
+            log_path=plog,
+        )
+        meta = checkpoint_meta(
+            trainer=self.name,
+            request=request,
+            config=cfg,
+            n_labeled=len(request.train_samples),
+            n_pairs=counts["pairs"],
+            loss=cfg.dpo_loss,
+            counts=counts,
+            dpo=dpo,
+            stage1=str(stage1),
+            reference="stage 1 (explicit ref_model loaded from stages/stage1)"
+            if not cfg.use_lora
+            else "stage 1 (adapter-disabled policy)",
+            prompt_policy=policy_name(cfg.prompt_policy),
+            adapter=cfg.use_lora,
+        )
+        write_checkpoint(out, meta)  # main process only
+        return Checkpoint(path=out, meta=meta)
