@@ -30,23 +30,39 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 class FileBenchmark(Benchmark):
-    """Base of the benchmarks read from files on disk: split aliases (`val` for `validate`, ...)."""
+    """Base of the benchmarks read from files on disk.
+
+    `load` is written once here: it resolves split aliases (`val` for `validate`, ...), starts a fresh
+    `skipped` list and an image checker (`image_check` is the default level), and hands them to the
+    subclass's `_load(split, root, problems, checker)`.
+    """
 
     split_aliases: ClassVar[Mapping[str, str]] = {}
+    image_check: ClassVar[str] = "verify"
+
+    def load(
+        self,
+        split: str,
+        root: Path,
+        *,
+        skip_bad: bool = False,
+        check_images: str | None = None,
+        max_pixels: int | None = None,
+    ) -> list[VQASample]:
+        problems = Problems(skip_bad)
+        self.skipped = problems.skipped
+        cap = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+        checker = ImageChecker(check_images or self.image_check, cap)
+        return self._load(self.canonical_split(split), Path(root), problems, checker)
+
+    def _load(self, split: str, root: Path, problems: Problems, checker: ImageChecker) -> list[VQASample]:
+        raise NotImplementedError
 
     def canonical_split(self, split: str) -> str:
         split = self.split_aliases.get(split, split)
         if split not in self.splits:
             raise BadInput(f"{self.name} has no split {split!r}; splits: {', '.join(self.splits)}")
         return split
-
-    def _checks(
-        self, skip_bad: bool, check_images: str, max_pixels: int | None
-    ) -> tuple[Problems, ImageChecker]:
-        """A fresh bad-record list (also `self.skipped`) and image checker for one `load`."""
-        problems = Problems(skip_bad)
-        self.skipped = problems.skipped
-        return problems, ImageChecker(check_images, DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
 
 
 class OriginalOrParquetBenchmark(FileBenchmark):
@@ -85,17 +101,7 @@ class OriginalOrParquetBenchmark(FileBenchmark):
             return f"original release ({self.original_layout}) at {where}"
         return f"Hugging Face parquet ({self.parquet_layout}) at {where}"
 
-    def load(
-        self,
-        split: str,
-        root: Path,
-        *,
-        skip_bad: bool = False,
-        check_images: str = "verify",
-        max_pixels: int | None = None,
-    ) -> list[VQASample]:
-        split = self.canonical_split(split)
-        problems, checker = self._checks(skip_bad, check_images, max_pixels)
+    def _load(self, split: str, root: Path, problems: Problems, checker: ImageChecker) -> list[VQASample]:
         layout, where = self._locate(root)
         load_layout = self._load_original if layout == "original" else self._load_parquet
         return load_layout(split, where, problems, checker)

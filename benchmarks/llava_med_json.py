@@ -21,12 +21,13 @@ from medvqa.benchmarks._files import (
     DATASET_RULE,
     Duplicates,
     FileBenchmark,
+    Problems,
     collect,
     no_layout,
     text_field,
     yes_no_type,
 )
-from medvqa.benchmarks.safety import resolve_inside
+from medvqa.benchmarks.safety import ImageChecker, resolve_inside
 from medvqa.errors import BadInput
 from medvqa.registry import benchmarks
 from medvqa.types import VQASample
@@ -102,20 +103,10 @@ class LlavaMedJson(FileBenchmark):
             return DATASET_RULE
         return "gold answer is yes/no for items without answer_type"
 
-    def load(
-        self,
-        split: str,
-        root: Path,
-        *,
-        skip_bad: bool = False,
-        check_images: str = "verify",
-        max_pixels: int | None = None,
-    ) -> list[VQASample]:
+    def _load(self, split: str, root: Path, problems: Problems, checker: ImageChecker) -> list[VQASample]:
         from medvqa.answer_files import _llava_med_item, _records  # the same parser as `medvqa score`
 
-        split = self.canonical_split(split)
         data_root, file, images = self._paths(root, split)
-        problems, checker = self._checks(skip_bad, check_images, max_pixels)
         dups = Duplicates(file)
 
         def make(file: Path, label: object, rec: Any) -> VQASample:

@@ -20,13 +20,14 @@ from medvqa.benchmarks._files import (
     DATASET_RULE,
     Duplicates,
     FileBenchmark,
+    Problems,
     answer_type_field,
     collect,
     find_root,
     no_layout,
     text_field,
 )
-from medvqa.benchmarks.safety import resolve_inside
+from medvqa.benchmarks.safety import ImageChecker, resolve_inside
 from medvqa.errors import BadInput
 from medvqa.io import read_json
 from medvqa.registry import benchmarks
@@ -84,16 +85,7 @@ class Slake(FileBenchmark):
     def closed_rule(self, root: Path, split: str = "test") -> str:
         return f"{DATASET_RULE} (SLAKE's CLOSED includes non-yes/no answers)"
 
-    def load(
-        self,
-        split: str,
-        root: Path,
-        *,
-        skip_bad: bool = False,
-        check_images: str = "verify",
-        max_pixels: int | None = None,
-    ) -> list[VQASample]:
-        split = self.canonical_split(split)
+    def _load(self, split: str, root: Path, problems: Problems, checker: ImageChecker) -> list[VQASample]:
         where = self._locate(root)
         file = next((where / f for f in SPLIT_FILES[split] if (where / f).is_file()), None)
         if file is None:
@@ -103,7 +95,6 @@ class Slake(FileBenchmark):
         records = read_json(file)
         if not isinstance(records, list):
             raise BadInput(f"expected a JSON list of records, got {type(records).__name__}", path=file)
-        problems, checker = self._checks(skip_bad, check_images, max_pixels)
         dups = Duplicates(file)
         lang = self.options.lang
         image_dir = where / "imgs"

@@ -282,12 +282,13 @@ class Benchmark:
         root: Path,
         *,
         skip_bad: bool = False,
-        check_images: str = "verify",
+        check_images: str | None = None,
         max_pixels: int | None = None,
     ) -> list[VQASample]:
         """The samples of `split` under `root`; a bad record is a BadInput, or skipped into `skipped`.
 
-        `check_images`: "exists", "verify" (parse, the default) or "decode" (every pixel).
+        `check_images`: "exists", "verify" (parse) or "decode" (every pixel); None: the benchmark's
+        default (`verify` for downloaded data).
         `max_pixels`: the pixel cap above which an image is refused (None: the harness default; 0: none).
         """
         raise NotImplementedError

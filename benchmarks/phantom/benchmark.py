@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from medvqa.benchmarks._files import FileBenchmark, collect
+from medvqa.benchmarks._files import FileBenchmark, Problems, collect
 from medvqa.benchmarks.phantom.files import inside, load_captions, read_manifest, split_file
 from medvqa.benchmarks.phantom.taxonomy import GENERATOR_VERSION, SPLITS
 from medvqa.benchmarks.safety import ImageChecker
@@ -27,6 +27,9 @@ class Phantom(FileBenchmark):
         "seed; the embedded default of the CPU demo."
     )
     has_captions = True
+    # Phantom's images are written by `write_phantom`: by default a load checks that each exists (and
+    # the pixel cap, from its header); a corrupt one is reported where it is decoded.
+    image_check = "exists"
 
     def detect_layout(self, root: Path, split: str = "test") -> str:
         manifest = read_manifest(root)
@@ -42,21 +45,12 @@ class Phantom(FileBenchmark):
     def load_captions(self, root: Path, split: str) -> list[Mapping[str, str]]:
         return load_captions(root, split)
 
-    def load(
-        self,
-        split: str,
-        root: Path,
-        *,
-        skip_bad: bool = False,
-        check_images: str = "exists",
-        max_pixels: int | None = None,
-    ) -> list[VQASample]:
-        """Phantom's images are written by `write_phantom`, so the default check is `exists` (plus the
-        pixel cap, from each header); a corrupt one is reported where it is decoded."""
+    def canonical_split(self, split: str) -> str:
+        return split  # `split_file` checks it against the folder (and names the build command)
+
+    def _load(self, split: str, root: Path, problems: Problems, checker: ImageChecker) -> list[VQASample]:
         from medvqa.io import iter_jsonl
 
-        root = Path(root)
-        problems, checker = self._checks(skip_bad, check_images, max_pixels)
         path = split_file(root, split, "samples.jsonl")
         seen: set[str] = set()
 

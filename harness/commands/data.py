@@ -78,8 +78,8 @@ def _add_benchmark_args(p: argparse.ArgumentParser, *, split: bool = True) -> No
         "--check-images",
         choices=("exists", "verify", "decode"),
         default=None,
-        help="how hard to check each image: exists, verify (parse the file; the default) or decode "
-        "(every pixel: also catches truncated JPEGs, slower)",
+        help="how hard to check each image: exists, verify (parse the file; the default for downloaded "
+        "data) or decode (every pixel: also catches truncated JPEGs, slower)",
     )
     p.add_argument(
         "--max-pixels",
@@ -252,7 +252,7 @@ def _load(bench: Benchmark, split: str, args: argparse.Namespace) -> tuple[list[
         split,
         args.root,
         skip_bad=args.skip_bad,
-        check_images=args.check_images or "verify",
+        check_images=args.check_images,
         max_pixels=args.max_pixels,
     )
     messages = [str(s) for s in bench.skipped]
