@@ -192,6 +192,8 @@ def _llava_med_item(
     sid = _id(obj["id"], path=path, record=record, field="id")
     record = f"{record} (id {sid})"
     key = "conversations" if "conversations" in obj else "conversatons"
+    if key not in obj:
+        raise BadInput("missing field", path=path, record=record, field="conversations")
     turns = obj[key]
     if not isinstance(turns, list) or len(turns) < 2:
         raise BadInput(

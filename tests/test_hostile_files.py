@@ -225,3 +225,14 @@ def test_phantom_counts_its_skips_through_the_base_class(tmp_path: Path) -> None
     assert any("pixel cap" in r.error for r in bench.skipped) and any(
         "not found" in r.error for r in bench.skipped
     )
+
+
+def test_llava_med_item_without_conversations_is_one_line(tmp_path: Path) -> None:
+    """Found by the loader fuzzing: an item whose `conversations` key is missing was a KeyError."""
+    items = fx.llava_med_items()
+    del items[1]["conversatons"]
+    root = fx.make_llava_med(tmp_path, items)
+    bench = benchmarks.get("llava-med-json")()
+    with pytest.raises(BadInput, match=r"record item 1 \(id 1\), field 'conversations': missing field"):
+        bench.load("test", root)
+    assert len(bench.load("test", root, skip_bad=True)) == 2 and len(bench.skipped) == 1
