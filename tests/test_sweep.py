@@ -253,3 +253,32 @@ def test_reference_eval_dirs_reach_the_report(tmp_path):
     assert ref.kind == "reference" and ref.data_used == 530000
     assert ref.cells[("phantom", "closed_accuracy")].test is not None  # paired with sft@1.0 by question id
     assert "| LLaVA-Med v1.5 |" in to_markdown(table)
+
+
+@pytest.mark.parametrize(
+    "jobs, threads, launcher, gpu, expected",
+    [
+        (0, 0, "", False, (2, 1)),  # auto on a 2-core CPU: two 1-thread jobs (~15% faster than 1x2)
+        (0, 0, "accelerate launch -m medvqa", False, (1, 2)),  # a launcher owns the machine
+        (0, 0, "", True, (1, 2)),  # so does a GPU
+        (1, 0, "", False, (1, 2)),
+        (2, 0, "", False, (2, 1)),
+        (3, 4, "", False, (3, 4)),  # explicit settings win
+    ],
+)
+def test_local_parallelism(jobs, threads, launcher, gpu, expected):
+    from medvqa.sweeps.config import RunSettings
+    from medvqa.sweeps.executors.local import parallelism
+
+    run = RunSettings(jobs=jobs, threads=threads, launcher=launcher)
+    assert parallelism(run, cores=2, gpu=gpu) == expected
+
+
+def test_timing_summary_says_where_the_time_went():
+    from medvqa.sweeps.run import timing_summary
+
+    text = timing_summary([("base", 40.0), ("train", 100.0), ("train", 60.0), ("eval", 20.0)], 120.0, 2)
+    assert (
+        text
+        == "job time base 40 s (1 job), train 160 s (2 jobs), eval 20 s (1 job): 220 s in 120 s wall; 92% of 2 slots busy"
+    )

@@ -102,6 +102,14 @@ def test_reserved_names_are_the_reports():
     assert check_folder_name("sft-lora.2", "label", top_level=True) == "sft-lora.2"
 
 
+def test_prepare_steps_are_parsed_too(tmp_path, capsys):
+    text = (
+        MINIMAL + '\n[[prepare]]\nname = "data"\nargs = ["data", "phantom", "--out", "x", "--sizee", "32"]\n'
+    )
+    rc, err = _dry_run(tmp_path, text, capsys)
+    assert rc == 2 and "job prepare/data: unrecognized arguments: --sizee 32" in err, err
+
+
 def test_sweep_name_cannot_leave_runs(tmp_path, capsys):
     rc, err = _dry_run(tmp_path, MINIMAL.replace('name = "mini"', 'name = ".."'), capsys)
     assert rc == 2 and "'name'" in err

@@ -295,9 +295,10 @@ class Planner:
         parser = build_parser()
         with tempfile.TemporaryDirectory() as tmp:
             for job in jobs:
-                if job.kind not in ("base", "train", "eval"):
-                    continue
                 where = f"{self.cfg.source}: job {job.id}"
+                if job.kind == "prepare":  # a set-up command: its flags at least
+                    _parse(parser, list(job.args), where)
+                    continue
                 args = list(job.args)
                 for path, text in self.files.items():  # the settings files, as the job will read them
                     if str(path) in args:
