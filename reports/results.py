@@ -249,8 +249,9 @@ def _sweep_records(run_dir: Path, gaps: list[Gap]) -> list[EvalRecord]:
                 ckpt_file = seed_dir / "checkpoint" / "checkpoint.json"
                 ckpt = read_checkpoint(ckpt_file) if ckpt_file.is_file() else {}
                 trainer = str(ckpt.get("trainer") or trainer_dir.name)
-                fraction = float(ckpt.get("fraction", m.group(1)))
-                seed = int(ckpt.get("seed", ms.group(1)))
+                # a field that is absent or null falls back to the folder name (type-checked above)
+                fraction = float(m.group(1) if ckpt.get("fraction") is None else ckpt["fraction"])
+                seed = int(ms.group(1) if ckpt.get("seed") is None else ckpt["seed"])
                 for eval_dir in _unscored_dirs(seed_dir):
                     gaps.append(
                         Gap("sweep", trainer_dir.name, fraction, seed, eval_dir.name, "no scores.json")

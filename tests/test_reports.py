@@ -293,6 +293,16 @@ def _err_line(capsys) -> str:
     return err
 
 
+def test_null_fields_in_checkpoint_json_fall_back_to_the_folder_names(tmp_path):
+    run = fabricate(tmp_path / "r", seeds=(0,), benches=("phantom",), references=False)
+    ckpt = run / "sft" / "f0.25" / "s0" / "checkpoint" / "checkpoint.json"
+    ckpt.write_text(
+        json.dumps({**json.loads(ckpt.read_text()), "seed": None, "fraction": None, "trainer": None})
+    )
+    line = next(ln for ln in build_table(run, n_boot=50).lines if ln.name == "sft@0.25")
+    assert line.seeds == [0] and line.trainer == "sft"
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
