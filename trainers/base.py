@@ -62,7 +62,9 @@ class TrainerPlugin:
 
         out = Path(request.out_dir)
         seed_everything(request.seed)
-        model, processor = load_model_and_processor(request.base_model)
+        model, processor = load_model_and_processor(
+            request.base_model, attn_implementation=cfg.attn_implementation
+        )
         builder = RowBuilder(processor, cfg.prompt_policy)
         rows = make_rows(builder)
         model = fit_sft(

@@ -44,6 +44,28 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
         default="auto", metadata={"help": "auto = bf16 on a GPU that has it, else fp32 (CPU always fp32)"}
     )
+    preprocess: Literal["auto", "once", "per_batch"] = field(
+        default="auto",
+        metadata={
+            "help": "once = tokenize rows and process each image once before training; per_batch = trl's "
+            "collators every step; auto = once when the pixels fit in 2 GiB and the processor is LLaVA-style"
+        },
+    )
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "transformers trackers, comma-separated: tensorboard, wandb, mlflow, trackio, all, none"
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in backward (less GPU memory, ~20% slower)"}
+    )
+    attn_implementation: str = field(
+        default="",
+        metadata={
+            "help": "transformers attention kernel (eager, sdpa, flash_attention_2); empty = the model's"
+        },
+    )
     use_lora: bool = field(
         default=False, metadata={"help": "train a LoRA adapter (peft) instead of all weights"}
     )

@@ -36,12 +36,14 @@ def _abs(path: str) -> str:
     return str(p.resolve()) if p.exists() else path
 
 
-def load_model_and_processor(spec: str, *, merge_adapter: bool = True) -> tuple[Any, Any]:
+def load_model_and_processor(
+    spec: str, *, merge_adapter: bool = True, attn_implementation: str = ""
+) -> tuple[Any, Any]:
     """A trainable (float32 on CPU) image-text-to-text model and its processor.
 
     A PEFT adapter (an adapter folder, or `hf:BASE,adapter=DIR`) is loaded on its base and
     merged, so that training continues from the adapted weights (the reference for DPO is then
-    exactly this model).
+    exactly this model). `attn_implementation` ("" = the model's own) picks transformers' kernel.
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -57,7 +59,8 @@ def load_model_and_processor(spec: str, *, merge_adapter: bool = True) -> tuple[
         path, adapter = _abs(base), path
     if Path(path).exists() and not Path(path, "config.json").is_file():
         raise BadInput("not a transformers checkpoint folder (no config.json)", path=path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **kwargs)
     processor = AutoProcessor.from_pretrained(path)
     if adapter is not None:
         from peft import PeftModel

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from medvqa.io import JsonlAppender
+from medvqa.trainers.batching import sft_data
 from medvqa.trainers.config import TrainConfig
 from medvqa.trainers.models import lora_config
-from medvqa.trainers.rows import to_dataset
 
 log = logging.getLogger("medvqa.train")
 
@@ -60,8 +60,8 @@ def trl_kwargs(cfg: TrainConfig, output_dir: Path, seed: int) -> dict[str, Any]:
         "output_dir": str(output_dir),
         "use_cpu": not torch.cuda.is_available(),
         **_precision(cfg),
-        "activation_checkpointing": False,
-        "report_to": [],
+        "activation_checkpointing": cfg.gradient_checkpointing,
+        "report_to": report_to(cfg.report_to),
         "dataloader_num_workers": 0,
         "remove_unused_columns": False,
         "learning_rate": cfg.learning_rate,
@@ -82,6 +82,14 @@ def trl_kwargs(cfg: TrainConfig, output_dir: Path, seed: int) -> dict[str, Any]:
         "data_seed": seed,
         "disable_tqdm": True,
     }
+
+
+def report_to(value: str) -> list[str] | str:
+    """`TrainConfig.report_to` for transformers: "none"/"" = no tracker, "all", or a list of names."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names or names == ["none"]:
+        return []
+    return "all" if names == ["all"] else names
 
 
 def resume_checkpoint(output_dir: Path) -> str | None:
@@ -175,10 +183,14 @@ def fit_sft(
 
     seed_everything(seed)
     args = SFTConfig(**trl_kwargs(cfg, work_dir, seed), completion_only_loss=True)
+    dataset, collator = sft_data(
+        rows, model, processor, mode=cfg.preprocess, max_length=cfg.max_length or None
+    )
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=to_dataset(rows),
+        data_collator=collator,
+        train_dataset=dataset,
         processing_class=processor,
         peft_config=lora_config(cfg) if cfg.use_lora else None,
         callbacks=[progress_callback(log_path, stage)],
