@@ -312,18 +312,25 @@ def _mde(
             if not ns:
                 continue
             n = max(ns)
-            rows = next(iter(scored_by_seed(base_records, bench).values()), [])
-            vals = [
-                float(v)
-                for row in rows
-                if isinstance(row.get(table.scorer), dict)
-                and isinstance(v := row[table.scorer].get(metric), int | float)
-            ]
-            if len(vals) > 1:
-                mean = sum(vals) / len(vals)
-                sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-                basis = f"sd {sd:.0f} from {base_name}"
-            else:
+            # the spread of per-question scores: the baseline's, else pooled over every line (a
+            # baseline that scores every question alike has no spread to plan with), else the bound
+            sd, basis = 0.0, ""
+            pooled = [r for ln in table.lines for r in ln.records]
+            for recs, where in ((base_records, f"from {base_name}"), (pooled, "pooled over the lines")):
+                vals = [
+                    float(v)
+                    for rows in scored_by_seed(recs, bench).values()
+                    for row in rows
+                    if isinstance(row.get(table.scorer), dict)
+                    and isinstance(v := row[table.scorer].get(metric), int | float)
+                ]
+                if len(vals) > 1:
+                    mean = sum(vals) / len(vals)
+                    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+                    if sd > 0:
+                        basis = f"sd {sd:.0f} {where}"
+                        break
+            if sd <= 0:
                 sd, basis = 50.0, "sd 50, the most a 0-100 score can have"
             effect = min_detectable_effect(n, sd)
             if effect is not None:

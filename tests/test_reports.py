@@ -502,3 +502,15 @@ def test_no_category_metadata_is_said_not_hidden(tmp_path):
     table = build_table(run, n_boot=50)
     assert categories.category_tables(table) == []
     assert "No per-category breakdown" in categories.to_markdown([], "llava-med")
+
+
+def test_mde_of_a_baseline_without_spread_uses_the_pooled_spread(tmp_path):
+    run = fabricate(tmp_path / "r", seeds=(0,), benches=("phantom",), references=False)
+    scored = run / "sft" / "f1.0" / "s0" / "eval" / "phantom" / "scored.jsonl"
+    rows = [json.loads(x) for x in scored.read_text().splitlines()]
+    for r in rows:
+        if "open_recall" in r["llava-med"]:
+            r["llava-med"]["open_recall"] = 0.0  # every open question alike: sd 0
+    scored.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    effect, n, basis = build_table(run, n_boot=50).mde[("phantom", "open_recall")]
+    assert "pooled over the lines" in basis and effect > 1
