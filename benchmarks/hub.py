@@ -11,9 +11,10 @@ goes into the benchmark version of every score, so two users can tell whether th
 data. The snapshot's files are links into the repo's `blobs/`; path confinement admits exactly those
 (`medvqa.benchmarks.safety.confinement_roots`).
 
-`dataset_rows` reads Hugging Face parquet shards (streamed by `datasets`' own parquet reader) and
-split folders written by `datasets.save_to_disk` (memory-mapped by `datasets.load_from_disk`), with
-image columns left undecoded (`{bytes, path}`: the loaders check and confine them).
+`dataset_rows` reads Hugging Face parquet shards (as `datasets.Dataset`s with the features of their
+schema metadata) and split folders written by `datasets.save_to_disk` (memory-mapped by
+`datasets.load_from_disk`), with image columns left undecoded (`{bytes, path}`: the loaders check and
+confine them).
 """
 
 from __future__ import annotations
@@ -111,13 +112,21 @@ def save_to_disk_splits(root: Path, split_names: Sequence[str]) -> list[Path]:
 
 
 def _open(source: Path) -> Any:
-    """A `datasets` dataset over one parquet shard (streamed) or one save_to_disk split folder."""
+    """A `datasets.Dataset` over one parquet shard or one save_to_disk split folder.
+
+    A parquet shard becomes a `Dataset` over its Arrow table, with the features its Hugging Face schema
+    metadata declares (`Image` columns included). Not `load_dataset("parquet", ...)`: its builder copies
+    the shard into the datasets cache first, and its streaming mode imports torch, which commands that
+    run no model never do.
+    """
     import datasets
 
     try:
         if source.is_dir():
             return datasets.load_from_disk(str(source))
-        return datasets.load_dataset("parquet", data_files=[str(source)], split="train", streaming=True)
+        import pyarrow.parquet as pq
+
+        return datasets.Dataset(pq.read_table(source, memory_map=True))
     except Exception as exc:  # datasets and pyarrow raise their own types for malformed files
         what = "save_to_disk folder" if source.is_dir() else "parquet file"
         raise BadInput(f"not a readable {what} ({type(exc).__name__}: {exc})", path=source) from None

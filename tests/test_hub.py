@@ -170,3 +170,18 @@ def test_save_to_disk_folders_load_through_datasets(tmp_path):
     datasets.DatasetDict({"test": datasets.Dataset.from_list(bad)}).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(BadInput, match="absolute image path"):
         bench.load("test", tmp_path / "bad")
+
+
+def test_reading_parquet_through_datasets_imports_no_torch(tmp_path):
+    """`medvqa data` runs no model, so it must not import torch (datasets' streaming mode would)."""
+    import subprocess
+    import sys
+
+    root = fx.make_vqa_rad_parquet(tmp_path / "hf")
+    code = (
+        "import sys; from pathlib import Path; from medvqa.benchmarks import make_benchmark; "
+        f"n = len(make_benchmark('vqa-rad').load('test', Path({str(root)!r}))); "
+        "print(n, 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["4", "False", "False"]
