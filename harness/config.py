@@ -75,6 +75,19 @@ def _parse_mapping(text: str) -> dict[str, str]:
     return out
 
 
+class _IntoDict(argparse.Action):
+    """Stores a flag's value as `namespace.<dest>[key]` (one dict for a nested config's flags)."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, key: str, **kwargs: Any):
+        super().__init__(option_strings, dest, **kwargs)
+        self.key = key
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        bucket = dict(getattr(namespace, self.dest, None) or {})
+        bucket[self.key] = not str(option_string).startswith("--no-") if self.nargs == 0 else values
+        setattr(namespace, self.dest, bucket)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, plus `--flag_name` accepted wherever `--flag-name` is defined (what trl users type).
 
@@ -105,6 +118,7 @@ def add_dataclass_arguments(
     title: str | None = None,
     description: str | None = None,
     show_defaults: bool = True,
+    into: str | None = None,
 ) -> list[str]:
     """Add one flag per field of the dataclasses (a field several of them share, once).
 
@@ -112,7 +126,12 @@ def add_dataclass_arguments(
     flag that was given from one that was not. `prefix` goes in front of flag and dest
     (`--expert-model` → `expert_model`); `dest_prefix`, when given, in front of the dest only.
     `show_defaults=False` where the effective default is not the field's (e.g. a preset sets it).
-    Returns the field names added.
+
+    `into="dest"`: the flags of a nested config (a plug-in's own dataclass, e.g. the chosen
+    expert's) — each given flag is stored under its field name in one dict `args.dest` (None when
+    none is given), to be checked against the plug-in's class once it is known
+    (`dataclass_from_mapping`); a flag the parser already has is left to it. Returns the field
+    names added.
     """
     if title is not None:
         group = parser.add_argument_group(title, description)
@@ -135,8 +154,15 @@ def add_dataclass_arguments(
             help_text = help_text.replace("%", "%%")  # argparse formats help with %: "50%" must survive
             flag = _flag(prefix + f.name)
             kwargs: dict[str, Any] = {"dest": dest_prefix + f.name, "default": None, "help": help_text}
+            if into is not None:
+                if flag in getattr(parser, "_option_string_actions", {}):
+                    added.pop()
+                    continue
+                kwargs.update(dest=into, action=_IntoDict, key=f.name)
             origin = typing.get_origin(base)
-            if base is bool:
+            if base is bool and into is not None:
+                group.add_argument(flag, "--no-" + flag[2:], nargs=0, **kwargs)
+            elif base is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             elif origin is typing.Literal:
                 choices = typing.get_args(base)

@@ -347,3 +347,18 @@ def test_only_the_cli_entry_point_configures_logging():
                 if isinstance(node, ast.Attribute) and node.attr == "basicConfig":
                     offenders.append(str(path.relative_to(root)))
     assert offenders == ["harness/cli.py"]
+
+
+def test_a_nested_config_becomes_flags_collected_into_one_dict():
+    """A plug-in's own config (e.g. the chosen expert's): `--expert-FIELD` flags land in one dict,
+    checked against the plug-in's class later; a flag the parser already has stays its own."""
+    from medvqa.config import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--expert-name", default="")
+    add_dataclass_arguments(parser, _Knobs, prefix="expert-", into="options")
+    args = parser.parse_args(["--expert-lr", "0.5", "--expert-lora", "--expert-name", "x"])
+    assert args.options == {"lr": 0.5, "lora": True} and args.expert_name == "x"
+    assert parser.parse_args(["--no-expert-lora"]).options == {"lora": False}
+    assert parser.parse_args([]).options is None
+    assert dataclass_from_mapping(_Knobs, args.options) == _Knobs(lr=0.5, lora=True)

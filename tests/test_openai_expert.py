@@ -464,3 +464,40 @@ def test_stllava_judge_refuses_an_image_outside_root(
     err = capsys.readouterr().err
     assert "outside the declared root" in err and len(err.strip().splitlines()) == 1
     assert fake_openai.n_requests == 0
+
+
+# --- the expert's own config is flags and TOML keys (issue 12) --------------------------------------
+
+
+def test_expert_config_fields_are_stllava_flags(fake_openai, images, tmp_path, monkeypatch, capsys) -> None:
+    """`--expert-FIELD` for every field of the expert's config dataclass, checked against the
+    chosen expert; `--expert-options KEY=VALUE` (the TOML table's flag form) too."""
+    import json
+
+    from medvqa.cli import main
+
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    (a, _), _ = images
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(
+        json.dumps({"id": "x", "image": str(a), "question": "q?", "answers": ["a", "b"]}) + "\n"
+    )
+    fake_openai.reply = lambda body: "6 4"
+    argv = ["stllava", "judge", "--answers", str(answers), "--expert", "openai", "--root", str(tmp_path)]
+    argv += ["--expert-model", "judge-vlm", "--base-url", fake_openai.base_url]
+    flags = ["--expert-temperature", "0", "--expert-max-tokens", "40", "--expert-swap-check"]
+    assert main([*argv, "--out", str(tmp_path / "j1.jsonl"), *flags]) == 0
+    assert [(b["temperature"], b["max_tokens"]) for b in fake_openai.bodies] == [(0.0, 40), (0.0, 40)]
+
+    assert (
+        main([*argv, "--out", str(tmp_path / "j2.jsonl"), "--expert-options", "temperature=0.7,seed=5"]) == 0
+    )
+    assert (fake_openai.bodies[-1]["temperature"], fake_openai.bodies[-1]["seed"]) == (0.7, 5)
+
+    capsys.readouterr()
+    bad = ["stllava", "judge", "--answers", str(answers), "--out", str(tmp_path / "j3.jsonl")]
+    assert main([*bad, "--expert", "phantom", "--expert-swap-check"]) == 2
+    err = capsys.readouterr().err
+    assert "expert 'phantom'" in err and "swap_check" in err and len(err.strip().splitlines()) == 1
+    assert main([*argv, "--out", str(tmp_path / "j4.jsonl"), "--expert-options", "max_tokens=many"]) == 2
+    assert "max_tokens" in capsys.readouterr().err

@@ -32,7 +32,7 @@ def _config_cls() -> type:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from medvqa.commands.train import add_trainer_flags
+    from medvqa.commands.train import add_expert_flags, add_trainer_flags
 
     p = sub.add_parser(
         "stllava",
@@ -91,6 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         if step == "dpo":
             s.add_argument("--pairs", required=True, help="pairs.jsonl")
         add_trainer_flags(s, [_config_cls()])
+        add_expert_flags(s)
         s.set_defaults(func=run, step=step, trainer="stllava-med", config="")
 
 
@@ -183,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
             samples_file=args.samples_file,
             error_rate=cfg.expert_error_rate,
             seed=args.seed,
+            options=cfg.expert_options,
         )
         result = st.judge_answers(Path(args.answers), out, expert, dist=_dist(cfg))
         if hasattr(expert, "counts"):

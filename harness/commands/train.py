@@ -51,6 +51,31 @@ def add_trainer_flags(parser: argparse.ArgumentParser, classes: list[type]) -> l
     )
 
 
+def add_expert_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """`--expert-FIELD` for every field of every registered expert's config dataclass, collected
+    into `expert_options` (checked against the chosen expert's class when it is built)."""
+    from medvqa.config import add_dataclass_arguments
+    from medvqa.registry import experts
+
+    classes = []
+    for name in experts.names():
+        try:
+            config_class = getattr(experts.get(name), "config_class", None)
+        except ImportError:  # a broken plug-in: `medvqa experts` says why
+            continue
+        if config_class is not None and config_class not in classes:
+            classes.append(config_class)
+    return add_dataclass_arguments(
+        parser,
+        *classes,
+        prefix="expert-",
+        into="cfg_expert_options",
+        title="expert settings",
+        description="fields of the chosen expert's config dataclass (--expert NAME; medvqa experts)",
+        show_defaults=False,
+    )
+
+
 def resolve_config(trainer_cls: type, args: argparse.Namespace) -> Any:
     """preset → --config TOML table → flags, checked against the trainer's config dataclass."""
     from medvqa.config import dataclass_from_mapping
@@ -114,6 +139,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--show-config", action="store_true", help="print the resolved trainer settings and exit")
     p.add_argument("--force", action="store_true", help="retrain even if OUT holds a finished checkpoint")
     add_trainer_flags(p, _builtin_config_classes())
+    add_expert_flags(p)
     p.set_defaults(func=run)
 
 

@@ -88,6 +88,13 @@ class STLLaVAMedConfig(TrainConfig):
     judge_cache: str = field(
         default="", metadata={"help": "judgment cache file (openai expert); empty = beside judged.jsonl"}
     )
+    expert_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "the expert's own settings: fields of its config dataclass (flags --expert-FIELD, "
+            "a [trainer.expert_options] TOML table, or KEY=VALUE,...), checked against it"
+        },
+    )
     tie_policy: Literal["skip", "second"] = field(
         default="skip",
         metadata={

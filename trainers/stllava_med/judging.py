@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from medvqa.errors import BadInput
 from medvqa.trainers.stllava_med.stagefiles import Dist, iter_checked, read_rows, run_sharded
 
 log = logging.getLogger("medvqa.train")
@@ -30,13 +31,20 @@ def build_expert(
     samples_file: str = "",
     error_rate: float = 0.0,
     seed: int = 0,
+    options: Mapping[str, Any] | None = None,
 ) -> Any:
-    """An expert from the registry, configured from the options that its config class has."""
+    """An expert from the registry, configured from the options that its config class has.
+
+    `options` (`STLLaVAMedConfig.expert_options`, the `--expert-FIELD` flags) are fields of the
+    expert's own config dataclass: checked against it by the one converter (an unknown field or a
+    wrong type is BadInput), and they win over the named arguments.
+    """
+    from medvqa.config import dataclass_from_mapping
     from medvqa.registry import experts
 
     cls = experts.get(name)
     config_cls = getattr(cls, "config_class", None)
-    options = {
+    named = {
         "model": model,
         "base_url": base_url,
         "cache_path": str(cache_path) if cache_path else "",
@@ -49,10 +57,15 @@ def build_expert(
     if getattr(cls, "wants_heldout_samples", False) and heldout_samples and not samples_file:
         kwargs["samples"] = list(heldout_samples)
     if config_cls is None:
+        if options:
+            raise BadInput(f"expert {name!r} has no settings; got {sorted(options)}")
         return cls(**kwargs)
     known = {f.name for f in dataclasses.fields(config_cls)}
-    given = {k: v for k, v in options.items() if v and k in known}
-    return cls(config_cls(**given), **kwargs)
+    given = {k: v for k, v in named.items() if v and k in known}
+    config = dataclass_from_mapping(
+        config_cls, {**given, **(options or {})}, where=f"expert {name!r}", from_strings=True
+    )
+    return cls(config, **kwargs)
 
 
 def _judge_chunk(expert: Any, chunk: list[dict[str, Any]]) -> list[tuple[Any, str, bool]]:

@@ -86,6 +86,7 @@ class STLLaVAMedTrainer(TrainerPlugin):
             heldout_samples=request.heldout_samples,
             error_rate=cfg.expert_error_rate,
             seed=request.seed,
+            options=cfg.expert_options,
         )
         judge_answers(files["answers"], files["judged"], expert, progress_log=plog, dist=dist)
         if dist.main:
