@@ -96,8 +96,13 @@ def _samples_page(table: Any, out: Path) -> tuple[Path | None, str]:
     a_dir = _job_dir(a, seed)
     b_dir = _job_dir(b, seed) if b is not None else None
     try:
+        suffix = f" (seed {seed})" if seed is not None else ""
         page, _ = write_page(
-            a_dir, out / SAMPLES_PAGE, compare=b_dir, title=f"{a.name} vs {b.name}" if b else a.name
+            a_dir,
+            out / SAMPLES_PAGE,
+            compare=b_dir,
+            title=f"{a.name} vs {b.name}" if b else a.name,
+            labels=(f"{a.name}{suffix}",) + ((f"{b.name}{suffix}",) if b else ()),
         )
     except BadInput as exc:  # e.g. an eval without scored.jsonl: the report says so and goes on
         return None, f"No sample viewer: {exc}"

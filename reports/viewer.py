@@ -153,7 +153,12 @@ def _text(value: Any) -> str:
 
 
 def build_data(
-    a_path: str | Path, b_path: str | Path | None = None, *, thumb: int = 96, images: bool = True
+    a_path: str | Path,
+    b_path: str | Path | None = None,
+    *,
+    thumb: int = 96,
+    images: bool = True,
+    labels: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """The page's data: items (one per question; with a comparison, both runs' answers), thumbnails."""
     a_base = Path(a_path)
@@ -204,6 +209,8 @@ def build_data(
             )
     runs = [v.label for v in a_views]
     sides = [str(a_path)] + ([str(b_path)] if b_path is not None else [])
+    if labels:
+        sides = [str(x) for x in labels[: len(sides)]] + sides[len(labels) :]
     return {
         "sides": sides,
         "runs": runs,
@@ -256,9 +263,11 @@ def write_page(
     thumb: int = 96,
     images: bool = True,
     title: str | None = None,
+    labels: tuple[str, ...] | None = None,
 ) -> tuple[Path, int]:
-    """Build and write the page; returns (path, number of samples)."""
-    data = build_data(a_path, compare, thumb=thumb, images=images)
+    """Build and write the page (`labels`: the column names of the runs, default their paths);
+    returns (path, number of samples)."""
+    data = build_data(a_path, compare, thumb=thumb, images=images, labels=labels)
     name = title or (f"{a_path} vs {compare}" if compare else str(a_path))
     out = Path(out)
     atomic_write_text(out, render_page(data, title=f"medvqa samples: {name}"))

@@ -491,7 +491,10 @@ def test_report_has_the_breakdown_and_links_the_sample_viewer(tmp_path, capsys):
     page = (rep / "samples.html").read_text()
     assert "medvqa samples: stllava-med@0.09 vs sft@0.09" in page and page.count("<script") == 2
     data = json.loads(page.split('id="medvqa-data">', 1)[1].split("</script>", 1)[0])
-    assert len(data["sides"]) == 2 and len(data["items"]) == N_IMAGES * 4
+    assert (
+        data["sides"] == ["stllava-med@0.09 (seed 0)", "sft@0.09 (seed 0)"]
+        and len(data["items"]) == N_IMAGES * 4
+    )
     assert data["categories"]["slot"] == ["organ", "presence"]
 
 
@@ -512,5 +515,5 @@ def test_mde_of_a_baseline_without_spread_uses_the_pooled_spread(tmp_path):
         if "open_recall" in r["llava-med"]:
             r["llava-med"]["open_recall"] = 0.0  # every open question alike: sd 0
     scored.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    effect, n, basis = build_table(run, n_boot=50).mde[("phantom", "open_recall")]
+    effect, _n, basis = build_table(run, n_boot=50).mde[("phantom", "open_recall")]
     assert "pooled over the lines" in basis and effect > 1
