@@ -96,6 +96,22 @@ def resolve_root(root: str | os.PathLike[str]) -> ResolvedRoot:
     return ResolvedRoot(path=path, repo_id=repo_id, revision=revision, commit=path.name)
 
 
+def hub_root_uri(path: Path) -> str | None:
+    """`hf://datasets/OWNER/NAME@COMMIT[/SUB]` for a folder inside a hub cache snapshot, else None.
+
+    What a score records as its data root: the same for every user, unlike the cache's local path.
+    (Hub repo names never hold "--", so the cache folder name `datasets--OWNER--NAME` is unambiguous.)
+    """
+    path = Path(path).absolute()
+    for folder in (path, *path.parents):
+        repo = folder.parent.parent
+        if folder.parent.name == "snapshots" and repo.name.startswith("datasets--"):
+            owner_name = repo.name[len("datasets--") :].replace("--", "/", 1)
+            sub = path.relative_to(folder).as_posix()
+            return f"{HF_PREFIX}datasets/{owner_name}@{folder.name}" + ("" if sub == "." else f"/{sub}")
+    return None
+
+
 # --- rows through `datasets` ------------------------------------------------------------------
 
 

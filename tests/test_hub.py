@@ -123,6 +123,7 @@ def test_eval_on_a_hub_root_records_the_commit(hub_cache, phantom_root, tiny_mod
     scores = _eval_tiny(tiny_model_dir, "hf://datasets/acme/phantom@main", tmp_path / "eval")
     assert scores["n"] == 8
     assert scores["benchmark_version"].endswith(f"+hf=acme/phantom@{commit}")
+    assert scores["root"] == f"hf://datasets/acme/phantom@{commit}"  # not the local cache path
     local = _eval_tiny(tiny_model_dir, str(phantom_root), tmp_path / "eval-local")
     assert "+hf=" not in local["benchmark_version"]
     assert local["scorers"] == scores["scorers"]  # same data, same answers

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from medvqa.benchmarks.hub import hub_root_uri
 from medvqa.errors import BadInput
 from medvqa.evaluation.plan import EvalPlan
 from medvqa.evaluation.runfiles import SCORED, SCORES, SKIPPED, read_rows
@@ -145,7 +146,8 @@ def score_run(
         "n_skipped_at_load": len(plan.load_skips),
         "n_skipped_at_generation": n_unanswered,
         "limit": plan.limit,
-        "root": portable_path(str(plan.root.absolute()), out),
+        # a hub snapshot as hf://datasets/OWNER/NAME@COMMIT (the same for every user), else relative
+        "root": hub_root_uri(plan.root) or portable_path(str(plan.root.absolute()), out),
         "data_hash": plan.data_hash,
         "key": key,
         "questions_hash": plan.ids_hash,
