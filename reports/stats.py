@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medvqa.io import read_jsonl
+from medvqa.errors import BadInput
+from medvqa.io import iter_jsonl
 
 EXACT_BELOW = 25  # discordant pairs: exact binomial below this, chi-square with continuity at or above
 
@@ -144,9 +145,33 @@ def seed_mean_ci(
 
 
 def load_scored(eval_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-question rows of one eval (`scored.jsonl`); empty if the file is missing."""
+    """The per-question rows of one eval (`scored.jsonl`); empty if the file is missing.
+
+    Each row must be an object with a text or integer `id` (what pairs questions across runs) and,
+    where present, a text `answer_type`, `image_id` and an object `meta`: else a BadInput naming the line.
+    """
     path = Path(eval_dir) / "scored.jsonl"
-    return read_jsonl(path) if path.is_file() else []
+    if not path.is_file():
+        return []
+    rows = []
+    for lineno, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise BadInput(
+                f"expected a JSON object, got {type(row).__name__}", path=path, record=f"line {lineno}"
+            )
+        rid = row.get("id")
+        if isinstance(rid, bool) or not isinstance(rid, str | int):
+            raise BadInput("expected a text or integer id", path=path, record=f"line {lineno}", field="id")
+        for key, kind in (("answer_type", str), ("image_id", str | int), ("meta", dict)):
+            if row.get(key) is not None and not isinstance(row[key], kind):
+                raise BadInput(
+                    f"expected {'an object' if kind is dict else 'text'}, got {type(row[key]).__name__}",
+                    path=path,
+                    record=f"line {lineno}",
+                    field=key,
+                )
+        rows.append(row)
+    return rows
 
 
 def _row_value(row: dict[str, Any], scorer: str, metric: str) -> float | None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from medvqa.errors import BadInput
 from medvqa.io import atomic_write_text, read_json, read_jsonl
+from medvqa.reports.stats import load_scored
 
 SCORERS = ("llava-med", "strict")
 MAX_CATEGORY_VALUES = 40  # a meta field with more distinct values is an id, not a category
@@ -57,17 +58,9 @@ def load_eval(eval_dir: Path, base: Path) -> EvalView:
     scores = read_json(scores_file) if scores_file.is_file() else {}
     if not isinstance(scores, dict):
         raise BadInput("expected a JSON object", path=scores_file)
-    rows = read_jsonl(eval_dir / "scored.jsonl")
+    rows = load_scored(eval_dir)  # each row an object with an id (BadInput naming the line otherwise)
     questions = _questions_from_predictions(eval_dir)
-    for i, row in enumerate(rows, start=1):
-        if (
-            not isinstance(row, dict)
-            or not isinstance(row.get("id"), str | int)
-            or isinstance(row.get("id"), bool)
-        ):
-            raise BadInput(
-                "expected an object with an 'id'", path=eval_dir / "scored.jsonl", record=f"line {i}"
-            )
+    for row in rows:
         if not row.get("question") and str(row["id"]) in questions:
             row["question"] = questions[str(row["id"])]
     root = scores.get("root")

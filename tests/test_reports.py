@@ -517,3 +517,17 @@ def test_mde_of_a_baseline_without_spread_uses_the_pooled_spread(tmp_path):
     scored.write_text("".join(json.dumps(r) + "\n" for r in rows))
     effect, _n, basis = build_table(run, n_boot=50).mde[("phantom", "open_recall")]
     assert "pooled over the lines" in basis and effect > 1
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [('{"id": [1], "llava-med": {}}', "id"), ("[1, 2]", None), ('{"id": "q", "meta": "CT"}', "meta")],
+)
+def test_a_hostile_scored_row_is_one_line(tmp_path, capsys, line, field):
+    run = fabricate(tmp_path / "r", seeds=(0,), benches=("phantom",), references=False)
+    scored = run / "sft" / "f1.0" / "s0" / "eval" / "phantom" / "scored.jsonl"
+    scored.write_text(scored.read_text() + line + "\n")
+    assert main(["report", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(scored) in err and f"line {N_IMAGES * 4 + 1}" in err
+    assert field is None or f"field {field!r}" in err
