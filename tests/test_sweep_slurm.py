@@ -104,25 +104,29 @@ def test_slurm_executor_kill_and_resume_matches_the_local_executor(tmp_path):
     ckpt = run / "sft" / "f1.0" / "s0" / "checkpoint"
     log = ckpt / "train_log.jsonl"
 
-    # 1. the job is killed mid-way (kill -9 of its training process): the sweep reports it failed
-    first = subprocess.Popen(
-        _sweep(slurm_cfg, run), stdout=subprocess.PIPE, text=True, start_new_session=True
-    )
+    # 1. the job is killed mid-way (kill -9 of its training process): the sweep reports it failed.
+    # (Output to files, not pipes: a submitted job inherits the sweep's stdout and outlives it.)
+    out1 = tmp_path / "first.log"
+    with open(out1, "w") as fh:
+        first = subprocess.Popen(
+            _sweep(slurm_cfg, run), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
     _wait_for(lambda: log.is_file() and log.stat().st_size > 0)
     os.kill(_wait_for(lambda: _train_process(ckpt)), signal.SIGKILL)
-    out, _ = first.communicate(timeout=300)
-    assert first.returncode == 1, out
+    assert first.wait(timeout=300) == 1, out1.read_text()
+    out = out1.read_text()
     assert "FAILED: train sft @ 1.0 seed 0: exit code -9" in out and "(submitit job " in out
     assert not (run / ".sweep" / "done" / f"{TRAIN}.json").exists()
     assert "job(s) failed; rerun" in out
 
     # 2. rerun: the failed job is resubmitted; kill -9 the sweep itself while that job trains
-    second = subprocess.Popen(
-        _sweep(slurm_cfg, run), stdout=subprocess.PIPE, text=True, start_new_session=True
-    )
+    with open(tmp_path / "second.log", "w") as fh:
+        second = subprocess.Popen(
+            _sweep(slurm_cfg, run), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
     pid = _wait_for(lambda: _train_process(ckpt))
     os.kill(second.pid, signal.SIGKILL)
-    second.communicate(timeout=60)
+    second.wait(timeout=60)
     assert _train_process(ckpt) == pid, "the submitted job outlives the sweep that submitted it"
 
     # 3. rerun: the still-running job is found again (not submitted twice), then the sweep ends
@@ -186,3 +190,19 @@ def test_slurm_without_sbatch_is_one_clear_error(tmp_path, capsys, monkeypatch):
     (tmp_path / "s.toml").write_text(SWEEP % "executor = 'slurm'")
     assert main(["sweep", str(tmp_path / "s.toml"), "--out", str(tmp_path / "run"), "--dry-run"]) == 2
     assert "no sbatch on PATH" in capsys.readouterr().err
+
+
+def test_the_shipped_zero3_config_is_what_accelerate_reads():
+    """configs/accelerate/zero3-multinode.yaml through accelerate's own config reader (unknown keys
+    are an error there), and the SLURM sweep config launches every train job with it."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "zero3-multinode.yaml"
+    cfg = ClusterConfig.from_yaml_file(str(path))
+    assert cfg.distributed_type == DistributedType.DEEPSPEED and cfg.deepspeed_config["zero_stage"] == 3
+    assert cfg.num_machines > 1 and cfg.mixed_precision == "bf16"
+    sweep_cfg, _ = load_config(path.parents[1] / "slurm-zero3.toml", out="/tmp/unused-run")
+    assert sweep_cfg.run.executor == "slurm" and sweep_cfg.slurm.nodes == 2
+    launcher = sweep_cfg.run.launcher
+    assert f"--config_file {path}" in launcher and "--machine_rank {node_rank}" in launcher
