@@ -104,6 +104,13 @@ class EvalConfig:
         default=False,
         metadata={"help": "skip records and images that fail to load (counted) instead of stopping"},
     )
+    max_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "refuse an image of more than N pixels before decoding it (a decompression bomb; "
+            "default: 50,000,000; 0: no cap)"
+        },
+    )
     scorers: str = field(default="all", metadata={"help": "llava-med, strict or all"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the CIs (0 = none)"})
     device: str = field(

@@ -236,3 +236,19 @@ def test_llava_med_item_without_conversations_is_one_line(tmp_path: Path) -> Non
     with pytest.raises(BadInput, match=r"record item 1 \(id 1\), field 'conversations': missing field"):
         bench.load("test", root)
     assert len(bench.load("test", root, skip_bad=True)) == 2 and len(bench.skipped) == 1
+
+
+def test_eval_plan_refuses_the_pixel_bomb_before_any_model_and_takes_max_pixels(tmp_path: Path) -> None:
+    from medvqa.evaluate import EvalConfig
+    from medvqa.evaluation.plan import make_plan
+
+    root = fx.make_vqa_rad_original(tmp_path / "rad")
+    (root / fx.VQA_RAD_IMAGES / "synpic3.jpg").write_bytes(fx.bomb_png(11000, 11000))
+    cfg = EvalConfig(model="hf:none", benchmark="vqa-rad", root=str(root), out=str(tmp_path / "out"))
+    with pytest.raises(BadInput, match=r"record #5 \(qid 6\), field 'image_name': image of 11000x11000"):
+        make_plan(cfg, "hf:none")
+    plan = make_plan(EvalConfig(**{**vars(cfg), "max_pixels": 200_000_000}), "hf:none")
+    assert len(plan.samples) == 5
+    plan = make_plan(EvalConfig(**{**vars(cfg), "skip_bad": True}), "hf:none")
+    assert len(plan.samples) == 2 and len(plan.load_skips) == 3
+    assert all("pixel cap" in row["error"] for row in plan.load_skips)

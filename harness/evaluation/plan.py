@@ -157,7 +157,7 @@ def make_plan(cfg: EvalConfig, spec: str) -> EvalPlan:
     if not root.exists():
         raise BadInput("benchmark data folder does not exist", path=root, field="--root")
     bench.version = f"{bench.version}{resolved.version_suffix}"  # the hub commit scored, in every key
-    samples: list[VQASample] = bench.load(cfg.split, root, skip_bad=cfg.skip_bad)
+    samples: list[VQASample] = bench.load(cfg.split, root, skip_bad=cfg.skip_bad, max_pixels=cfg.max_pixels)
     load_skips = tuple(record.to_json() for record in bench.skipped)
     if cfg.limit:
         samples = samples[: cfg.limit]
