@@ -531,3 +531,31 @@ def test_a_hostile_scored_row_is_one_line(tmp_path, capsys, line, field):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(scored) in err and f"line {N_IMAGES * 4 + 1}" in err
     assert field is None or f"field {field!r}" in err
+
+
+def test_slake_categories_flow_from_the_loader_to_the_report(tmp_path):
+    """SLAKE's own content_type and modality reach scored.jsonl through score_samples, and the report."""
+    from medvqa.io import atomic_write_json, atomic_write_jsonl
+    from medvqa.registry import benchmarks
+    from medvqa.reports import categories
+    from medvqa.scoring import score_samples
+
+    from tests import real_fixtures as fx
+
+    root = fx.make_slake(tmp_path / "data")
+    recs = fx.slake_records("test")
+    for i, r in enumerate(recs):
+        r["content_type"] = ("Organ", "Modality", "Position")[i % 3]
+        r["modality"] = ("CT", "MRI")[i % 2]
+    fx.write_json(root / "Slake1.0" / "test.json", recs)
+    samples = benchmarks.get("slake")().load("test", root)
+    assert {s.meta["content_type"] for s in samples} == {"Organ", "Modality", "Position"}
+    for trainer, frac, right in (("sft", 1.0, True), ("sft", 0.09, False), ("stllava-med", 0.09, True)):
+        ev = tmp_path / "run" / trainer / f"f{frac!r}" / "s0" / "eval" / "slake"
+        result = score_samples(samples, [s.answer if right else "nothing" for s in samples], n_boot=0)
+        atomic_write_jsonl(ev / "scored.jsonl", result.rows)
+        atomic_write_json(ev / "scores.json", {"benchmark": "slake", **result.to_json()})
+    tables = categories.category_tables(build_table(tmp_path / "run", n_boot=20))
+    assert [t.field for t in tables] == ["content_type", "modality"]
+    organ = next(r for r in tables[0].rows if r.value == "Organ")
+    assert organ.means == {"sft@0.09": 0.0, "sft@1.0": 100.0, "stllava-med@0.09": 100.0}
