@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medvqa.errors import BadInput
 from medvqa.io import atomic_write_text, read_json
 from medvqa.reports.results import EvalRecord, Gap, collect_run
 from medvqa.reports.stats import (
@@ -113,15 +114,25 @@ def _n_full(run_dir: Path, records: list[EvalRecord], baseline: tuple[str, float
             return r.n_labeled
     meta = run_dir / "sweep.json"
     if meta.is_file():
-        n = read_json(meta).get("n_train_full")
-        if isinstance(n, int) and n > 0:
+        data = read_json(meta)
+        n = data.get("n_train_full") if isinstance(data, dict) else None
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
             return n
     return None
 
 
 def parse_baseline(spec: str) -> tuple[str, float]:
+    """`sft@1.0` → ("sft", 1.0); `sft` means `sft@1.0`."""
     label, _, frac = spec.partition("@")
-    return label, float(frac or 1.0)
+    try:
+        fraction = float(frac or 1.0)
+    except ValueError:
+        fraction = math.nan
+    if not label or not 0 < fraction <= 1:
+        raise BadInput(
+            f"--baseline {spec!r}: expected LABEL@FRACTION with a fraction in (0, 1], e.g. sft@1.0"
+        )
+    return label, fraction
 
 
 def build_table(

@@ -559,3 +559,17 @@ def test_slake_categories_flow_from_the_loader_to_the_report(tmp_path):
     assert [t.field for t in tables] == ["content_type", "modality"]
     organ = next(r for r in tables[0].rows if r.value == "Organ")
     assert organ.means == {"sft@0.09": 0.0, "sft@1.0": 100.0, "stllava-med@0.09": 100.0}
+
+
+@pytest.mark.parametrize("spec", ["sft@abc", "sft@7", "@1.0", "sft@nan"])
+def test_a_bad_baseline_is_one_line(tmp_path, capsys, spec):
+    run = fabricate(tmp_path / "r", seeds=(0,), benches=("phantom",), references=False)
+    assert main(["report", str(run), "--baseline", spec, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--baseline" in err
+
+
+def test_a_sweep_json_that_is_not_an_object_does_not_break_the_report(tmp_path):
+    run = fabricate(tmp_path / "r", seeds=(0,), benches=("phantom",), references=False)
+    (run / "sweep.json").write_text("[1, 2]")
+    assert main(["report", str(run), "--format", "md", "--quiet"]) == 0
