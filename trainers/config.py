@@ -19,6 +19,13 @@ class TrainConfig:
     """Optimisation knobs shared by every trainer (the trl/transformers names, where there is one)."""
 
     learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate"})
+    vision_lr_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "learning rate of the vision tower and projector as a multiple of learning_rate "
+            "(LLaVA-style recipes train them slower; STLLaVA-Med's stage 1: ViT 5e-5 vs LLM 2e-4 = 0.25)"
+        },
+    )
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1 = use num_train_epochs"})
     num_train_epochs: float = field(
         default=1.0, metadata={"help": "epochs over the data (if max_steps = -1)"}
@@ -81,6 +88,7 @@ class TrainConfig:
         bad value before any model is loaded (subclasses with checks of their own call this too)."""
         checks = [
             ("learning_rate", self.learning_rate >= 0, ">= 0"),
+            ("vision_lr_scale", self.vision_lr_scale >= 0, ">= 0"),
             ("max_steps", self.max_steps == -1 or self.max_steps >= 1, "-1 or >= 1"),
             ("num_train_epochs", self.num_train_epochs > 0, "> 0"),
             ("per_device_train_batch_size", self.per_device_train_batch_size >= 1, ">= 1"),

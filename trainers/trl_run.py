@@ -162,6 +162,29 @@ def progress_callback(path: Path, stage: str) -> Any:
     return _progress_callback_class()(path, stage)
 
 
+VISION_PARTS = ("vision_tower", "multi_modal_projector", "mm_projector")
+
+
+def scale_vision_lr(trainer: Any, scale: float) -> None:
+    """Give the vision tower's and projector's parameters `scale` x the learning rate.
+
+    The trainer's own optimizer (class, betas, weight-decay groups) is created now and each of its
+    groups split in two (vision, the rest); the scheduler, created at `train()`, scales both alike.
+    """
+    opt = trainer.create_optimizer()
+    vision = {id(p) for n, p in trainer.model.named_parameters() if any(v in n for v in VISION_PARTS)}
+    groups = []
+    for group in opt.param_groups:
+        settings = {k: v for k, v in group.items() if k != "params"}
+        for mine, mult in ((lambda p: id(p) in vision, scale), (lambda p: id(p) not in vision, 1.0)):
+            params = [p for p in group["params"] if mine(p)]
+            if params:
+                groups.append({**settings, "params": params, "lr": settings["lr"] * mult})
+    opt.param_groups.clear()  # no step taken yet: no state to move
+    for group in groups:
+        opt.add_param_group(group)
+
+
 def fit_sft(
     model: Any,
     processor: Any,
@@ -195,6 +218,8 @@ def fit_sft(
         peft_config=lora_config(cfg) if cfg.use_lora else None,
         callbacks=[progress_callback(log_path, stage)],
     )
+    if cfg.vision_lr_scale != 1.0:
+        scale_vision_lr(trainer, cfg.vision_lr_scale)
     run_trainer(trainer, work_dir)
     model = trainer.model
     if cfg.use_lora and merge_lora:

@@ -1,0 +1,86 @@
+"""STLLaVA-Med stage 1: the original's in-conversation self-questioning, and a slower vision tower.
+
+- `sq_format="conversation"`: per labeled image one multi-turn row whose later questions are
+  targets (p = sq_ratio) with their answers trained in the same sequence; every labeled answer is
+  trained exactly once per epoch, and there are no separate ask rows.
+- `vision_lr_scale`: the vision tower and projector learn at a multiple of the learning rate (0 =
+  frozen), the LLM at the full rate — a real trl run on the tiny LLaVA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def train_samples(phantom_root):
+    from medvqa.benchmarks.phantom import Phantom
+
+    return Phantom().load("train", Path(phantom_root))
+
+
+@pytest.fixture(scope="module")
+def builder(tiny_model_dir):
+    from medvqa.trainers.rows import RowBuilder
+    from transformers import AutoProcessor
+
+    return RowBuilder(AutoProcessor.from_pretrained(tiny_model_dir), "")
+
+
+def test_conversation_rows_put_self_questions_inside_answer_sequences(builder, train_samples):
+    from medvqa.trainers.stllava_med import STLLaVAMedConfig, stage1_rows
+
+    samples = train_samples[:40]  # 10 images x 4 QA
+    cfg = dataclasses.replace(STLLaVAMedConfig(), sq_format="conversation", sq_ratio=0.5)
+    rows = stage1_rows(samples, builder, cfg, seed=0)
+    kinds = Counter(r["kind"] for r in rows)
+    assert "ask" not in kinds and kinds["conversation"] > 0
+    n_images = len({s.image_id for s in samples})
+    assert len(rows) < len(samples)  # no extra rows: fewer than one per QA
+    asks = sum(r.pop("_asks", 0) for r in rows)
+    assert 0.25 * (len(samples) - n_images) < asks < 0.75 * (len(samples) - n_images)
+    trained = "".join(r["prompt"] + r["completion"] for r in rows)
+    for s in samples:  # each answer trained once: the first QA's in its prompt row, the others in completions
+        assert s.question in trained
+    conv = next(r for r in rows if r["kind"] == "conversation")
+    assert cfg.ask_instruction in conv["completion"] and "<image>" not in conv["completion"]
+    assert conv["completion"].endswith(builder.processor.tokenizer.eos_token)
+    n_answers = sum(r["completion"].count(builder.processor.tokenizer.eos_token) for r in rows)
+    assert n_answers == len(samples) + asks  # every answer once, plus one end per asked question
+    assert stage1_rows(samples, builder, cfg, seed=0) != stage1_rows(samples, builder, cfg, seed=1)
+
+
+def test_rows_format_adds_ask_rows(builder, train_samples):
+    from medvqa.trainers.stllava_med import STLLaVAMedConfig, stage1_rows
+
+    rows = stage1_rows(
+        train_samples[:40], builder, dataclasses.replace(STLLaVAMedConfig(), sq_format="rows"), 0
+    )
+    kinds = Counter(r["kind"] for r in rows)
+    assert kinds["qa"] == 40 and 10 < kinds["ask"] < 30
+
+
+@pytest.mark.slow
+def test_vision_lr_scale_slows_the_vision_tower_only(tiny_model_dir, builder, train_samples, tmp_path):
+    import torch
+    from medvqa.trainers.config import TrainConfig
+    from medvqa.trainers.models import load_model_and_processor
+    from medvqa.trainers.rows import qa_rows
+    from medvqa.trainers.trl_run import VISION_PARTS, fit_sft
+
+    model, processor = load_model_and_processor(f"hf:{tiny_model_dir}")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(learning_rate=1e-3, max_steps=3, per_device_train_batch_size=8, vision_lr_scale=0.0)
+    rows = qa_rows(train_samples[:16], builder)
+    model = fit_sft(model, processor, rows, cfg, work_dir=tmp_path / "trl", log_path=tmp_path / "log.jsonl",
+                    seed=0, stage="test")  # fmt: skip
+    after = dict(model.named_parameters())
+    vision = [n for n in before if any(v in n for v in VISION_PARTS)]
+    language = [n for n in before if n not in vision]
+    assert vision and language
+    assert all(torch.equal(before[n], after[n].detach()) for n in vision)
+    assert sum(not torch.equal(before[n], after[n].detach()) for n in language) > len(language) // 2
