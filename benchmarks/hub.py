@@ -112,6 +112,19 @@ def hub_root_uri(path: Path) -> str | None:
     return None
 
 
+def cli_root(text: str) -> Path:
+    """`--root` for argparse (`type=cli_root`): a folder, or a hub dataset from the local cache.
+
+    A dataset not in the cache is argparse's usage error (one line, exit 2), never a traceback.
+    """
+    import argparse
+
+    try:
+        return resolve_root(text).path
+    except BadInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 # --- rows through `datasets` ------------------------------------------------------------------
 
 

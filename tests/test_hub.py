@@ -186,3 +186,13 @@ def test_reading_parquet_through_datasets_imports_no_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["4", "False", "False"]
+
+
+def test_train_takes_a_hub_root(hub_cache, phantom_root):
+    from medvqa.cli import build_parser
+
+    commit = lay_out_hub_cache(hub_cache, "acme/phantom", phantom_root)
+    argv = ["train", "--trainer", "sft", "--model", "hf:m", "--benchmark", "phantom", "--out", "o"]
+    args = build_parser().parse_args([*argv, "--root", "hf://datasets/acme/phantom"])
+    assert args.root == hub_cache.resolve() / "datasets--acme--phantom" / "snapshots" / commit
+    assert len(make_benchmark("phantom").load("train", args.root)) > 0

@@ -38,24 +38,15 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
-def _data_root(text: str) -> Path:
-    """--root: a folder, or a Hugging Face dataset resolved from the local cache (`medvqa.benchmarks.hub`)."""
-    from medvqa.benchmarks.hub import resolve_root
-
-    try:
-        return resolve_root(text).path
-    except BadInput as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _add_benchmark_args(p: argparse.ArgumentParser, *, split: bool = True) -> None:
+    from medvqa.benchmarks.hub import cli_root
     from medvqa.benchmarks.safety import DEFAULT_MAX_PIXELS
 
     p.add_argument("benchmark", metavar="BENCHMARK", help="a registered benchmark (see `medvqa benchmarks`)")
     p.add_argument(
         "--root",
         required=True,
-        type=_data_root,
+        type=cli_root,
         help="the data folder (or its parent), or hf://datasets/OWNER/NAME[@REV] from the local HF cache",
     )
     if split:

@@ -110,6 +110,8 @@ def resolve_config(trainer_cls: type, args: argparse.Namespace) -> Any:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from medvqa.benchmarks.hub import cli_root
+
     p = sub.add_parser(
         "train",
         help="train one checkpoint (align | sft | stllava-med | plug-ins)",
@@ -121,7 +123,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--model", "--base-model", dest="model", required=True, help="base model spec, e.g. hf:DIR"
     )
     p.add_argument("--benchmark", required=True, help="benchmark whose training split is used")
-    p.add_argument("--root", required=True, help="the benchmark's data folder")
+    p.add_argument(
+        "--root",
+        required=True,
+        type=cli_root,
+        help="the benchmark's data folder, or hf://datasets/OWNER/NAME[@REV] from the local HF cache",
+    )
     p.add_argument("--split", default="train", help="training split (never test) (default: train)")
     p.add_argument(
         "--fraction", type=float, default=1.0, help="labeled-data fraction in (0, 1] (default: 1.0)"
