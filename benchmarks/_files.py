@@ -236,7 +236,38 @@ def text_field(record: Any, field: str, *, path: Path, index: object) -> str:
     value = value.strip()
     if not value:
         raise BadInput("empty text", path=path, record=index, field=field)
+    if not is_unicode(value):
+        raise BadInput("text is not valid Unicode (a lone surrogate)", path=path, record=index, field=field)
     return value
+
+
+def plain_meta(meta: Mapping[Any, Any]) -> dict[str, Any]:
+    """The metadata values that can be written back as JSON: valid text, finite numbers, booleans, None.
+
+    Metadata rides along with a sample (into predictions and scored rows) but is never scored, so a
+    hostile value — NaN, a lone surrogate, a nested container, a 5,000-digit number — is dropped
+    rather than left to break a file written later.
+    """
+
+    def plain(value: Any) -> bool:
+        if value is None or isinstance(value, bool):
+            return True
+        if isinstance(value, int):
+            return value.bit_length() <= 63
+        if isinstance(value, float):
+            return math.isfinite(value)
+        return isinstance(value, str) and is_unicode(value)
+
+    return {k: v for k, v in meta.items() if isinstance(k, str) and is_unicode(k) and plain(v)}
+
+
+def is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (JSON allows `\\ud800`): it could not be written back."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def answer_type_field(record: Any, field: str = "answer_type", *, path: Path, index: object) -> str:

@@ -24,6 +24,7 @@ from medvqa.benchmarks._files import (
     Problems,
     collect,
     no_layout,
+    plain_meta,
     text_field,
     yes_no_type,
 )
@@ -126,7 +127,7 @@ class LlavaMedJson(FileBenchmark):
             image_name = text_field(rec, "image", path=file, index=index)
             image = resolve_inside(data_root, image_name, base=images, path=file, index=index, field="image")
             checker.check(image, path=file, index=index, field="image")
-            meta = {k: v for k, v in parsed.meta.items() if k != "image_path"}
+            meta = plain_meta({k: v for k, v in parsed.meta.items() if k != "image_path"})
             if source == "gold" or "answer_type_source" not in meta:
                 meta["answer_type_source"] = source
             answer_type = parsed.answer_type if source == "dataset" else yes_no_type(parsed.answer)

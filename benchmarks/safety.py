@@ -52,6 +52,10 @@ def resolve_inside(
     rel = relative.strip()
     if "\x00" in rel:
         raise refuse(f"image path {rel[:80]!r} holds a NUL byte; refused")
+    try:
+        os.fsencode(rel)
+    except UnicodeEncodeError:
+        raise refuse(f"image path {rel[:80]!r} is not valid text for a file name; refused") from None
     if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
         raise refuse(f"absolute image path {rel!r} refused (paths must stay inside the data root)")
     parts = PurePosixPath(rel.replace("\\", "/")).parts

@@ -25,6 +25,7 @@ from medvqa.benchmarks._files import (
     collect,
     find_root,
     no_layout,
+    plain_meta,
     text_field,
 )
 from medvqa.benchmarks.safety import ImageChecker, resolve_inside
@@ -131,7 +132,7 @@ class Slake(FileBenchmark):
                 answer_type=answer_type_field(rec, path=file, index=index),  # type: ignore[arg-type]
                 benchmark=self.name,
                 split=split,
-                meta=meta,
+                meta=plain_meta(meta),
             )
 
         items = (

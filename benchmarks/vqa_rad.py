@@ -26,6 +26,7 @@ from medvqa.benchmarks._files import (
     collect,
     parquet_files,
     parquet_image,
+    plain_meta,
     read_parquet_rows,
     require,
     text_field,
@@ -103,7 +104,7 @@ class VQARad(OriginalOrParquetBenchmark):
                 answer_type=answer_type_field(rec, path=file, index=index),  # type: ignore[arg-type]
                 benchmark=self.name,
                 split=split,
-                meta=meta,
+                meta=plain_meta(meta),
             )
 
         items = ((file, f"#{i} (qid {_qid(r)})", r) for i, r in enumerate(records))

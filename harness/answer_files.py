@@ -16,6 +16,7 @@ Every problem is a `BadInput` naming the file, the record (line or item) and the
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -48,7 +49,15 @@ class AnswerRecord:
 
 def _text(value: Any, *, path: Path, record: Any, field: str) -> str:
     if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (legal in JSON): it could never be written back
+            raise BadInput(
+                "text is not valid Unicode (a lone surrogate)", path=path, record=record, field=field
+            ) from None
         return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadInput(f"missing value ({value!r})", path=path, record=record, field=field)  # not "nan"
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)  # numeric answers (VQA-RAD counts, sizes) are scored as text
     raise BadInput(f"expected text, got {_kind(value)}", path=path, record=record, field=field)

@@ -216,6 +216,11 @@ def _well_formed(s: VQASample, root: Path) -> str | None:
             return f"image {s.image!r} outside the root or missing"
     elif not isinstance(s.image, bytes):
         return f"image of type {type(s.image).__name__}"
+    try:  # what eval writes (predictions, scored rows) must be writable as UTF-8 JSON
+        row = {"id": s.id, "question": s.question, "answer": s.answer, "meta": dict(s.meta)}
+        json.dumps(row, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        return f"not writable as JSON ({type(exc).__name__}: {exc})"
     return None
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from medvqa.benchmarks.safety import DEFAULT_MAX_PIXELS, safe_load_pickle
+from medvqa.benchmarks.safety import DEFAULT_MAX_PIXELS, resolve_inside, safe_load_pickle
 from medvqa.cli import main
 from medvqa.errors import BadInput
 from medvqa.registry import benchmarks
@@ -252,3 +252,37 @@ def test_eval_plan_refuses_the_pixel_bomb_before_any_model_and_takes_max_pixels(
     plan = make_plan(EvalConfig(**{**vars(cfg), "skip_bad": True}), "hf:none")
     assert len(plan.samples) == 2 and len(plan.load_skips) == 3
     assert all("pixel cap" in row["error"] for row in plan.load_skips)
+
+
+def test_lone_surrogates_and_nan_found_by_fuzzing(tmp_path: Path) -> None:
+    """JSON may hold `\\ud800` and NaN: neither may become a path, a gold answer or metadata that
+    breaks the UTF-8 prediction files written later."""
+    root = fx.make_slake(tmp_path / "slake")
+    records = fx.slake_records("test")
+    records[0]["img_name"] = "\ud800"  # was a UnicodeEncodeError traceback from the path check
+    records[1]["question"] = "is \ud800 there?"
+    records[2]["modality"] = "\ud800"  # metadata: dropped, not carried into scored rows
+    records[3]["location"] = math.nan
+    (root / "Slake1.0" / "test.json").write_text(json.dumps(records))  # ensure_ascii: \\ud800 escapes
+    bench = benchmarks.get("slake")()
+    with pytest.raises(BadInput, match=r"record #0 \(qid 201\), field 'img_name': text is not valid Unicode"):
+        bench.load("test", root)
+    samples = bench.load("test", root, skip_bad=True)
+    assert [r.field for r in bench.skipped] == ["img_name", "question"]
+    with pytest.raises(BadInput, match="is not valid text for a file name"):  # parquet path cells come here
+        resolve_inside(root, "\ud800.png", path=root / "x.parquet", index="row 0", field="image.path")
+    for s in samples:
+        json.dumps({"q": s.question, "a": s.answer, "meta": dict(s.meta)}, ensure_ascii=False).encode("utf-8")
+    assert "modality" not in samples[0].meta and "organ" not in samples[1].meta
+
+    items = fx.llava_med_items()
+    items[0]["conversations"][1]["value"] = math.nan  # was the gold answer "nan"
+    items[2]["conversations"][0]["value"] = "\ud800?"
+    llava = fx.make_llava_med(tmp_path / "llava")
+    (llava / "test.json").write_text(json.dumps(items))
+    bench = benchmarks.get("llava-med-json")()
+    with pytest.raises(
+        BadInput, match=r"record item 0 \(id 0\), field 'conversations\[1\]\.value': missing value"
+    ):
+        bench.load("test", llava)
+    assert len(bench.load("test", llava, skip_bad=True)) == 1 and len(bench.skipped) == 2

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from medvqa.benchmarks._files import FileBenchmark, Problems, collect
+from medvqa.benchmarks._files import FileBenchmark, Problems, collect, is_unicode, plain_meta
 from medvqa.benchmarks.phantom.files import inside, load_captions, read_manifest, split_file
 from medvqa.benchmarks.phantom.taxonomy import GENERATOR_VERSION, SPLITS
 from medvqa.benchmarks.safety import ImageChecker
@@ -69,6 +69,8 @@ class Phantom(FileBenchmark):
         for key in ("id", "image", "question", "answer", "answer_type"):
             if not isinstance(record.get(key), str) or not record[key].strip():
                 raise BadInput("missing or empty field", **where, field=key)
+            if not is_unicode(record[key]):
+                raise BadInput("text is not valid Unicode (a lone surrogate)", **where, field=key)
         if record["answer_type"] not in ("OPEN", "CLOSED"):
             raise BadInput(
                 f"answer_type must be OPEN or CLOSED, got {record['answer_type']!r}",
@@ -91,5 +93,5 @@ class Phantom(FileBenchmark):
             answer_type=record["answer_type"],
             benchmark="phantom",
             split=split,
-            meta=dict(meta),
+            meta=plain_meta(meta),
         )
