@@ -245,6 +245,8 @@ class Benchmark:
       yes/no"), because it changes the split and every report must say which was used.
     - `prompt_policy`: the prompt policy of this benchmark's convention ("" = the harness default).
     - `has_captions` / `load_captions(root, split)`: one caption per image, for the align stage.
+    - `vocabulary()`: every text a model of this benchmark must tokenize, where the benchmark can
+      enumerate them (a generated one can; `[]` otherwise): `model init-tiny --corpus NAME`.
     """
 
     name: ClassVar[str] = ""
@@ -292,6 +294,9 @@ class Benchmark:
         `max_pixels`: the pixel cap above which an image is refused (None: the harness default; 0: none).
         """
         raise NotImplementedError
+
+    def vocabulary(self) -> list[str]:
+        return []
 
     def load_captions(self, root: Path, split: str) -> list[Mapping[str, str]]:
         """`{"image_id", "image" (absolute, inside root), "caption"}` per image, where `has_captions`."""

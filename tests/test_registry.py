@@ -91,3 +91,15 @@ def test_skipped_record_names_where_and_why() -> None:
         "record": "#3",
         "field": "image",
     }
+
+
+def test_the_tiny_tokenizer_corpus_is_a_benchmark_capability() -> None:
+    """`model init-tiny --corpus phantom` asks the benchmark for its texts; no generic code names it."""
+    from medvqa.benchmarks.phantom import corpus_texts
+    from medvqa.models.tiny import corpus_texts as tiny_corpus
+
+    assert benchmarks.get("phantom")().vocabulary() == corpus_texts()
+    assert tiny_corpus("phantom")[: len(corpus_texts())] == corpus_texts()
+    assert benchmarks.get("vqa-rad")().vocabulary() == []
+    with pytest.raises(BadInput, match="benchmark 'vqa-rad' cannot list its texts"):
+        tiny_corpus("vqa-rad")

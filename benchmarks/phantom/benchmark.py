@@ -8,6 +8,7 @@ from typing import Any
 
 from medvqa.benchmarks._files import FileBenchmark, Problems, collect, is_unicode, plain_meta
 from medvqa.benchmarks.phantom.files import inside, load_captions, read_manifest, split_file
+from medvqa.benchmarks.phantom.grammar import corpus_texts
 from medvqa.benchmarks.phantom.taxonomy import GENERATOR_VERSION, SPLITS
 from medvqa.benchmarks.safety import ImageChecker
 from medvqa.errors import BadInput
@@ -44,6 +45,9 @@ class Phantom(FileBenchmark):
 
     def load_captions(self, root: Path, split: str) -> list[Mapping[str, str]]:
         return load_captions(root, split)
+
+    def vocabulary(self) -> list[str]:
+        return corpus_texts()
 
     def canonical_split(self, split: str) -> str:
         return split  # `split_file` checks it against the folder (and names the build command)

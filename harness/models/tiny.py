@@ -73,7 +73,10 @@ class TinyConfig:
     max_positions: int = field(default=512, metadata={"help": "maximum sequence length"})
     corpus: str = field(
         default="phantom",
-        metadata={"help": "tokenizer corpus: 'phantom', 'builtin', or a text file (one text per line)"},
+        metadata={
+            "help": "tokenizer corpus: a benchmark that lists its texts (phantom), 'builtin', or a text "
+            "file (one text per line)"
+        },
     )
     seed: int = field(default=0, metadata={"help": "random seed of the initial weights"})
 
@@ -119,15 +122,19 @@ def corpus_texts(corpus: str) -> list[str]:
     """Texts the tokenizer learns its vocabulary from (plus the prompt policies' own words)."""
     if corpus == "builtin":
         return [*BUILTIN_CORPUS, *prompt_texts()]
-    if corpus == "phantom":
+    from medvqa.registry import benchmarks
+
+    if corpus in benchmarks:  # a benchmark that can list its texts (`Benchmark.vocabulary`)
         try:
-            from medvqa.benchmarks.phantom import corpus_texts as phantom_texts
-        except ImportError:  # a stripped-down install without the Phantom benchmark
+            texts = benchmarks.get(corpus)().vocabulary()
+        except ImportError:  # a stripped-down install without that benchmark
             return [*BUILTIN_CORPUS, *prompt_texts()]
-        return [*phantom_texts(), *prompt_texts()]
+        if not texts:
+            raise BadInput(f"benchmark {corpus!r} cannot list its texts; pass a text file as the corpus")
+        return [*texts, *prompt_texts()]
     path = Path(corpus)
     if not path.is_file():
-        raise BadInput("tokenizer corpus is neither 'phantom', 'builtin' nor a text file", path=path)
+        raise BadInput("tokenizer corpus is neither a benchmark, 'builtin' nor a text file", path=path)
     texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [*texts, *prompt_texts()]
 
