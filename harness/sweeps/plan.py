@@ -280,7 +280,7 @@ class Planner:
         from medvqa.registry import benchmarks
 
         names = [job.args[i + 1] for i, a in enumerate(job.args[:-1]) if a == "--benchmark"]
-        return {n: str(getattr(benchmarks.get(n), "version", "")) for n in names if n in benchmarks}
+        return {n: str(benchmarks.get(n).version) for n in names if n in benchmarks}
 
     def _portable(self, arg: str) -> str:
         """An argument with the run folder written as `{out}`: a moved or copied run keeps its keys."""
