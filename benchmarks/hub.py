@@ -19,6 +19,7 @@ confine them).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -155,7 +156,12 @@ def _open(source: Path) -> Any:
             return datasets.load_from_disk(str(source))
         import pyarrow.parquet as pq
 
-        return datasets.Dataset(pq.read_table(source, memory_map=True))
+        # a fingerprint from the file's identity: datasets would otherwise hash the whole table
+        stat = source.stat()
+        fingerprint = hashlib.sha256(
+            f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+        ).hexdigest()
+        return datasets.Dataset(pq.read_table(source, memory_map=True), fingerprint=fingerprint[:16])
     except Exception as exc:  # datasets and pyarrow raise their own types for malformed files
         what = "save_to_disk folder" if source.is_dir() else "parquet file"
         raise BadInput(f"not a readable {what} ({type(exc).__name__}: {exc})", path=source) from None
@@ -179,7 +185,10 @@ def dataset_rows(
             if isinstance(feature, datasets.Image):
                 ds = ds.cast_column(name, datasets.Image(decode=False))
         try:
-            for i, row in enumerate(ds):
-                yield source, i, row
+            i = 0
+            for batch in ds.iter(batch_size=1024):  # ~10x faster than row by row
+                for values in zip(*batch.values()):
+                    yield source, i, dict(zip(batch, values))
+                    i += 1
         except Exception as exc:  # a shard that breaks mid-way
             raise BadInput(f"unreadable rows ({type(exc).__name__}: {exc})", path=source) from None
