@@ -124,7 +124,7 @@ def add_dataclass_arguments(
 
     Defaults are left to the dataclass (argparse default None), so `dataclass_from_args` can tell a
     flag that was given from one that was not. `prefix` goes in front of flag and dest
-    (`--expert-model` → `expert_model`); `dest_prefix`, when given, in front of the dest only.
+    (`prefix="expert-"`: `--expert-seed`); `dest_prefix`, when given, in front of the dest only.
     `show_defaults=False` where the effective default is not the field's (e.g. a preset sets it).
 
     `into="dest"`: the flags of a nested config (a plug-in's own dataclass, e.g. the chosen
@@ -141,6 +141,10 @@ def add_dataclass_arguments(
         group = parser
     dest_prefix = prefix if dest_prefix is None else dest_prefix
     added: list[str] = []
+    helps: dict[str, dict[str, str]] = {}  # field → {class: help}: a field several classes share
+    for cls in classes:
+        for f, _ in _fields(cls):
+            helps.setdefault(f.name, {}).setdefault(cls.__name__, field_help(cls, f.name))
     for cls in classes:
         for f, tp in _fields(cls):
             if f.name in added:
@@ -148,6 +152,11 @@ def add_dataclass_arguments(
             added.append(f.name)
             base, _ = _base_type(tp)
             help_text = field_help(cls, f.name)
+            if len(set(helps[f.name].values())) > 1:  # say what it means for each of them
+                owners: dict[str, list[str]] = {}
+                for owner, text in helps[f.name].items():
+                    owners.setdefault(text, []).append(owner)
+                help_text = "; ".join(f"{', '.join(who)}: {text}" for text, who in owners.items() if text)
             if show_defaults and "(default" not in help_text:  # a help that states its default says it once
                 default = _default(f)
                 help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
