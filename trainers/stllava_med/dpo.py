@@ -43,9 +43,10 @@ def train_dpo(
     Returns DPO metrics: reward margin/accuracy on the self-generated pairs after training, steps,
     loss names, and how many rows were pairs and how many labeled replay.
     """
+    from medvqa.trainers.batching import preference_data
     from medvqa.trainers.checkpoints import save_model
     from medvqa.trainers.models import load_model_and_processor, lora_config
-    from medvqa.trainers.rows import RowBuilder, guess_answer_type, to_dataset
+    from medvqa.trainers.rows import RowBuilder, guess_answer_type
     from medvqa.trainers.trl_run import (
         drop_trl_checkpoints,
         progress_callback,
@@ -69,7 +70,10 @@ def train_dpo(
         answer_type = p.get("answer_type") or guess_answer_type(p["prompt"])
         return builder.pair_row(p["image"], p["prompt"], answer_type, p["chosen"], p["rejected"])
 
-    dataset = to_dataset([row(p) for p in rows_in])
+    # encoded once (tokens, pixels) unless cfg.preprocess says otherwise: trl's collator per batch
+    dataset, collator = preference_data(
+        [row(p) for p in rows_in], policy, processor, mode=cfg.preprocess, max_length=cfg.max_length or None
+    )
     ref_model = None
     if not cfg.use_lora:
         ref_model, _ = load_model_and_processor(f"hf:{stage1_dir}")
@@ -85,13 +89,14 @@ def train_dpo(
         model=policy,
         ref_model=ref_model,
         args=args,
+        data_collator=collator,
         train_dataset=dataset,
         processing_class=processor,
         peft_config=lora_config(cfg) if cfg.use_lora else None,
         callbacks=[progress_callback(log_path, "dpo")],
     )
     run_trainer(trainer, work_dir)
-    pair_set = to_dataset([row(p) for p in pairs])
+    pair_set = dataset.select([i for i, p in enumerate(rows_in) if not p.get("replay")])
     metrics = trainer.evaluate(eval_dataset=pair_set, metric_key_prefix="pairs")
     save_model(trainer.model, processor, out_dir)
     drop_trl_checkpoints(work_dir)
