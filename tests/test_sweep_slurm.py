@@ -54,13 +54,20 @@ eval_base = false
 name = "sft"
 [trainers.config]
 learning_rate = 1e-3
-max_steps = 150
+max_steps = 60
 per_device_train_batch_size = 16
 logging_steps = 10
 """
 LOCAL = "executor = 'local'\nthreads = 1"
 SLURM = "executor = 'slurm'\n[slurm]\ncluster = 'local'\ncpus_per_task = 1\ntime_min = 30"
 TRAIN = "train__sft__f1.0__s0"
+
+
+SECRET = "sk-test-0123456789abcdef"  # in the sweep's environment; must not reach any job file
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OPENAI_API_KEY": SECRET}
 
 
 def _sweep(config: Path, run: Path) -> list[str]:
@@ -130,11 +137,15 @@ def test_slurm_executor_kill_and_resume_matches_the_local_executor(tmp_path):
     assert _train_process(ckpt) == pid, "the submitted job outlives the sweep that submitted it"
 
     # 3. rerun: the still-running job is found again (not submitted twice), then the sweep ends
-    third = subprocess.run(_sweep(slurm_cfg, run), capture_output=True, text=True, timeout=600)
+    third = subprocess.run(_sweep(slurm_cfg, run), capture_output=True, text=True, timeout=600, env=_env())
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert "train sft @ 1.0 seed 0 ... still running from the last sweep" in third.stdout
     assert "prepare data: done before, skipped" in third.stdout
     assert (run / "report" / "results.csv").read_bytes() == (ref / "report" / "results.csv").read_bytes()
+    # the pickled jobs carry only the sweep's own variables: no secret of the submitting shell on disk
+    files = [p for p in (run / ".sweep").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".pkl" for p in files)
+    assert not [p for p in files if SECRET.encode() in p.read_bytes()]
     # the same done-markers as the local executor's: either executor resumes the other's run
     cfg, run_dir = load_config(local_cfg, out=run)
     sweep = Sweep(cfg, run_dir)
@@ -206,3 +217,36 @@ def test_the_shipped_zero3_config_is_what_accelerate_reads():
     assert sweep_cfg.run.executor == "slurm" and sweep_cfg.slurm.nodes == 2
     launcher = sweep_cfg.run.launcher
     assert f"--config_file {path}" in launcher and "--machine_rank {node_rank}" in launcher
+
+
+@pytest.mark.slow
+def test_a_job_found_running_with_other_settings_is_cancelled(tmp_path):
+    """A rerun after the config changed must not leave the old job writing beside its replacement."""
+    from medvqa.io import atomic_write_json
+    from medvqa.sweeps.executors import make_executor
+
+    text = (SWEEP % SLURM).replace(
+        "[train]", '[[prepare]]\nname = "list"\nargs = ["benchmarks"]\n\n[train]', 1
+    )
+    (tmp_path / "s.toml").write_text(text)
+    cfg, run_dir = load_config(tmp_path / "s.toml", out=tmp_path / "run")
+    sweep = Sweep(cfg, run_dir, log=lambda s: None)
+    job = next(j for j in sweep.jobs(with_manifests=False) if j.id == "prepare/list")
+    executor = make_executor(cfg, run_dir, n_jobs=1)
+    marker = tmp_path / "old-child-pid"
+    sleeper = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+    old = executor.start(job, [sys.executable, "-c", sleeper], {}, tmp_path / "old.log")
+    atomic_write_json(
+        sweep.state.started(job), {"id": job.id, "key": "other-settings", **executor.started_info(old)}
+    )
+    child = int(_wait_for(lambda: marker.is_file() and marker.read_text()))
+    running, again = sweep._start(job, executor, verbose=False)
+    assert not again and old.poll() is not None  # the old job was cancelled and waited for
+    _wait_for(
+        lambda: (
+            not Path(f"/proc/{child}").exists()
+            or "Z" in Path(f"/proc/{child}/stat").read_text().split(") ")[1][:1]
+        ),
+        30,
+    )
+    assert _wait_for(lambda: running.poll() is not None, 120) and running.poll() == 0

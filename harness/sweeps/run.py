@@ -138,8 +138,15 @@ class Sweep:
     def _start(self, job: Job, executor: Executor, *, verbose: bool) -> tuple[Running, bool]:
         """(the running job, whether it was found running from an earlier sweep process)."""
         found = executor.reattach(job, self.state.read_started(job))
-        if found is not None and self.state.read_started(job).get("key") == job.key:
-            return found, True
+        if found is not None:
+            if self.state.read_started(job).get("key") == job.key:
+                return found, True
+            # still running with other settings: it must not write beside the job that replaces it
+            self.log(f"  {job.id}: cancelling {found.describe()} (started with other settings)")
+            found.cancel()
+            deadline = time.monotonic() + 120
+            while found.poll() is None and time.monotonic() < deadline:
+                time.sleep(1)
         self.state.clear_stale(job)
         self._write_files(job)
         env = thread_env(executor.threads, self.cfg.run.env)

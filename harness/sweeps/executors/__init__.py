@@ -25,6 +25,9 @@ class Running(Protocol):
     def describe(self) -> str:
         """Where it runs, for the log (e.g. `slurm job 4242`)."""
 
+    def cancel(self) -> None:
+        """Stop it (it was started with settings that changed since)."""
+
 
 class Executor(Protocol):
     capacity: int  # jobs side by side

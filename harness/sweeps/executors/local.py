@@ -46,6 +46,9 @@ class _Process:
     def describe(self) -> str:
         return f"pid {self.proc.pid}"
 
+    def cancel(self) -> None:
+        self.proc.terminate()
+
 
 class LocalExecutor:
     def __init__(self, run: RunSettings, *, n_jobs: int, cores: int):

@@ -14,7 +14,9 @@ and stale-output handling are the scheduler's, unchanged. What SLURM adds:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 
 import submitit
 from medvqa.sweeps.config import RunSettings, SlurmSettings
+from medvqa.sweeps.executors.local import die_with_parent
 from medvqa.sweeps.plan import Job
 
 _ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING"}
@@ -56,8 +59,13 @@ class JobCommand(submitit.helpers.Checkpointable):
             log = log.with_name(f"{log.stem}.rank{task.global_rank}{log.suffix}")
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as fh:
-            proc = subprocess.run(
-                command, env={**os.environ, **self.env}, stdout=fh, stderr=subprocess.STDOUT, cwd=self.cwd
+            proc = subprocess.run(  # dies with the task (a cancelled local job leaves no orphan)
+                command,
+                env={**os.environ, **self.env},
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                cwd=self.cwd,
+                preexec_fn=die_with_parent,
             )
         return proc.returncode
 
@@ -87,6 +95,14 @@ class _Submitted:
 
     def describe(self) -> str:
         return f"submitit job {self.job.job_id}"
+
+    def cancel(self) -> None:
+        """scancel (or, for a local job found again, SIGINT to its controller)."""
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGINT)
+        else:
+            self.job.cancel(check=False)
 
 
 def _alive(pid: int) -> bool:
