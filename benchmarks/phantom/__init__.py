@@ -54,7 +54,6 @@ from medvqa.benchmarks.phantom.scenes import Lesion, Scene, sample_scene
 from medvqa.benchmarks.phantom.taxonomy import (
     COUNT_WORDS,
     GENERATOR_VERSION,
-    LEVELS,
     MODALITIES,
     ORGANS,
     PLANES,
@@ -71,7 +70,6 @@ from medvqa.benchmarks.phantom.taxonomy import (
 __all__ = [
     "COUNT_WORDS",
     "GENERATOR_VERSION",
-    "LEVELS",
     "MODALITIES",
     "ORGANS",
     "PLANES",

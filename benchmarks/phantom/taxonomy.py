@@ -19,7 +19,6 @@ MODALITIES: tuple[str, ...] = ("ct", "mri", "x-ray")
 REGIONS: tuple[str, ...] = ("head", "chest", "abdomen")
 PLANES: tuple[str, ...] = ("axial", "coronal")
 SIDES: tuple[str, ...] = ("left", "right")
-LEVELS: tuple[str, ...] = ("upper", "lower")
 # Quadrants in a fixed order: (level, side). Left/right are as seen in the image.
 QUADRANTS: tuple[tuple[str, str], ...] = (
     ("upper", "left"),
