@@ -53,6 +53,7 @@ def fraction_request(
     base_model: str,
     out_dir: Path,
     config: Any = None,
+    data_root: str = "",
 ) -> TrainRequest:
     """The training request for `fraction` of `samples`: the labeled subset and its manifest, the
     held-out rest (the `reference` expert's QA, never test data) and its images as the unlabeled pool."""
@@ -70,4 +71,5 @@ def fraction_request(
         unlabeled_images=unlabeled,
         config=config,
         heldout_samples=heldout,
+        data_root=data_root,
     )

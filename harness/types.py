@@ -168,6 +168,9 @@ class TrainRequest:
     config: Any = None  # the trainer's own config dataclass
     # Samples the policy did not train on (for the `reference` expert); never test data.
     heldout_samples: Sequence[VQASample] = ()
+    # The benchmark's data folder, where the images lie: an expert that uploads images (openai)
+    # reads them only from inside it. "" = unknown.
+    data_root: str = ""
 
 
 @runtime_checkable

@@ -36,7 +36,7 @@ def make_expert(fake, tmp_path, **overrides) -> OpenAIExpert:
         backoff_initial=0.01,
         backoff_max=0.05,
         cache_path=str(tmp_path / "judge-cache.sqlite"),
-        root=str(tmp_path),
+        image_root=str(tmp_path),
     )
     cls = experts.get("openai")
     return cls(cls.config_class(**{**config.__dict__, **overrides}))
@@ -433,14 +433,14 @@ def test_judge_uploads_only_images_inside_the_declared_root(fake_openai, fake_ke
     write_png(secret, (1, 2, 3))
     (root / "link.png").symlink_to(secret)
     fake_openai.reply = lambda body: "8 3"
-    expert = make_expert(fake_openai, tmp_path, root=str(root))
+    expert = make_expert(fake_openai, tmp_path, image_root=str(root))
     assert expert.judge(str(inside), "q?", ["a", "b"]) == [8.0, 3.0]
     assert expert.judge("a.png", "q?", ["a", "b"]) == [8.0, 3.0]  # relative to the root
     for bad in (str(secret), "../private.png", str(root / ".." / "private.png"), "link.png", "/etc/hostname"):
         with pytest.raises(BadInput, match="field 'image'"):
             expert.judge(bad, "q?", ["a", "b"])
     with pytest.raises(BadInput, match="declared folder"):
-        make_expert(fake_openai, tmp_path, root="").judge(str(inside), "q?", ["a", "b"])
+        make_expert(fake_openai, tmp_path, image_root="").judge(str(inside), "q?", ["a", "b"])
     assert fake_openai.n_requests == 1  # the second judgment came from the cache; nothing else went out
 
 
@@ -501,3 +501,36 @@ def test_expert_config_fields_are_stllava_flags(fake_openai, images, tmp_path, m
     assert "expert 'phantom'" in err and "swap_check" in err and len(err.strip().splitlines()) == 1
     assert main([*argv, "--out", str(tmp_path / "j4.jsonl"), "--expert-options", "max_tokens=many"]) == 2
     assert "max_tokens" in capsys.readouterr().err
+
+
+def test_expert_options_are_checked_when_the_config_is_built() -> None:
+    """A misspelt judge setting is refused when STLLaVAMedConfig is built (so a sweep refuses it
+    at load, before any job runs), and a TOML-written config round-trips."""
+    import tomllib
+
+    from medvqa.sweeps.config import settings_toml
+    from medvqa.trainers.stllava_med.config import STLLaVAMedConfig
+
+    cfg = STLLaVAMedConfig(expert="openai", expert_options={"model": "gpt-4o", "swap_check": True})
+    assert cfg.expert_options["model"] == "gpt-4o"
+    with pytest.raises(BadInput, match=r"expert 'openai': unknown key\(s\) \['modle'\]"):
+        STLLaVAMedConfig(expert="openai", expert_options={"modle": "gpt-4o"})
+    with pytest.raises(BadInput, match="temperature"):
+        STLLaVAMedConfig(expert="openai", expert_options={"temperature": "hot"})
+    table = tomllib.loads(settings_toml({"expert": "openai", "expert_options": cfg.expert_options}))
+    assert table["trainer"]["expert_options"] == {"model": "gpt-4o", "swap_check": True}
+
+
+def test_build_expert_declares_the_image_root(tmp_path) -> None:
+    """`stllava judge --root` is the openai judge's image root; the trainer passes the benchmark's
+    data folder (TrainRequest.data_root), so `train --expert openai` judges without extra flags."""
+    from medvqa.fractions import fraction_request
+    from medvqa.trainers.stllava_med.judging import build_expert
+    from medvqa.types import VQASample
+
+    assert build_expert("openai", root=str(tmp_path)).config.image_root == str(tmp_path)
+    assert build_expert("openai", image_root="/data/x").config.image_root == "/data/x"
+    assert build_expert("phantom", image_root="/data/x").config.root == ""  # not the phantom's root
+    samples = [VQASample(f"q{i}", f"i{i}.png", "q?", "yes", "CLOSED", "toy", "train") for i in range(4)]
+    request = fraction_request(samples, 0.5, 0, base_model="hf:m", out_dir=tmp_path, data_root="/data/x")
+    assert request.data_root == "/data/x"

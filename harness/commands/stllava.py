@@ -147,7 +147,9 @@ def _replay_samples(args: argparse.Namespace) -> list[Any]:
     from medvqa.registry import benchmarks
 
     if not args.replay_benchmark:
-        raise BadInput("--labeled-replay needs --replay-benchmark NAME --replay-root DIR [--replay-fraction F]")
+        raise BadInput(
+            "--labeled-replay needs --replay-benchmark NAME --replay-root DIR [--replay-fraction F]"
+        )
     samples = benchmarks.get(args.replay_benchmark)().load("train", Path(args.replay_root))
     return select_fraction(samples, args.replay_fraction, args.seed)
 
@@ -159,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     from medvqa.trainers import stllava_med as st
 
     if getattr(args, "base_url", None):
-        args.cfg_expert_base_url = args.base_url
+        args.cfg_expert_options = {**(args.cfg_expert_options or {}), "base_url": args.base_url}
     cfg = resolve_config(st.STLLaVAMedTrainer, args)
     out = Path(args.out)
     result: dict[str, Any]
@@ -172,17 +174,20 @@ def run(args: argparse.Namespace) -> int:
     elif args.step == "answers":
         generator = st.load_generator(args.model)
         result = st.generate_answers(
-            generator, Path(args.questions), out, cfg, seed=args.seed, policy=cfg.prompt_policy, dist=_dist(cfg)
+            generator,
+            Path(args.questions),
+            out,
+            cfg,
+            seed=args.seed,
+            policy=cfg.prompt_policy,
+            dist=_dist(cfg),
         )
     elif args.step == "judge":
         expert = st.build_expert(
             cfg.expert,
-            model=cfg.expert_model,
-            base_url=cfg.expert_base_url,
             cache_path=args.cache or cfg.judge_cache or out.parent / "judge-cache.sqlite",
             root=args.root,
             samples_file=args.samples_file,
-            error_rate=cfg.expert_error_rate,
             seed=args.seed,
             options=cfg.expert_options,
         )

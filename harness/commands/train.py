@@ -229,8 +229,15 @@ def run(args: argparse.Namespace) -> int:
         samples = bench.load(args.split, Path(args.root))
     if not samples:
         raise BadInput(f"no training samples in {args.benchmark} split {args.split!r}", path=args.root)
+    root = Path(args.root)
     request = fraction_request(
-        samples, args.fraction, args.seed, base_model=args.model, out_dir=out, config=cfg
+        samples,
+        args.fraction,
+        args.seed,
+        base_model=args.model,
+        out_dir=out,
+        config=cfg,
+        data_root=str(root.resolve()) if root.is_dir() else "",
     )
     chosen, unlabeled = request.train_samples, request.unlabeled_images
     print(

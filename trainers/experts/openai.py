@@ -188,12 +188,12 @@ class OpenAIExpertConfig:
             "help": "also judge each item with the answers in reverse order and average (against position bias; 2x cost)"
         },
     )
-    root: str = field(
+    image_root: str = field(
         default="",
         metadata={
             "help": "the folder judged images must lie in (absolute paths inside it, or relative to it): "
             "image files are uploaded to the endpoint, so none is read from anywhere else; required "
-            "for image paths (stllava judge --root)"
+            "for image paths (stllava judge --root; the trainer passes the benchmark's data folder)"
         },
     )
     cache: bool = field(default=True, metadata={"help": "store every reply in the SQLite cache and reuse it"})
@@ -263,7 +263,7 @@ def confine_image(image: str, root: str, *, record: object) -> str:
     if not root:
         raise BadInput(
             f"image {image!r}: the openai judge uploads image files, so it reads them only from a "
-            "declared folder; give it (stllava judge --root DIR, or the expert's root)",
+            "declared folder; give it (stllava judge --root DIR, or the expert's image_root)",
             record=record,
             field="image",
         )
@@ -432,7 +432,7 @@ class OpenAIExpert:
         if isinstance(item.image, bytes):
             return item
         return JudgeItem(
-            confine_image(item.image, self.config.root, record=index), item.question, item.answers
+            confine_image(item.image, self.config.image_root, record=index), item.question, item.answers
         )
 
     # -- judging -----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from medvqa.errors import BadInput
 from medvqa.prompts import ASK_INSTRUCTION  # one source (Phantom's vocabulary covers it)
 from medvqa.trainers.config import TrainConfig
 
@@ -77,13 +78,12 @@ class STLLaVAMedConfig(TrainConfig):
         default=0, metadata={"help": "use at most this many unlabeled images (seeded sample); 0 = all"}
     )
     # judge and pairs
-    expert: str = field(default="phantom", metadata={"help": "the judge: a name in `medvqa experts`"})
-    expert_model: str = field(
-        default="", metadata={"help": "the judge model (openai: a model name; model: an hf: spec)"}
-    )
-    expert_base_url: str = field(default="", metadata={"help": "OpenAI-compatible endpoint (openai expert)"})
-    expert_error_rate: float = field(
-        default=0.0, metadata={"help": "noisy-oracle expert: fraction of judgments flipped (seeded)"}
+    expert: str = field(
+        default="phantom",
+        metadata={
+            "help": "the judge: a name in `medvqa experts`; its own settings (model, base_url, "
+            "error_rate, ...) are expert_options"
+        },
     )
     judge_cache: str = field(
         default="", metadata={"help": "judgment cache file (openai expert); empty = beside judged.jsonl"}
@@ -91,8 +91,9 @@ class STLLaVAMedConfig(TrainConfig):
     expert_options: dict[str, Any] = field(
         default_factory=dict,
         metadata={
-            "help": "the expert's own settings: fields of its config dataclass (flags --expert-FIELD, "
-            "a [trainer.expert_options] TOML table, or KEY=VALUE,...), checked against it"
+            "help": 'the expert\'s own settings: fields of its config dataclass, e.g. {model = "gpt-4o"} '
+            "(flags --expert-FIELD, a [trainer.expert_options] TOML table, or KEY=VALUE,...), checked "
+            "against it"
         },
     )
     tie_policy: Literal["skip", "second"] = field(
@@ -136,6 +137,21 @@ class STLLaVAMedConfig(TrainConfig):
             "another finishes its share of stage-2 sampling)"
         },
     )
+
+    def __post_init__(self) -> None:
+        """The base class's ranges, and `expert_options` checked against the chosen expert's own
+        config dataclass now (a sweep refuses a misspelt judge setting before any job runs)."""
+        super().__post_init__()
+        from medvqa.config import dataclass_from_mapping
+        from medvqa.registry import experts
+
+        config_class = getattr(experts.get(self.expert), "config_class", None)
+        if config_class is not None:
+            dataclass_from_mapping(
+                config_class, self.expert_options, where=f"expert {self.expert!r}", from_strings=True
+            )
+        elif self.expert_options:
+            raise BadInput(f"expert {self.expert!r} has no settings; got {sorted(self.expert_options)}")
 
 
 STLLAVA_PRESETS: dict[str, dict[str, Any]] = {

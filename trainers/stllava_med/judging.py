@@ -23,21 +23,19 @@ log = logging.getLogger("medvqa.train")
 def build_expert(
     name: str,
     *,
-    model: str = "",
-    base_url: str = "",
     cache_path: str | Path | None = None,
     root: str = "",
+    image_root: str = "",
     heldout_samples: Sequence[Any] = (),
     samples_file: str = "",
-    error_rate: float = 0.0,
     seed: int = 0,
     options: Mapping[str, Any] | None = None,
 ) -> Any:
     """An expert from the registry, configured from the options that its config class has.
 
-    `options` (`STLLaVAMedConfig.expert_options`, the `--expert-FIELD` flags) are fields of the
-    expert's own config dataclass: checked against it by the one converter (an unknown field or a
-    wrong type is BadInput), and they win over the named arguments.
+    `options` (`STLLaVAMedConfig.expert_options`, the `--expert-FIELD` flags: model, base_url,
+    error_rate, ...) are fields of the expert's own config dataclass: checked against it by the one
+    converter (an unknown field or a wrong type is BadInput); they win over the named arguments.
     """
     from medvqa.config import dataclass_from_mapping
     from medvqa.registry import experts
@@ -45,12 +43,10 @@ def build_expert(
     cls = experts.get(name)
     config_cls = getattr(cls, "config_class", None)
     named = {
-        "model": model,
-        "base_url": base_url,
         "cache_path": str(cache_path) if cache_path else "",
         "root": root,
+        "image_root": image_root or root,  # where an uploading judge may read images from
         "samples_file": samples_file,
-        "error_rate": error_rate,
         "seed": seed,
     }
     kwargs: dict[str, Any] = {}

@@ -80,11 +80,9 @@ class STLLaVAMedTrainer(TrainerPlugin):
         del generator
         expert = build_expert(
             cfg.expert,
-            model=cfg.expert_model,
-            base_url=cfg.expert_base_url,
             cache_path=cfg.judge_cache or stages / "judge-cache.sqlite",
             heldout_samples=request.heldout_samples,
-            error_rate=cfg.expert_error_rate,
+            image_root=request.data_root,  # the openai judge uploads only images inside it
             seed=request.seed,
             options=cfg.expert_options,
         )
