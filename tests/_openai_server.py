@@ -87,7 +87,6 @@ class FakeOpenAI:
             with self._lock:
                 self.in_flight -= 1
 
-
     def _slot(self) -> Any:
         import contextlib
 
