@@ -130,3 +130,17 @@ def test_not_a_cache_file_is_bad_input(tmp_path) -> None:
     bad.write_text("this is not a database, just text long enough to have a header" * 10)
     with pytest.raises(BadInput, match=r"cache\.sqlite.*not a usable response cache"):
         ResponseCache(bad, log=False)
+
+
+def test_a_lone_surrogate_is_stored_not_lost(tmp_path) -> None:
+    """A reply that was paid for is never lost to an encoding error: lone surrogates (legal JSON,
+    not UTF-8) in the response or the request are stored as U+FFFD, in the database and the log."""
+    path = tmp_path / "cache.sqlite"
+    key = request_key(GPT, {"q": "x"})
+    with ResponseCache(path) as cache:
+        cache.put(key, "8 3\n\ud800 reason", request={"question": "q\udfff?"})
+        assert cache.get(key) == "8 3\n\ufffd reason"
+    log = (tmp_path / "cache.sqlite.jsonl").read_text(encoding="utf-8")
+    assert "\\ufffd" in log or "\ufffd" in log
+    with ResponseCache(path) as again:
+        assert again.get(key) == "8 3\n\ufffd reason" and again.items()[0][2] == {"question": "q\ufffd?"}
