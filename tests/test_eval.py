@@ -625,3 +625,23 @@ def test_scores_json_holds_no_absolute_path(reference_run, tmp_path) -> None:
 
     cfg = _cfg(scores["model"]["spec"], moved, tmp_path / "x")
     assert make_plan(cfg, cfg.model).data_hash == scores["data_hash"]
+
+
+def test_appender_flushes_every_batch_and_fsyncs_at_most_every_interval(tmp_path, monkeypatch) -> None:
+    import medvqa.io
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(medvqa.io.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    path = tmp_path / "rows.jsonl"
+    with medvqa.io.JsonlAppender(path, sync_interval=3600) as appender:
+        for i in range(5):
+            appender.write([{"i": i}])
+            assert len(read_jsonl(path)) == i + 1  # in the OS after each batch: a kill -9 keeps it
+        assert synced == []
+    assert len(synced) == 1  # on close
+    synced.clear()
+    with medvqa.io.JsonlAppender(path) as appender:  # the default: every batch
+        for i in range(3):
+            appender.write([{"i": i}])
+    assert len(synced) == 4

@@ -185,3 +185,42 @@ def test_policy_stop_strings_never_break_generation(tiny, requests_) -> None:
     settings = GenerationSettings(max_new_tokens=4)
     assert tiny.generate(reqs, settings) == tiny.generate(plain, settings)
     assert tiny._usable_stops(("###",)) == ()  # the word-level tiny vocabulary
+
+
+def test_generate_many_prepares_the_next_batch_beside_generation(
+    tiny, requests_, tmp_path, monkeypatch
+) -> None:
+    """Same answers as batch-by-batch `generate`; batch i+1 is prepared in a worker thread while the
+    model answers batch i; a batch with a bad image comes back as its BadInput and the stream goes on."""
+    import threading
+
+    settings = GenerationSettings(max_new_tokens=6)
+    batches = [requests_[i : i + 8] for i in range(0, len(requests_), 8)]
+    expected = [tiny.generate(b, settings) for b in batches]
+    threads: set[str] = set()
+    second_started = threading.Event()
+    overlapped: list[bool] = []
+    prepare, generate_tokens = tiny.prepare, tiny._generate_tokens
+
+    def traced_prepare(batch):
+        threads.add(threading.current_thread().name)
+        if batch[0].id == batches[1][0].id:
+            second_started.set()
+        return prepare(batch)
+
+    def traced_generate(inputs, kwargs):
+        if not overlapped:  # batch 1: batch 2 is being prepared meanwhile (else this waits in vain)
+            overlapped.append(second_started.wait(timeout=20))
+        return generate_tokens(inputs, kwargs)
+
+    monkeypatch.setattr(tiny, "prepare", traced_prepare)
+    monkeypatch.setattr(tiny, "_generate_tokens", traced_generate)
+    assert list(tiny.generate_many(batches, settings)) == expected
+    assert threads == {"medvqa-prepare_0"} and overlapped == [True]
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    broken = [*batches[1][:3], GenerationRequest(str(bad), batches[1][3].prompt, "bad"), *batches[1][4:]]
+    out = list(tiny.generate_many([batches[0], broken, batches[2]], settings))
+    assert out[0] == expected[0] and out[2] == expected[2]
+    assert isinstance(out[1], BadInput) and out[1].field == "image" and str(bad) in str(out[1])

@@ -9,7 +9,8 @@ order) before scoring: the same files as one process.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,9 @@ from medvqa.evaluation.plan import EvalPlan
 from medvqa.evaluation.runfiles import PREDICTIONS, read_rows
 from medvqa.io import JsonlAppender, atomic_write_jsonl
 from medvqa.types import GenerationRequest, GenerationSettings, VQASample
+
+# Rows reach the OS after every batch (a kill -9 loses nothing flushed); fsync at most this often.
+SYNC_INTERVAL_S = 5.0
 
 
 class Dist:
@@ -82,13 +86,14 @@ def generate_predictions(
         bar = _progress(len(pending), progress if dist.main else False, f"eval {plan.benchmark.name}")
         fingerprint = model.fingerprint
         policy = plan.generation_policy
-        with JsonlAppender(target) as appender:
-            for b, start in enumerate(range(0, len(mine), batch_size)):
-                if stop_after_batches is not None and b >= stop_after_batches:
-                    result.stopped = True
-                    break
-                batch = mine[start : start + batch_size]
-                answers, bad = _generate_batch(model, policy, batch, plan.settings, skip_bad)
+        batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+        if stop_after_batches is not None and stop_after_batches < len(batches):
+            batches, result.stopped = batches[:stop_after_batches], True
+        requests = ([_request(policy, s) for s in batch] for batch in batches)
+        stream = _answer_stream(model, requests, plan.settings)
+        with JsonlAppender(target, sync_interval=SYNC_INTERVAL_S) as appender, closing(stream):
+            for batch, answered in zip(batches, stream):
+                answers, bad = _settle_batch(model, answered, batch, policy, plan.settings, skip_bad)
                 # the convention's own answer extraction (e.g. LLaVA-Med v1.0 cuts at "###")
                 answers = [None if a is None else policy.postprocess(a) for a in answers]
                 result.skipped += bad
@@ -112,24 +117,47 @@ def _progress(total: int, enabled: bool | None, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="q", disable=not enabled, dynamic_ncols=True, leave=False)
 
 
-def _generate_batch(
-    model: Any, policy: Any, batch: Sequence[VQASample], settings: GenerationSettings, skip_bad: bool
+def _request(policy: Any, sample: VQASample) -> GenerationRequest:
+    return GenerationRequest(
+        image=sample.image, prompt=policy.render(sample.question, sample.prompt_answer_type), id=sample.id
+    )
+
+
+def _answer_stream(
+    model: Any, batches: Iterable[list[GenerationRequest]], settings: GenerationSettings
+) -> Iterator[list[str] | BadInput]:
+    """Answers (or the BadInput of a batch that failed) per batch: the adapter's `generate_many`
+    where it has one (it prepares the next batch while generating), else `generate` batch by batch."""
+    many = getattr(model, "generate_many", None)
+    if many is not None:
+        yield from many(batches, settings)
+        return
+    for batch in batches:
+        try:
+            yield list(model.generate(batch, settings))
+        except BadInput as exc:
+            yield exc
+
+
+def _settle_batch(
+    model: Any,
+    answered: list[str] | BadInput,
+    batch: Sequence[VQASample],
+    policy: Any,
+    settings: GenerationSettings,
+    skip_bad: bool,
 ) -> tuple[list[str | None], list[dict[str, str]]]:
-    requests = [
-        GenerationRequest(image=s.image, prompt=policy.render(s.question, s.prompt_answer_type), id=s.id)
-        for s in batch
-    ]
-    try:
-        return list(model.generate(requests, settings)), []
-    except BadInput as exc:
-        if not skip_bad or exc.field != "image":
-            raise
-    # one bad image in the batch: answer the others one by one, skip the bad ones (counted)
+    """A batch's answers; with `--skip-bad` a batch with a bad image is answered one by one, the bad
+    ones skipped (counted)."""
+    if not isinstance(answered, BadInput):
+        return list(answered), []
+    if not skip_bad or answered.field != "image":
+        raise answered
     answers: list[str | None] = []
     bad: list[dict[str, str]] = []
-    for sample, request in zip(batch, requests):
+    for sample in batch:
         try:
-            answers.append(model.generate([request], settings)[0])
+            answers.append(model.generate([_request(policy, sample)], settings)[0])
         except BadInput as exc:
             if exc.field != "image":
                 raise

@@ -18,7 +18,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -468,14 +468,27 @@ class HFModel:
                 cache[stops] = False
         return stops if cache[stops] else ()
 
-    def generate(self, requests: Sequence[GenerationRequest], settings: GenerationSettings) -> list[str]:
-        import torch
-
-        if not requests:
-            return []
+    def prepare(self, requests: Sequence[GenerationRequest]) -> Any:
+        """The model inputs of a batch: images decoded, prompts rendered and tokenized, on the device."""
         inputs = self.encode(requests)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    def _stop_criteria(self, stops: tuple[str, ...]) -> list[Any]:
+        """transformers' StopStringCriteria for `stops`, built once (it reads the tokenizer's vocabulary)."""
+        cache = self.__dict__.setdefault("_stop_criteria_cache", {})
+        if stops not in cache:
+            from transformers import StopStringCriteria
+
+            cache[stops] = [StopStringCriteria(tokenizer=self.tokenizer, stop_strings=list(stops))]
+        return cache[stops]
+
+    def _gen_kwargs(
+        self, requests: Sequence[GenerationRequest], settings: GenerationSettings
+    ) -> dict[str, Any]:
+        import torch
+
         gen_kwargs: dict[str, Any] = {
             "max_new_tokens": settings.max_new_tokens,
             "do_sample": settings.do_sample,
@@ -496,9 +509,59 @@ class HFModel:
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
         stops = self._usable_stops(_policy_stops(requests))
         if stops:  # stop each sequence at its convention's separator (the policy cuts the text there)
-            gen_kwargs.update(stop_strings=list(stops), tokenizer=self.tokenizer)
+            gen_kwargs["stopping_criteria"] = self._stop_criteria(stops)
+        return gen_kwargs
+
+    def _generate_tokens(self, inputs: Any, gen_kwargs: dict[str, Any]) -> Any:
+        """The new tokens only (the model's own work: no tokenizer, no image code)."""
+        import torch
+
         with torch.inference_mode():
             out = self.model.generate(**inputs, **gen_kwargs)
-        new_tokens = out[:, inputs["input_ids"].shape[1] :]
-        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        return [t.strip() for t in texts]
+        return out[:, inputs["input_ids"].shape[1] :]
+
+    def _decode(self, new_tokens: Any) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def generate(self, requests: Sequence[GenerationRequest], settings: GenerationSettings) -> list[str]:
+        if not requests:
+            return []
+        inputs = self.prepare(requests)
+        return self._decode(self._generate_tokens(inputs, self._gen_kwargs(requests, settings)))
+
+    def generate_many(
+        self, batches: Iterable[Sequence[GenerationRequest]], settings: GenerationSettings
+    ) -> Iterator[list[str] | BadInput]:
+        """`generate` over a stream of batches, preparing batch i+1 while the model answers batch i.
+
+        Image decoding, prompt rendering and tokenization run in one worker thread beside
+        generation (their cost stops adding to the model's). The tokenizer is never used by both
+        threads at once: the worker is joined before a batch is decoded. A batch whose inputs fail
+        (e.g. an image that does not decode) is yielded as its BadInput, and the stream goes on.
+        Same answers as `generate` batch by batch.
+        """
+        from concurrent.futures import ThreadPoolExecutor, wait
+
+        stream = iter(batches)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvqa-prepare") as pool:
+
+            def submit() -> tuple[Sequence[GenerationRequest], Any] | None:
+                batch = next(stream, None)
+                return None if batch is None else (batch, pool.submit(self.prepare, batch))
+
+            current = submit()
+            while current is not None:
+                batch, future = current
+                try:
+                    inputs = future.result()
+                except BadInput as exc:
+                    current = submit()
+                    yield exc
+                    continue
+                gen_kwargs = self._gen_kwargs(batch, settings)  # uses the tokenizer: before the worker starts
+                upcoming = submit()
+                new_tokens = self._generate_tokens(inputs, gen_kwargs)
+                if upcoming is not None:
+                    wait([upcoming[1]])
+                yield self._decode(new_tokens)
+                current = upcoming

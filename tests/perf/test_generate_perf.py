@@ -9,6 +9,8 @@ asserts batched reaches at least 5× the samples/s of batch size 1, with identic
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from medvqa.prompts import get_policy
 from medvqa.types import GenerationRequest, GenerationSettings
@@ -88,3 +90,134 @@ def test_batched_is_5x_faster_with_identical_outputs(benchmark):
         f"speed-up {ratio:.1f}x; outputs identical"
     )
     assert ratio >= MIN_SPEEDUP, f"batched generation only {ratio:.1f}x the samples/s of batch size 1"
+
+
+# --- `medvqa eval`'s generation step vs raw `model.generate` on the same batches (issue 15) -------
+#
+# raw: the batches already encoded (pixel values, token ids on the device), timed around
+# `model.generate` alone, greedy, same kwargs: the model's own work and nothing else.
+# eval: `generate_predictions` — what `medvqa eval` runs for each batch: render the prompts, decode
+# the images, process and tokenize, generate, decode the text, apply the policy, build the answer
+# rows and append + fsync them to predictions.jsonl. HFModel.generate_many prepares batch i+1 in a
+# worker thread while the model answers batch i, so that work overlaps the model's where a core is free.
+
+N_THROUGHPUT = 128
+MIN_EVAL_VS_RAW = 0.9
+EVAL_SETTINGS = {"max_new_tokens": 16}
+
+
+@pytest.fixture(scope="module")
+def eval_plan(model, phantom_root, tmp_path_factory):
+    from medvqa.evaluate import EvalConfig
+    from medvqa.evaluation.plan import make_plan
+
+    cfg = EvalConfig(
+        model=model.spec,
+        benchmark="phantom",
+        root=str(phantom_root),
+        out=str(tmp_path_factory.mktemp("gen-perf") / "run"),
+        limit=N_THROUGHPUT,
+        batch_size=BATCH_SIZE,
+        **EVAL_SETTINGS,
+    )
+    plan = make_plan(cfg, model.spec)
+    assert len(plan.samples) == N_THROUGHPUT
+    return plan
+
+
+def _raw_inputs(model, plan):
+    from medvqa.evaluation.generate import _request
+
+    policy = plan.generation_policy
+    requests = [_request(policy, s) for s in plan.samples]
+    batches = [requests[i : i + BATCH_SIZE] for i in range(0, len(requests), BATCH_SIZE)]
+    return [(model.prepare(b), model._gen_kwargs(b, plan.settings)) for b in batches]
+
+
+def _raw_generate(model, encoded):
+    import torch
+
+    with torch.inference_mode():
+        return [model.model.generate(**inputs, **kwargs) for inputs, kwargs in encoded]
+
+
+def _eval_generate(model, plan, out):
+    import dataclasses
+
+    from medvqa.evaluation.generate import Dist, generate_predictions
+    from medvqa.io import read_jsonl
+
+    run = dataclasses.replace(plan, out=out)
+    generate_predictions(
+        run, model, run.key(model.fingerprint), Dist(), batch_size=BATCH_SIZE, skip_bad=False,
+        progress=False, log=lambda m: None,
+    )  # fmt: skip
+    return [row["text"] for row in read_jsonl(out / "predictions.jsonl")]
+
+
+class _BatchByBatch:
+    """The model without `generate_many`: the eval path preparing each batch only when it is due."""
+
+    def __init__(self, model):
+        self.inner, self.spec, self.fingerprint = model, model.spec, model.fingerprint
+
+    def generate(self, requests, settings):
+        return self.inner.generate(requests, settings)
+
+
+ROUNDS = 7
+
+
+def _timed(fn, *args):
+    """(wall seconds, this thread's CPU seconds, result). The thread's CPU time is what the loop costs on
+    its own critical path, whatever the neighbours do; the prefetch worker runs on another core."""
+    wall, cpu = time.perf_counter(), time.thread_time()
+    result = fn(*args)
+    return time.perf_counter() - wall, time.thread_time() - cpu, result
+
+
+def test_eval_generation_vs_raw_model_generate(benchmark, model, eval_plan, tmp_path):
+    """Rounds interleaved (raw, eval, eval without prefetch), minimum per side: robust to neighbours."""
+    encoded = _raw_inputs(model, eval_plan)
+    sides = ("raw", "eval", "eval_no_prefetch")
+    wall: dict[str, list[float]] = {k: [] for k in sides}
+    cpu: dict[str, list[float]] = {k: [] for k in sides}
+    outputs: dict[str, list] = {}
+    for r in range(ROUNDS + 1):  # round 0 warms up
+        runs = {
+            "raw": (_raw_generate, model, encoded),
+            "eval": (_eval_generate, model, eval_plan, tmp_path / f"eval{r}"),
+            "eval_no_prefetch": (_eval_generate, _BatchByBatch(model), eval_plan, tmp_path / f"plain{r}"),
+        }
+        for side, (fn, *args) in runs.items():
+            w, c, outputs[side] = _timed(fn, *args)
+            if r:
+                wall[side].append(w)
+                cpu[side].append(c)
+    texts = []
+    for out, (inputs, _) in zip(outputs["raw"], encoded):
+        new = out[:, inputs["input_ids"].shape[1] :]
+        texts += [eval_plan.generation_policy.postprocess(t) for t in model._decode(new)]
+    assert outputs["eval"] == texts == outputs["eval_no_prefetch"], "the eval path changed the answers"
+    best_wall = {k: min(v) for k, v in wall.items()}
+    best_cpu = {k: min(v) for k, v in cpu.items()}
+    ratio_cpu = {k: best_cpu["raw"] / best_cpu[k] for k in sides}
+    ratio_wall = {k: best_wall["raw"] / best_wall[k] for k in sides}
+    benchmark.extra_info.update(
+        {f"{k}_wall_s": v for k, v in best_wall.items()} | {f"{k}_cpu_s": v for k, v in best_cpu.items()}
+    )
+    benchmark.extra_info.update(eval_vs_raw_cpu=ratio_cpu["eval"], eval_vs_raw_wall=ratio_wall["eval"])
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # keeps this test in --benchmark-only runs
+    print(
+        f"\n{N_THROUGHPUT} questions, batch {BATCH_SIZE}, {EVAL_SETTINGS['max_new_tokens']} new tokens, best of "
+        f"{ROUNDS}; raw model.generate {best_wall['raw']:.2f} s wall / {best_cpu['raw']:.2f} s CPU "
+        f"({N_THROUGHPUT / best_cpu['raw']:.0f} q/s)\n"
+        f"  eval generation step:  {best_wall['eval']:.2f} s wall ({ratio_wall['eval']:.2f}x raw), "
+        f"{best_cpu['eval']:.2f} s generation-thread CPU ({ratio_cpu['eval']:.2f}x raw)\n"
+        f"  without prefetch:      {best_wall['eval_no_prefetch']:.2f} s wall "
+        f"({ratio_wall['eval_no_prefetch']:.2f}x raw), {best_cpu['eval_no_prefetch']:.2f} s CPU "
+        f"({ratio_cpu['eval_no_prefetch']:.2f}x raw)"
+    )
+    assert ratio_cpu["eval"] >= MIN_EVAL_VS_RAW, (
+        f"eval generation at {ratio_cpu['eval']:.2f}x raw model.generate"
+    )
