@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -30,15 +31,19 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
+@functools.cache
+def _fields(cls: type) -> tuple[tuple[dataclasses.Field[Any], Any], ...]:
+    """(field, resolved type) of each init field; cached: resolving string annotations is the slow
+    part of building `medvqa --help` (every command adds its configs' flags)."""
     hints = typing.get_type_hints(cls)
-    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
+    return tuple((f, hints[f.name]) for f in dataclasses.fields(cls) if f.init)
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+@functools.cache
 def field_help(cls: type, name: str) -> str:
     """The help of field `name`: its own, else the nearest base class's.
 
@@ -278,7 +283,3 @@ def dataclass_from_mapping(
             raise BadInput(f"{where}: {what} {key!r} must be {shown}, got {value!r}")
         values[key] = value
     return cls(**values)
-
-
-def dataclass_to_json(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)

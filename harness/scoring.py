@@ -54,7 +54,6 @@ OPEN_METRICS: dict[str, tuple[str, ...]] = {
     "llava-med": ("open_recall", "open_precision", "open_f1", "open_exact_match", "open_bleu"),
     "strict": ("open_recall", "open_precision", "open_f1", "open_exact_match"),
 }
-HEADLINE_METRICS: tuple[str, ...] = ("closed_accuracy", "open_recall")
 METRIC_HELP: dict[str, str] = {
     "closed_accuracy": "CLOSED items answered right (llava-med: gold is a substring of the prediction)",
     "open_recall": "OPEN items: share of gold words found in the prediction",

@@ -11,8 +11,8 @@
 
 A reference row is an external checkpoint placed beside the swept trainers (e.g. "LLaVA-Med v1.5,
 530K medical samples") with the data amount the user states for it, or the base model the sweep
-started from (0 medical samples). `write_results_csv` writes `results.csv`, sorted, with no
-timestamps, so that the same stored scores always give the same bytes.
+started from (0 medical samples). `reports.report` writes `results.csv` from `to_csv(collect(...))`, sorted,
+with no timestamps, so that the same stored scores always give the same bytes.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from medvqa.errors import BadInput
-from medvqa.io import atomic_write_text, read_json
+from medvqa.io import read_json
 from medvqa.layout import fraction_dirname as fraction_dirname  # the run layout's names, defined once
 from medvqa.layout import is_reserved
 
@@ -461,10 +461,3 @@ def to_csv(rows: list[dict[str, str]], columns: tuple[str, ...] = COLUMNS) -> st
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
-
-
-def write_results_csv(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    run_dir = Path(run_dir)
-    path = Path(out) if out else run_dir / "report" / "results.csv"
-    atomic_write_text(path, to_csv(collect(run_dir)))
-    return path

@@ -118,13 +118,9 @@ class SeedSummary:
 
 
 def t_quantile(df: int, q: float = 0.975) -> float:
-    try:
-        from scipy.stats import t
+    from scipy.stats import t  # a declared dependency; imported here so `import stats` stays fast
 
-        return float(t.ppf(q, df))
-    except ImportError:  # pragma: no cover - scipy is a dependency; keep a table for q=0.975
-        table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-        return table.get(df, 1.96 + 2.4 / df)
+    return float(t.ppf(q, df))
 
 
 def seed_mean_ci(
