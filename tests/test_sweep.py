@@ -282,3 +282,37 @@ def test_timing_summary_says_where_the_time_went():
         text
         == "job time base 40 s (1 job), train 160 s (2 jobs), eval 20 s (1 job): 220 s in 120 s wall; 92% of 2 slots busy"
     )
+
+
+def test_prepare_steps_run_in_order_unless_they_say_otherwise(tmp_path):
+    """A [[prepare]] step waits for the earlier ones by default (the demo's judge model is trained
+    on data and a model that earlier steps build); `needs = []` runs one beside them."""
+    from medvqa.sweeps.executors import make_executor
+
+    steps = "".join(
+        f'\n[[prepare]]\nname = "{n}"\nargs = ["benchmarks"]\n{extra}'
+        for n, extra in (("a", ""), ("b", ""), ("c", "needs = []\n"), ("d", 'needs = ["a"]\n'))
+    )
+    cfg, run_dir = load_config(
+        _write(tmp_path, MINIMAL.replace("[train]", steps + "\n[train]")), out=tmp_path / "r"
+    )
+    cfg.run.jobs = 4
+    lines: list[str] = []
+    sweep = Sweep(cfg, run_dir, log=lines.append)
+    prepare = [j for j in sweep.jobs(with_manifests=False) if j.kind == "prepare"]
+    assert [j.after for j in prepare] == [[], ["prepare/a"], [], ["prepare/a"]]
+    assert (
+        sweep._execute(
+            prepare, make_executor(cfg, run_dir, n_jobs=4), dry_run=False, verbose=False, total=4, offset=0
+        )
+        == 0
+    )
+    start = {ln.split("prepare ")[1].split(" ")[0]: i for i, ln in enumerate(lines) if ln.endswith(" ...")}
+    done = {ln.split("prepare ")[1].split(" ")[0]: i for i, ln in enumerate(lines) if "done: prepare" in ln}
+    assert start["b"] > done["a"] and start["d"] > done["a"]  # waited
+    assert start["c"] < done["a"]  # needs = []: started beside a
+    bad = MINIMAL.replace(
+        "[train]", '[[prepare]]\nname = "x"\nargs = ["benchmarks"]\nneeds = ["y"]\n\n[train]'
+    )
+    with pytest.raises(BadInput, match=r"'needs' names no earlier step: \['y'\]"):
+        load_config(_write(tmp_path, bad), out=tmp_path / "r")

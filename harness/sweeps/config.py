@@ -236,6 +236,13 @@ class PrepareStep:
     name: str = field(metadata={"help": "job name"})
     args: list[str] = field(metadata={"help": "the medvqa arguments, e.g. ['data', 'phantom', '--out', ...]"})
     creates: str = field(default="", metadata={"help": "a path it creates; if it is missing the step reruns"})
+    needs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "names of earlier [[prepare]] steps it needs (default: all earlier ones, so the steps "
+            "run in order; [] = none: it runs beside them)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.args:
@@ -421,6 +428,15 @@ def load_config(path: str | Path, *, out: str | Path | None = None) -> tuple[Swe
         _build(PrepareStep, t, f"{where} [[prepare]] #{i + 1}")
         for i, t in enumerate(_tables(raw.get("prepare"), "prepare", where))
     ]
+    for i, p in enumerate(prepare):
+        earlier = [q.name for q in prepare[:i]]
+        unknown = [n for n in p.needs or [] if n not in earlier]
+        if unknown:
+            raise BadInput(
+                f"{where} [[prepare]] {p.name!r}: 'needs' names no earlier step: {unknown}; earlier: {earlier}"
+            )
+        if p.needs is None:
+            p.needs = earlier
     refs = []
     for i, t in enumerate(_tables(raw.get("reference"), "reference", where)):
         r = _build(ReferenceSpec, t, f"{where} [[reference]] #{i + 1}")

@@ -11,7 +11,7 @@ import io
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ class Job:
     creates: str = ""
     key: str = ""  # filled by `plan`: hash of the command and the keys of its dependencies
     priority: int = 0  # among ready jobs, higher starts first (then config order)
+    after: list[str] = field(default_factory=list)  # jobs it waits for without depending on (not in the key)
 
     @property
     def file_stem(self) -> str:
@@ -166,7 +167,12 @@ class Planner:
             jid = f"prepare/{slug(p.name)}"
             prep_ids.append(jid)
             out = Path(p.creates) if p.creates else run
-            jobs.append(Job(jid, "prepare", list(p.args), [], f"prepare {p.name}", out, creates=p.creates))
+            after = [f"prepare/{slug(n)}" for n in p.needs or []]
+            jobs.append(
+                Job(
+                    jid, "prepare", list(p.args), [], f"prepare {p.name}", out, creates=p.creates, after=after
+                )
+            )
         base_model, base_deps = cfg.base_model, list(prep_ids)
         if cfg.base is not None:
             b = cfg.base

@@ -29,6 +29,7 @@ class Sweep:
         self.planner = Planner(cfg, run_dir)
         self.state = SweepState(run_dir / ".sweep", log=log)
         self.timings: list[tuple[str, float]] = []  # (kind, seconds) of every job that ran this time
+        self._n_ok = 0
 
     def jobs(self, *, with_manifests: bool = True) -> list[Job]:
         return self.planner.jobs(with_manifests=with_manifests)
@@ -183,13 +184,13 @@ class Sweep:
             for job in order:
                 if len(running) >= capacity:
                     break
-                if any(d in failed for d in job.deps):
+                if any(d in failed for d in [*job.deps, *job.after]):
                     pending.remove(job)
                     failed.add(job.id)
                     self.log(f"[skip] {job.title}: a job it needs failed")
                     progressed = True
                     continue
-                if any(d in ids and d not in done for d in job.deps):
+                if any(d in ids and d not in done for d in [*job.deps, *job.after]):
                     continue
                 pending.remove(job)
                 counter += 1
