@@ -20,7 +20,6 @@ The `openai` import is deferred to the first request, so importing this module i
 from __future__ import annotations
 
 import base64
-import email.utils
 import logging
 import math
 import os
@@ -29,7 +28,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -215,6 +213,8 @@ def _server_message(exc: BaseException) -> str:
 
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     """Seconds to wait from `retry-after-ms` or `retry-after` (seconds or an HTTP date), else None."""
+    import email.utils
+
     if not headers:
         return None
     for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
@@ -463,6 +463,8 @@ def map_bounded(
     exception cancels the requests not yet started and is re-raised (those already done are kept
     by whatever `fn` stored, e.g. a cache).
     """
+    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
     items = list(items)
     if not items:
         return []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +52,12 @@ def add_trainer_flags(parser: argparse.ArgumentParser, classes: list[type]) -> l
     )
 
 
-def add_expert_flags(parser: argparse.ArgumentParser) -> list[str]:
-    """`--expert-FIELD` for every field of every registered expert's config dataclass, collected
-    into `expert_options` (checked against the chosen expert's class when it is built)."""
-    from medvqa.config import add_dataclass_arguments
+@functools.cache
+def _expert_config_classes() -> tuple[type, ...]:
+    """The config dataclass of every registered expert (looked up once per process)."""
     from medvqa.registry import experts
 
-    classes = []
+    classes: list[type] = []
     for name in experts.names():
         try:
             config_class = getattr(experts.get(name), "config_class", None)
@@ -65,9 +65,17 @@ def add_expert_flags(parser: argparse.ArgumentParser) -> list[str]:
             continue
         if config_class is not None and config_class not in classes:
             classes.append(config_class)
+    return tuple(classes)
+
+
+def add_expert_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """`--expert-FIELD` for every field of every registered expert's config dataclass, collected
+    into `expert_options` (checked against the chosen expert's class when it is built)."""
+    from medvqa.config import add_dataclass_arguments
+
     return add_dataclass_arguments(
         parser,
-        *classes,
+        *_expert_config_classes(),
         prefix="expert-",
         into="cfg_expert_options",
         title="expert settings",
