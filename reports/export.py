@@ -48,12 +48,28 @@ class EvalFolder:
     scores: dict[str, Any]
     rows: list[dict[str, Any]]  # scored.jsonl, benchmark order
     prompts: dict[str, str]  # question id -> prompt text (predictions.jsonl)
+    run: Path | None = None  # the exported folder, which local model paths are named from
 
     @property
     def model_name(self) -> str:
-        """The model as lm-eval names it: the spec's target without adapter prefix or options."""
+        """The model as lm-eval names it: the spec's target without adapter prefix or options.
+
+        A local checkpoint (scores.json records it relative to the eval folder) is named by its path
+        inside the exported run (`sft/f0.09/s0/checkpoint`), or without its `..` parts when it lies
+        outside; a hub id stays as it is.
+        """
         spec = str(self.scores.get("model", {}).get("spec", "model"))
-        return spec.split(":", 1)[-1].split(",")[0] if ":" in spec else spec.split(",")[0]
+        target = spec.split(":", 1)[-1].split(",")[0] if ":" in spec else spec.split(",")[0]
+        local = Path(target).expanduser()
+        local = local if local.is_absolute() else self.path / local
+        if not (target.startswith((".", "/", "~")) or local.exists()):
+            return target
+        if self.run is not None:
+            try:
+                return local.resolve().relative_to(Path(self.run).resolve()).as_posix()
+            except ValueError:
+                pass
+        return "/".join(p for p in Path(target).parts if p not in ("..", ".", "/", "~")) or local.name
 
     @property
     def fingerprint(self) -> str:
@@ -100,7 +116,7 @@ def find_eval_folders(run: str | Path) -> list[Path]:
     return found
 
 
-def load_eval_folder(path: Path) -> EvalFolder:
+def load_eval_folder(path: Path, run: Path | None = None) -> EvalFolder:
     """scores.json + its scored.jsonl (same key) + the prompts of predictions.jsonl."""
     scores = read_json(path / SCORES)
     if not isinstance(scores, dict) or not isinstance(scores.get("scorers"), dict):
@@ -122,7 +138,7 @@ def load_eval_folder(path: Path) -> EvalFolder:
         for row in read_jsonl(path / PREDICTIONS, allow_truncated_tail=True):
             if isinstance(row, dict) and row.get("key", key) == key and "question_id" in row:
                 prompts[str(row["question_id"])] = str(row.get("prompt", ""))
-    return EvalFolder(path=path, scores=scores, rows=rows, prompts=prompts)
+    return EvalFolder(path=path, scores=scores, rows=rows, prompts=prompts, run=run)
 
 
 # --- the tidy per-sample table and its aggregates ----------------------------------------------
@@ -375,7 +391,7 @@ def export_run(run: str | Path, out: str | Path, *, fmt: str = "lm-eval") -> lis
     """Write the results and samples files of every model evaluated under `run`; returns the paths."""
     if fmt not in FORMATS:
         raise BadInput(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    evals = [load_eval_folder(p) for p in find_eval_folders(run)]
+    evals = [load_eval_folder(p, Path(run)) for p in find_eval_folders(run)]
     commit = git_hash()
     written: list[Path] = []
     for group in _group_by_model(evals).values():

@@ -184,6 +184,8 @@ def pairs_file(tmp_path, phantom_root) -> Path:
         for i, image in enumerate(images)
     ]
     pairs.append({**pairs[0]})  # a pair written twice (two writers) is exported once
+    replay = {**pairs[0], "id": "replay-x", "chosen": "no", "rejected": "no", "replay": True}
+    pairs.append({k: v for k, v in replay.items() if k != "scores"})  # labeled replay: not a preference
     path = tmp_path / "ckpt" / "stages" / "pairs.jsonl"
     path.parent.mkdir(parents=True)
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
@@ -205,6 +207,8 @@ def test_pairs_export_is_a_trl_vision_dpo_dataset(pairs_file, tmp_path, tiny_mod
         assert {"images", "prompt", "chosen", "rejected"} <= set(ds.column_names)
         assert isinstance(ds.features["images"], datasets.List)
         assert isinstance(ds.features["images"].feature, datasets.Image)
+    assert "replay" in from_disk.info.description and "3 pairs" in from_disk.info.description
+    assert "replay-x" not in from_disk["id"]
     row = from_parquet[0]
     assert row["images"][0].size == (32, 32)  # the bytes travelled with the export
     assert is_conversational(row)
@@ -235,3 +239,32 @@ def test_pairs_export_refuses_bad_pairs(pairs_file, tmp_path, capsys):
     assert main(["export", str(pairs_file), "--format", "trl-dpo", "--out", str(tmp_path / "o")]) == 2
     assert "image not found" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "none"), "--format", "trl-dpo", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_a_run_tree_exports_one_folder_per_model(tmp_path, phantom_root, tiny_model_dir):
+    """Two checkpoints inside a run: each gets its own lm-eval folder, named by its path in the run."""
+    import shutil
+
+    from medvqa.evaluate import EvalConfig, evaluate
+    from medvqa.models.tiny import init_tiny, preset_config
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "a" / "checkpoint")
+    init_tiny(run / "b" / "checkpoint", preset_config("phantom", seed=1))  # other weights
+    for name in ("a", "b"):
+        cfg = EvalConfig(
+            model=f"hf:{run / name / 'checkpoint'}",
+            benchmark="phantom",
+            root=str(phantom_root),
+            limit=10,
+            batch_size=10,
+            n_boot=0,
+            out=str(run / name / "eval" / "phantom"),
+        )
+        evaluate(cfg, log=lambda _m: None)
+    files = _export(run, tmp_path / "exp", "lm-eval")
+    assert sorted({f.split("/")[0] for f in files}) == ["a__checkpoint", "b__checkpoint"]
+    results = [read_json(p) for p in sorted((tmp_path / "exp").glob("*/results_*.json"))]
+    assert [r["model_name"] for r in results] == ["a/checkpoint", "b/checkpoint"]
+    assert [r["medvqa_eval_dirs"] for r in results] == [["a/eval/phantom"], ["b/eval/phantom"]]
+    assert results[0]["config"]["model_fingerprint"] != results[1]["config"]["model_fingerprint"]

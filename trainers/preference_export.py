@@ -12,7 +12,9 @@ writes to `<checkpoint>/stages/`) and writes, so that anyone can train on them w
 Columns: `images` (a list of one `datasets.Image`, the bytes embedded, so the export does not depend
 on where the run lived), `prompt` (conversational: the user turn as the prompt policy renders the
 question, with an `{"type": "image"}` placeholder that trl fills), `chosen` and `rejected` (one
-assistant turn each), and `id`, `answer_type`, `score_chosen`, `score_rejected` beside.
+assistant turn each), and `id`, `answer_type`, `category`, `score_chosen`, `score_rejected` beside.
+The labeled replay rows stage 2 appends (`"replay": true`, chosen == rejected: the labels themselves,
+which only an SFT term can learn from) are not preferences and are left out.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ def pair_rows(pairs_path: Path, policy_name: str = "") -> list[dict[str, Any]]:
         record = f"line {lineno}"
         if not isinstance(pair, dict):
             raise BadInput("expected a JSON object", path=pairs_path, record=record)
+        if pair.get("replay"):
+            continue  # labeled replay (chosen == rejected): labeled data, not a preference
         for key in FIELDS:
             if not isinstance(pair.get(key), str) or not pair[key].strip():
                 raise BadInput("missing or empty text", path=pairs_path, record=record, field=key)
@@ -105,26 +109,38 @@ def pair_rows(pairs_path: Path, policy_name: str = "") -> list[dict[str, Any]]:
                 "chosen": [{"role": "assistant", "content": [{"type": "text", "text": pair["chosen"]}]}],
                 "rejected": [{"role": "assistant", "content": [{"type": "text", "text": pair["rejected"]}]}],
                 "answer_type": answer_type,
+                "category": str(pair.get("category") or ""),
                 "score_chosen": float(scores[0]) if scores[0] is not None else None,
                 "score_rejected": float(scores[1]) if len(scores) > 1 and scores[1] is not None else None,
             }
         )
     if not rows:
-        raise BadInput("no preference pairs in this file", path=pairs_path)
+        raise BadInput(
+            "no preference pairs in this file (only labeled replay rows, or none)", path=pairs_path
+        )
     return rows
 
 
-def to_preference_dataset(rows: list[dict[str, Any]]) -> Any:
+def to_preference_dataset(rows: list[dict[str, Any]], description: str = "") -> Any:
     """A `datasets.Dataset` with `images` as a list of `Image` (bytes embedded)."""
-    from datasets import Dataset, Image, List
+    from datasets import Dataset, DatasetInfo, Image, List
 
-    return Dataset.from_list(rows).cast_column("images", List(Image()))
+    return Dataset.from_list(rows, info=DatasetInfo(description=description)).cast_column(
+        "images", List(Image())
+    )
 
 
 def export_pairs(source: str | Path, out: str | Path, *, prompt_policy: str = "") -> list[Path]:
     """Write the parquet file and the save_to_disk folder of the pairs under `source`; returns them."""
     pairs_path = find_pairs(source)
-    dataset = to_preference_dataset(pair_rows(pairs_path, prompt_policy or _policy_name(pairs_path)))
+    policy = prompt_policy or _policy_name(pairs_path)
+    rows = pair_rows(pairs_path, policy)
+    description = (
+        f"STLLaVA-Med preference pairs (medvqa export --format trl-dpo): {len(rows)} pairs from "
+        f"{pairs_path.name}, prompts rendered by the {policy or 'default'!r} prompt policy; the labeled "
+        "replay rows (chosen == rejected) are left out."
+    )
+    dataset = to_preference_dataset(rows, description)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parquet = out / PARQUET
