@@ -314,5 +314,31 @@ def test_prepare_steps_run_in_order_unless_they_say_otherwise(tmp_path):
     bad = MINIMAL.replace(
         "[train]", '[[prepare]]\nname = "x"\nargs = ["benchmarks"]\nneeds = ["y"]\n\n[train]'
     )
-    with pytest.raises(BadInput, match=r"'needs' names no earlier step: \['y'\]"):
+    with pytest.raises(BadInput, match=r"'needs' names no earlier step it can wait for: \['y'\]"):
         load_config(_write(tmp_path, bad), out=tmp_path / "r")
+
+
+def test_a_prepare_step_needed_by_one_trainer_runs_beside_the_sweep(tmp_path):
+    """`needed_by`: only that trainer's jobs wait for the step (the demo's model judge trains while
+    the other slot aligns the base model); everything else starts without it."""
+    steps = (
+        '\n[[prepare]]\nname = "judge"\nargs = ["benchmarks"]\nneeded_by = ["judged"]\n'
+        '\n[[trainers]]\nname = "sft"\nlabel = "judged"\nseeds = [0]\nfractions = [1.0]\n'
+    )
+    cfg, run_dir = load_config(_write(tmp_path, MINIMAL + steps), out=tmp_path / "r")
+    jobs = {j.id: j for j in Sweep(cfg, run_dir).jobs(with_manifests=False)}
+    assert not jobs["prepare/judge"].early
+    assert "prepare/judge" in jobs["train/judged/f1.0/s0"].deps
+    assert all("prepare/judge" not in j.deps for i, j in jobs.items() if "judged" not in i)
+    for bad, message in (
+        (
+            steps.replace('needed_by = ["judged"]', 'needed_by = ["nobody"]'),
+            "'needed_by' names no trainer label",
+        ),
+        (
+            steps + '\n[[prepare]]\nname = "early"\nargs = ["benchmarks"]\nneeds = ["judge"]\n',
+            "no earlier step it can wait for",
+        ),
+    ):
+        with pytest.raises(BadInput, match=message):
+            load_config(_write(tmp_path, MINIMAL + bad), out=tmp_path / "r")

@@ -243,6 +243,13 @@ class PrepareStep:
             "run in order; [] = none: it runs beside them)"
         },
     )
+    needed_by: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "labels of the trainers whose training reads its output; then it runs beside the "
+            "sweep's other jobs (only those trainers wait for it), not before all of them"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.args:
@@ -428,15 +435,23 @@ def load_config(path: str | Path, *, out: str | Path | None = None) -> tuple[Swe
         _build(PrepareStep, t, f"{where} [[prepare]] #{i + 1}")
         for i, t in enumerate(_tables(raw.get("prepare"), "prepare", where))
     ]
+    labels = [t.label for t in trainers]
     for i, p in enumerate(prepare):
-        earlier = [q.name for q in prepare[:i]]
+        # an early step (no needed_by) runs before the plan: it can wait only for early steps
+        earlier = [q.name for q in prepare[:i] if p.needed_by or not q.needed_by]
         unknown = [n for n in p.needs or [] if n not in earlier]
         if unknown:
             raise BadInput(
-                f"{where} [[prepare]] {p.name!r}: 'needs' names no earlier step: {unknown}; earlier: {earlier}"
+                f"{where} [[prepare]] {p.name!r}: 'needs' names no earlier step it can wait for: {unknown}; "
+                f"earlier: {earlier}"
             )
         if p.needs is None:
             p.needs = earlier
+        strangers = [lab for lab in p.needed_by if lab not in labels]
+        if strangers:
+            raise BadInput(
+                f"{where} [[prepare]] {p.name!r}: 'needed_by' names no trainer label: {strangers}; labels: {labels}"
+            )
     refs = []
     for i, t in enumerate(_tables(raw.get("reference"), "reference", where)):
         r = _build(ReferenceSpec, t, f"{where} [[reference]] #{i + 1}")

@@ -37,6 +37,7 @@ class Job:
     key: str = ""  # filled by `plan`: hash of the command and the keys of its dependencies
     priority: int = 0  # among ready jobs, higher starts first (then config order)
     after: list[str] = field(default_factory=list)  # jobs it waits for without depending on (not in the key)
+    early: bool = False  # a set-up step run before the plan (the training data may come from it)
 
     @property
     def file_stem(self) -> str:
@@ -162,17 +163,23 @@ class Planner:
         cfg, run = self.cfg, self.run_dir
         eval_launcher = cfg.run.eval_launcher or cfg.run.launcher
         jobs: list[Job] = []
-        prep_ids = []
+        prep_ids = []  # the early ones, which every other job follows
+        late: dict[str, list[str]] = {}  # trainer label -> the set-up steps its training reads
         for p in cfg.prepare:
             jid = f"prepare/{slug(p.name)}"
-            prep_ids.append(jid)
+            if p.needed_by:
+                for label in p.needed_by:
+                    late.setdefault(label, []).append(jid)
+            else:
+                prep_ids.append(jid)
             out = Path(p.creates) if p.creates else run
             after = [f"prepare/{slug(n)}" for n in p.needs or []]
-            jobs.append(
-                Job(
-                    jid, "prepare", list(p.args), [], f"prepare {p.name}", out, creates=p.creates, after=after
-                )
-            )
+            title = f"prepare {p.name}"
+            job = Job(jid, "prepare", list(p.args), [], title, out, creates=p.creates, after=after)
+            job.early = not p.needed_by
+            # as urgent as the most urgent trainer waiting for it
+            job.priority = max((t.priority for t in cfg.trainers if t.label in p.needed_by), default=0)
+            jobs.append(job)
         base_model, base_deps = cfg.base_model, list(prep_ids)
         if cfg.base is not None:
             b = cfg.base
@@ -228,7 +235,7 @@ class Planner:
                             tid,
                             "train",
                             args,
-                            list(base_deps),
+                            [*base_deps, *late.get(t.label, [])],
                             f"train {t.label} @ {float(f)!r} seed {s}",
                             ckpt,
                             cfg.run.launcher,

@@ -97,8 +97,8 @@ class Sweep:
         self._n_ok = 0
         if not dry_run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        # prepare jobs first (they may create the training data the manifests are computed from)
-        prepare = [j for j in plan if j.kind == "prepare"]
+        # early set-up jobs first (they may create the training data the manifests are computed from)
+        prepare = [j for j in plan if j.early]
         failed = self._execute(prepare, executor, dry_run=dry_run, verbose=verbose, total=len(plan), offset=0)
         if failed:
             return failed
@@ -121,7 +121,7 @@ class Sweep:
             plan = self.jobs(with_manifests=True)
         if not dry_run:
             self.write_metadata()
-        rest = [j for j in plan if j.kind != "prepare"]
+        rest = [j for j in plan if not j.early]
         return self._execute(
             rest, executor, dry_run=dry_run, verbose=verbose, total=len(plan), offset=len(prepare)
         )
