@@ -308,45 +308,65 @@ def test_resume_from_rank_shards_of_a_killed_multiprocess_run(
     assert (out / "predictions.jsonl").read_text() == (ref_out / "predictions.jsonl").read_text()
 
 
-def test_sigkill_mid_run_then_resume(reference_run, tiny_model_dir, phantom_root, tmp_path) -> None:
-    """A real `kill -9` of `medvqa eval` while it writes; the rerun completes from the flushed rows."""
+def test_sigkill_mid_run_then_resume(fake_openai, fake_key, phantom_root, tmp_path) -> None:  # noqa: F811
+    """A real `kill -9` of `medvqa eval` at a known point, whatever the machine's speed: the loopback
+    endpoint holds every request after the 3rd, so the process is killed while it waits for the 4th
+    answer with exactly 3 rows flushed. The rerun asks only for the rest and writes the reference bytes."""
+    import hashlib
     import signal
+    import threading
     import time
 
-    ref_out, ref = reference_run
-    out = tmp_path / "sigkill"
-    cmd = [
-        sys.executable,
-        "-m",
-        "medvqa.cli",
-        "eval",
-        "--model",
-        f"hf:{tiny_model_dir}",
-        "--benchmark",
-        "phantom",
-    ]
-    cmd += ["--root", str(phantom_root), "--out", str(out), "--limit", str(LIMIT), "--max-new-tokens", "4"]
+    n, held_after = 12, 3
+    release = threading.Event()
+
+    def reply(body: dict) -> str:  # an answer that depends on the question only, not on timing
+        if len(fake_openai.bodies) > held_after and not release.is_set():
+            release.wait(120)
+        digest = hashlib.sha256(json.dumps(body["messages"], sort_keys=True).encode()).digest()
+        return ("yes", "no", "left lung", "ct")[digest[0] % 4]
+
+    fake_openai.reply = reply
+    spec = f"openai:test-vlm@{fake_openai.base_url},api_key_env=MEDVQA_TEST_KEY,max_concurrency=1"
+    cmd = [sys.executable, "-m", "medvqa.cli", "eval", "--model", spec, "--benchmark", "phantom"]
+    cmd += ["--root", str(phantom_root), "--limit", str(n), "--no-progress", "--n-boot", "10"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*cmd, "--batch-size", "1"], env=env, stderr=subprocess.PIPE, text=True)
+    release.set()
+    ref = tmp_path / "ref"
+    done = subprocess.run([*cmd, "--out", str(ref)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    ref_rows = (ref / "predictions.jsonl").read_text().splitlines(keepends=True)
+    assert len(ref_rows) == n
+
+    release.clear()
+    fake_openai.bodies.clear()
+    out = tmp_path / "sigkill"
     preds = out / "predictions.jsonl"
+    proc = subprocess.Popen([*cmd, "--out", str(out), "--batch-size", "1"], env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if preds.is_file() and preds.read_bytes().count(b"\n") >= 3:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait(timeout=60)
-    if proc.returncode != -signal.SIGKILL:
-        pytest.skip(f"eval finished before it could be killed (exit {proc.returncode})")
-    n_kept = preds.read_bytes().count(b"\n")
-    assert 3 <= n_kept < LIMIT and not (out / "scores.json").exists()
-    res = subprocess.run([*cmd, "--batch-size", "8"], env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert (
-        f"resuming: {n_kept} of {LIMIT}" in res.stderr or f"resuming: {n_kept - 1} of {LIMIT}" in res.stderr
+    while not (
+        len(fake_openai.bodies) > held_after and preds.is_file() and preds.read_bytes().count(b"\n") == 3
+    ):
+        assert proc.poll() is None, "eval ended although its 4th request is held"
+        assert time.monotonic() < deadline, "eval never reached its 4th request"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    release.set()
+    assert preds.read_text() == "".join(ref_rows[:held_after]) and not (out / "scores.json").exists()
+
+    fake_openai.bodies.clear()
+    res = subprocess.run(
+        [*cmd, "--out", str(out), "--batch-size", "8"], env=env, capture_output=True, text=True, timeout=120
     )
-    assert json.loads((out / "scores.json").read_text())["scorers"] == ref["scorers"]
-    assert preds.read_text() == (ref_out / "predictions.jsonl").read_text()
+    assert res.returncode == 0, res.stderr
+    assert f"resuming: {held_after} of {n}" in res.stderr
+    assert len(fake_openai.bodies) == n - held_after  # the flushed rows were not asked for again
+    assert (
+        json.loads((out / "scores.json").read_text())["scorers"]
+        == json.loads((ref / "scores.json").read_text())["scorers"]
+    )
+    assert preds.read_text() == "".join(ref_rows)
 
 
 def test_benchmark_options_reach_the_loader_and_the_run_key(tiny, tmp_path) -> None:
