@@ -202,12 +202,20 @@ def test_pairs_export_is_a_trl_vision_dpo_dataset(pairs_file, tmp_path, tiny_mod
     assert main(["export", str(pairs_file.parents[1]), "--format", "trl-dpo", "--out", str(out)]) == 0
     from_disk = datasets.load_from_disk(str(out / "disk"))
     from_parquet = datasets.load_dataset("parquet", data_files=str(out / "data" / "*.parquet"), split="train")
-    for ds in (from_disk, from_parquet):
+    from_folder = datasets.load_dataset(str(out), split="train")  # the dataset card's configs
+    for ds in (from_disk, from_parquet, from_folder):
         assert len(ds) == 3
         assert {"images", "prompt", "chosen", "rejected"} <= set(ds.column_names)
         assert isinstance(ds.features["images"], datasets.List)
         assert isinstance(ds.features["images"].feature, datasets.Image)
     assert "replay" in from_disk.info.description and "3 pairs" in from_disk.info.description
+    assert "'short-answer' prompt policy" in from_disk.info.description
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard.load(out / "README.md")  # what the Hub reads once the folder is uploaded
+    assert card.data.configs == [
+        {"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}
+    ]
     assert "replay-x" not in from_disk["id"]
     row = from_parquet[0]
     assert row["images"][0].size == (32, 32)  # the bytes travelled with the export

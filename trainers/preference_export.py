@@ -7,7 +7,8 @@ writes to `<checkpoint>/stages/`) and writes, so that anyone can train on them w
 
 - `<out>/data/train-00000-of-00001.parquet` — the Hub's layout (`load_dataset("parquet", ...)`, or
   upload the folder as a dataset repo);
-- `<out>/disk/` — `datasets.Dataset.save_to_disk` (`datasets.load_from_disk`).
+- `<out>/disk/` — `datasets.Dataset.save_to_disk` (`datasets.load_from_disk`);
+- `<out>/README.md` — a dataset card whose `configs` name the parquet file (`load_dataset(<out>)`).
 
 Columns: `images` (a list of one `datasets.Image`, the bytes embedded, so the export does not depend
 on where the run lived), `prompt` (conversational: the user turn as the prompt policy renders the
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from medvqa.errors import BadInput
+from medvqa.io import atomic_write_text
 
 PAIRS = "pairs.jsonl"
 PARQUET = Path("data") / "train-00000-of-00001.parquet"
@@ -133,11 +135,13 @@ def to_preference_dataset(rows: list[dict[str, Any]], description: str = "") -> 
 def export_pairs(source: str | Path, out: str | Path, *, prompt_policy: str = "") -> list[Path]:
     """Write the parquet file and the save_to_disk folder of the pairs under `source`; returns them."""
     pairs_path = find_pairs(source)
-    policy = prompt_policy or _policy_name(pairs_path)
+    from medvqa.prompts import get_policy
+
+    policy = get_policy(prompt_policy or _policy_name(pairs_path) or None).name
     rows = pair_rows(pairs_path, policy)
     description = (
         f"STLLaVA-Med preference pairs (medvqa export --format trl-dpo): {len(rows)} pairs from "
-        f"{pairs_path.name}, prompts rendered by the {policy or 'default'!r} prompt policy; the labeled "
+        f"{pairs_path.name}, prompts rendered by the {policy!r} prompt policy; the labeled "
         "replay rows (chosen == rejected) are left out."
     )
     dataset = to_preference_dataset(rows, description)
@@ -161,4 +165,24 @@ def export_pairs(source: str | Path, out: str | Path, *, prompt_policy: str = ""
         os.replace(staging / "disk", disk)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return [parquet, disk]
+    card = out / "README.md"
+    atomic_write_text(card, dataset_card(description, len(rows)))
+    return [parquet, disk, card]
+
+
+def dataset_card(description: str, n_pairs: int) -> str:
+    """A Hub dataset card whose `configs` point at the parquet file, so that `load_dataset(<out>)` (and
+    the Hub, once the folder is uploaded) reads the pairs and not the save_to_disk copy beside them."""
+    return (
+        "---\n"
+        "configs:\n"
+        "- config_name: default\n"
+        "  data_files:\n"
+        "  - split: train\n"
+        f"    path: {PARQUET.parent.as_posix()}/train-*.parquet\n"
+        "tags:\n- dpo\n- preference\n- medical-vqa\n- trl\n"
+        "---\n\n"
+        f"# STLLaVA-Med preference pairs ({n_pairs})\n\n{description}\n\n"
+        "Columns: `images`, `prompt`, `chosen`, `rejected` (trl's vision DPO format, conversational), "
+        "`id`, `answer_type`, `category`, `score_chosen`, `score_rejected`.\n"
+    )
