@@ -65,9 +65,10 @@ def test_throughput_scales_until_the_server_saturates(benchmark) -> None:
     ratios = {c: _RESULTS[c] / base for c in CONCURRENCY}
     print(
         "\nopenai sampling throughput (requests/s, ratio to concurrency 1; server capacity "
-        f"{CAPACITY}, latency {LATENCY * 1000:.0f} ms): "
+        f"{CAPACITY}, latency {LATENCY * 1000:.0f} ms, at most {CAPACITY / LATENCY:.0f}/s): "
         + ", ".join(f"c={c}: {_RESULTS[c]:.1f}/s ({ratios[c]:.2f}x)" for c in CONCURRENCY)
     )
     assert ratios[3] >= 2.0, ratios  # ideal 3
     assert ratios[6] >= 1.2 * ratios[3], ratios  # ideal 2x more: still scaling up to the capacity
-    assert ratios[12] <= ratios[6] * 1.3, ratios  # past the capacity: no further gain
+    # past the capacity: bounded by what the server can serve, not doubled by doubling concurrency
+    assert _RESULTS[12] <= 1.05 * CAPACITY / LATENCY and ratios[12] < 1.5 * ratios[6], ratios
