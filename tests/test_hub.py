@@ -196,3 +196,22 @@ def test_train_takes_a_hub_root(hub_cache, phantom_root):
     args = build_parser().parse_args([*argv, "--root", "hf://datasets/acme/phantom"])
     assert args.root == hub_cache.resolve() / "datasets--acme--phantom" / "snapshots" / commit
     assert len(make_benchmark("phantom").load("train", args.root)) > 0
+
+
+def test_a_sweep_keeps_hub_roots_and_plans_on_them(hub_cache, phantom_root, tmp_path):
+    from medvqa.sweeps import load_config
+    from medvqa.sweeps.plan import Planner
+
+    lay_out_hub_cache(hub_cache, "acme/phantom", phantom_root)
+    config = tmp_path / "hub.toml"
+    config.write_text(
+        'name = "hub"\nbase_model = "hf:models/tiny"\nfractions = [0.25]\nseeds = [0]\n'
+        '[train]\nbenchmark = "phantom"\nroot = "hf://datasets/acme/phantom@main"\n'
+        '[[eval]]\nbenchmark = "phantom"\nroot = "hf://datasets/acme/phantom@main"\nsplit = "test"\n'
+        '[[trainers]]\nname = "sft"\n'
+    )
+    cfg, run_dir = load_config(config, out=tmp_path / "run")
+    assert cfg.train.root == "hf://datasets/acme/phantom@main"  # not made into a local path
+    assert [e.root for e in cfg.evals] == ["hf://datasets/acme/phantom@main"]
+    manifest, n = Planner(cfg, run_dir).manifest(0.25, 0)
+    assert manifest and n > 0

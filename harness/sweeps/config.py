@@ -365,7 +365,10 @@ def _subst(value: Any, mapping: Mapping[str, str]) -> Any:
 
 
 def _abs_path(p: str) -> str:
-    return str(Path(p).expanduser().resolve()) if p else p
+    """A local path made absolute; an `hf://` data root as it is (the commands resolve it)."""
+    if not p or p.startswith("hf://"):
+        return p
+    return str(Path(p).expanduser().resolve())
 
 
 def _abs_spec(spec: str) -> str:

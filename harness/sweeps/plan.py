@@ -72,14 +72,17 @@ class Planner:
         """(manifest hash, n labeled) of a fraction; "" if the training data is not there yet."""
         key = (float(fraction), int(seed))
         if key not in self._manifest_cache:
-            if not Path(self.cfg.train.root).exists():
+            from medvqa.benchmarks.hub import resolve_root
+
+            root = resolve_root(self.cfg.train.root).path  # a folder, or hf:// from the local HF cache
+            if not root.exists():
                 return ("", 0)
             from medvqa.fractions import manifest_hash, select_fraction
             from medvqa.registry import benchmarks
 
             if self._samples is None:
                 bench = benchmarks.get(self.cfg.train.benchmark)()
-                self._samples = bench.load(self.cfg.train.split, Path(self.cfg.train.root))
+                self._samples = bench.load(self.cfg.train.split, root)
                 self.n_train_full = len(self._samples)
             subset = select_fraction(self._samples, float(fraction), int(seed))
             self._manifest_cache[key] = (manifest_hash(subset), len(subset))
