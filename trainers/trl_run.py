@@ -185,7 +185,7 @@ def scale_vision_lr(trainer: Any, scale: float) -> None:
         opt.add_param_group(group)
 
 
-def fit_sft(
+def sft_trainer(
     model: Any,
     processor: Any,
     rows: Sequence[Mapping[str, Any]],
@@ -195,13 +195,9 @@ def fit_sft(
     log_path: Path,
     seed: int,
     stage: str,
-    merge_lora: bool = True,
 ) -> Any:
-    """Train `model` with trl's `SFTTrainer` on prompt/completion rows (loss on the completion only).
-
-    Returns the trained model; with LoRA, the PEFT model (saved as an adapter) unless `merge_lora`
-    (then merged, e.g. to serve as the next stage's base). trl checkpoints go to `work_dir` (resumable).
-    """
+    """trl's `SFTTrainer` on prompt/completion rows, ready to train (rows encoded once unless
+    `cfg.preprocess` says otherwise; loss on the completion only)."""
     from trl import SFTConfig, SFTTrainer
 
     seed_everything(seed)
@@ -220,6 +216,29 @@ def fit_sft(
     )
     if cfg.vision_lr_scale != 1.0:
         scale_vision_lr(trainer, cfg.vision_lr_scale)
+    return trainer
+
+
+def fit_sft(
+    model: Any,
+    processor: Any,
+    rows: Sequence[Mapping[str, Any]],
+    cfg: TrainConfig,
+    *,
+    work_dir: Path,
+    log_path: Path,
+    seed: int,
+    stage: str,
+    merge_lora: bool = True,
+) -> Any:
+    """Train `model` with trl's `SFTTrainer` on prompt/completion rows (loss on the completion only).
+
+    Returns the trained model; with LoRA, the PEFT model (saved as an adapter) unless `merge_lora`
+    (then merged, e.g. to serve as the next stage's base). trl checkpoints go to `work_dir` (resumable).
+    """
+    trainer = sft_trainer(
+        model, processor, rows, cfg, work_dir=work_dir, log_path=log_path, seed=seed, stage=stage
+    )
     run_trainer(trainer, work_dir)
     model = trainer.model
     if cfg.use_lora and merge_lora:

@@ -26,57 +26,41 @@ def dpo_view(cfg: STLLaVAMedConfig) -> TrainConfig:
     )
 
 
-def train_dpo(
+def dpo_trainer(
     stage1_dir: Path,
-    pairs_path: Path,
-    out_dir: Path,
+    rows_in: list[Mapping[str, Any]],
     cfg: STLLaVAMedConfig,
     *,
     seed: int,
-    work_dir: Path | None = None,
-    log_path: Path | None = None,
-) -> dict[str, Any]:
-    """trl `DPOTrainer` on the pairs (and replay rows); the reference is the stage-1 model.
-
-    (trl would otherwise reload an implicit reference from the policy's `name_or_path`, not from
-    memory.) With LoRA the reference is the adapter-disabled policy, i.e. stage 1 as well.
-    Returns DPO metrics: reward margin/accuracy on the self-generated pairs after training, steps,
-    loss names, and how many rows were pairs and how many labeled replay.
-    """
+    work_dir: Path,
+    log_path: Path,
+) -> tuple[Any, Any, Any]:
+    """(trl `DPOTrainer`, its dataset, the processor), ready to train: policy and explicit reference
+    loaded from stage 1, rows encoded once unless `cfg.preprocess` says otherwise."""
     from medvqa.trainers.batching import preference_data
-    from medvqa.trainers.checkpoints import save_model
     from medvqa.trainers.models import load_model_and_processor, lora_config
     from medvqa.trainers.rows import RowBuilder, guess_answer_type
-    from medvqa.trainers.trl_run import (
-        drop_trl_checkpoints,
-        progress_callback,
-        run_trainer,
-        seed_everything,
-        trl_kwargs,
-    )
+    from medvqa.trainers.trl_run import progress_callback, seed_everything, trl_kwargs
     from trl import DPOConfig, DPOTrainer
 
-    rows_in = iter_checked(pairs_path, ("image", "prompt", "chosen", "rejected"))
-    pairs = [p for p in rows_in if not p.get("replay")]
-    if not pairs:
-        raise BadInput("no preference pairs to train on", path=pairs_path)
-    work_dir = work_dir or out_dir / "_trl"
-    log_path = log_path or out_dir / "train_log.jsonl"
     seed_everything(seed)
-    policy, processor = load_model_and_processor(f"hf:{stage1_dir}")
+    policy, processor = load_model_and_processor(
+        f"hf:{stage1_dir}", attn_implementation=cfg.attn_implementation
+    )
     builder = RowBuilder(processor, cfg.prompt_policy)
 
     def row(p: Mapping[str, Any]) -> dict[str, Any]:
         answer_type = p.get("answer_type") or guess_answer_type(p["prompt"])
         return builder.pair_row(p["image"], p["prompt"], answer_type, p["chosen"], p["rejected"])
 
-    # encoded once (tokens, pixels) unless cfg.preprocess says otherwise: trl's collator per batch
     dataset, collator = preference_data(
         [row(p) for p in rows_in], policy, processor, mode=cfg.preprocess, max_length=cfg.max_length or None
     )
     ref_model = None
     if not cfg.use_lora:
-        ref_model, _ = load_model_and_processor(f"hf:{stage1_dir}")
+        ref_model, _ = load_model_and_processor(
+            f"hf:{stage1_dir}", attn_implementation=cfg.attn_implementation
+        )
         ref_model.eval()
     args = DPOConfig(
         **trl_kwargs(dpo_view(cfg), work_dir, seed),
@@ -94,6 +78,38 @@ def train_dpo(
         processing_class=processor,
         peft_config=lora_config(cfg) if cfg.use_lora else None,
         callbacks=[progress_callback(log_path, "dpo")],
+    )
+    return trainer, dataset, processor
+
+
+def train_dpo(
+    stage1_dir: Path,
+    pairs_path: Path,
+    out_dir: Path,
+    cfg: STLLaVAMedConfig,
+    *,
+    seed: int,
+    work_dir: Path | None = None,
+    log_path: Path | None = None,
+) -> dict[str, Any]:
+    """trl `DPOTrainer` on the pairs (and replay rows); the reference is the stage-1 model.
+
+    (trl would otherwise reload an implicit reference from the policy's `name_or_path`, not from
+    memory.) With LoRA the reference is the adapter-disabled policy, i.e. stage 1 as well.
+    Returns DPO metrics: reward margin/accuracy on the self-generated pairs after training, steps,
+    loss names, and how many rows were pairs and how many labeled replay.
+    """
+    from medvqa.trainers.checkpoints import save_model
+    from medvqa.trainers.trl_run import drop_trl_checkpoints, run_trainer
+
+    rows_in = iter_checked(pairs_path, ("image", "prompt", "chosen", "rejected"))
+    pairs = [p for p in rows_in if not p.get("replay")]
+    if not pairs:
+        raise BadInput("no preference pairs to train on", path=pairs_path)
+    work_dir = work_dir or out_dir / "_trl"
+    log_path = log_path or out_dir / "train_log.jsonl"
+    trainer, dataset, processor = dpo_trainer(
+        stage1_dir, rows_in, cfg, seed=seed, work_dir=work_dir, log_path=log_path
     )
     run_trainer(trainer, work_dir)
     pair_set = dataset.select([i for i, p in enumerate(rows_in) if not p.get("replay")])
