@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -37,20 +39,71 @@ def test_registry_register_get_list_and_unknown_name_lists_known():
         reg.register("b")(str)
 
 
-def test_registry_lazy_target_is_imported_on_first_get_only():
-    reg: Registry[object] = Registry("thing", "medvqa.test-things", {"dumps": "json:dumps"})
-    assert reg.names() == ["dumps"]
-    assert reg.get("dumps") is json.dumps
+def test_registry_lazy_target_is_imported_on_first_get_only(tmp_path, monkeypatch):
+    """A module nobody has imported yet: listing and `in` leave it alone, the first get imports it
+    once (it counts its own imports in a file), a second get reuses it."""
+    (tmp_path / "medvqa_lazy_probe.py").write_text(
+        "from pathlib import Path\n"
+        "log = Path(__file__).with_suffix('.imports')\n"
+        "log.write_text(log.read_text() + 'x' if log.exists() else 'x')\n"
+        "def thing():\n    return 'probed'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "medvqa_lazy_probe", raising=False)
+    reg: Registry[object] = Registry("thing", "medvqa.test-things", {"probe": "medvqa_lazy_probe:thing"})
+    assert reg.names() == ["probe"] and "probe" in reg
+    assert "medvqa_lazy_probe" not in sys.modules and not (tmp_path / "medvqa_lazy_probe.imports").exists()
+    thing = reg.get("probe")
+    assert thing() == "probed" and "medvqa_lazy_probe" in sys.modules
+    assert reg.get("probe") is thing and (tmp_path / "medvqa_lazy_probe.imports").read_text() == "x"
+    monkeypatch.delitem(sys.modules, "medvqa_lazy_probe")
 
 
-def test_registry_entry_point_plugins(monkeypatch):
-    from importlib.metadata import EntryPoint
+PLUGIN_MODULE = '''"""A third-party benchmark, installed as a distribution with an entry point."""
+from medvqa.types import Benchmark
 
-    eps = [EntryPoint(name="plugged", value="json:loads", group="medvqa.benchmarks")]
-    monkeypatch.setattr(registry, "entry_points", lambda group: [e for e in eps if e.group == group])
-    reg: Registry[object] = Registry("benchmark", "medvqa.benchmarks")
+
+class PluggedBench(Benchmark):
+    """A plug-in benchmark found through its entry point."""
+
+    name = "plugged"
+'''
+
+
+def _install_plugin_dist(site: Path) -> Path:
+    """A real (tiny) installed distribution: a module plus a dist-info with METADATA and
+    entry_points.txt, exactly what `pip install` leaves in site-packages."""
+    info = site / "medvqa_plugged-0.1.dist-info"
+    info.mkdir(parents=True)
+    (site / "medvqa_plugged.py").write_text(PLUGIN_MODULE)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: medvqa-plugged\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[medvqa.benchmarks]\nplugged = medvqa_plugged:PluggedBench\n")
+    (info / "RECORD").write_text("")
+    return site
+
+
+def test_registry_entry_point_plugins(tmp_path, monkeypatch):
+    """The plug-in is found through importlib.metadata's own scan of an installed dist-info
+    (nothing monkeypatched): in a fresh registry in-process, and by `medvqa benchmarks` in a new process."""
+    from importlib.metadata import distribution
+
+    from medvqa.types import Benchmark
+
+    site = _install_plugin_dist(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(site))
+    assert distribution("medvqa-plugged").entry_points.names == {"plugged"}
+    reg: Registry[type] = Registry("benchmark", "medvqa.benchmarks", base=Benchmark)
     assert "plugged" in reg.names()
-    assert reg.get("plugged") is json.loads
+    bench = reg.get("plugged")
+    assert issubclass(bench, Benchmark) and bench.__module__ == "medvqa_plugged"
+    assert reg.describe("plugged") == "A plug-in benchmark found through its entry point."
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    listed = subprocess.run(
+        [sys.executable, "-m", "medvqa", "benchmarks", "--json"], env=env, capture_output=True, text=True
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["plugged"] == "A plug-in benchmark found through its entry point."
+    monkeypatch.delitem(sys.modules, "medvqa_plugged", raising=False)
 
 
 @dataclass(frozen=True)
@@ -148,13 +201,32 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["x.json"]
 
 
-def test_cli_unknown_registry_name_exits_2_with_one_line(capsys):
-    from medvqa.commands import registries
-
+def test_cli_unknown_registry_name_exits_2_with_one_line(tmp_path, capsys):
     assert main(["benchmarks", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert {"vqa-rad", "slake", "pathvqa", "llava-med-json", "phantom"} <= set(listed)
-    assert registries.KINDS
+    train = [
+        "train",
+        "--trainer",
+        "nope",
+        "--model",
+        "hf:x",
+        "--benchmark",
+        "phantom",
+        "--root",
+        str(tmp_path),
+    ]
+    for argv, known in (
+        (
+            ["data", "inspect", "nope", "--root", str(tmp_path)],
+            "llava-med-json, pathvqa, phantom, slake, vqa-rad",
+        ),
+        ([*train, "--out", str(tmp_path / "out")], "align, sft, stllava-med"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "'nope'" in err and f"known: {known}" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_help_is_fast_and_imports_no_torch():
@@ -335,11 +407,8 @@ def test_only_the_cli_entry_point_configures_logging():
     """`logging.basicConfig` is process-wide: a command run from Python (the sweep, a notebook) must
     not reconfigure the caller's logging. Only `cli.main` may."""
     import ast
-    from pathlib import Path
 
-    import medvqa
-
-    root = Path(medvqa.__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[1]  # the source tree
     offenders = []
     for folder in ("harness", "benchmarks", "trainers", "reports"):
         for path in sorted((root / folder).rglob("*.py")):
