@@ -1,7 +1,7 @@
 """What the file-based benchmark loaders share: layouts, record fields, bad-record bookkeeping, parquet.
 
 The security boundary they all go through (path confinement, image checks, the restricted
-unpickler) is `medvqa.benchmarks.safety`, kept apart so it can be reviewed alone. A bad record is a
+unpickler) is `medvqa.safety`, kept apart so it can be reviewed alone. A bad record is a
 `BadInput` naming file, record and field, or with `skip_bad` it is skipped and listed (`Problems`,
 then `Benchmark.skipped`).
 
@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from medvqa.benchmarks.safety import DEFAULT_MAX_PIXELS, ImageChecker, resolve_inside
+from medvqa.safety import DEFAULT_MAX_PIXELS, ImageChecker, resolve_inside
 from medvqa.errors import BadInput
 from medvqa.types import Benchmark, SkippedRecord, VQASample
 

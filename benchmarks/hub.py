@@ -9,7 +9,7 @@ library's own cache layout and offline rules (`HF_HUB_CACHE`, `HF_HUB_OFFLINE`);
 run time — a dataset not yet in the cache is a BadInput that says how to get it. The resolved commit
 goes into the benchmark version of every score, so two users can tell whether they scored the same
 data. The snapshot's files are links into the repo's `blobs/`; path confinement admits exactly those
-(`medvqa.benchmarks.safety.confinement_roots`).
+(`medvqa.safety.confinement_roots`).
 
 `dataset_rows` reads Hugging Face parquet shards (as `datasets.Dataset`s with the features of their
 schema metadata) and split folders written by `datasets.save_to_disk` (memory-mapped by

@@ -31,7 +31,7 @@ from medvqa.benchmarks._files import (
     text_field,
     yes_no_type,
 )
-from medvqa.benchmarks.safety import ImageChecker, resolve_inside, safe_load_pickle
+from medvqa.safety import ImageChecker, resolve_inside, safe_load_pickle
 from medvqa.errors import BadInput
 from medvqa.registry import benchmarks
 from medvqa.types import VQASample

@@ -28,7 +28,7 @@ from medvqa.benchmarks._files import (
     plain_meta,
     text_field,
 )
-from medvqa.benchmarks.safety import ImageChecker, resolve_inside
+from medvqa.safety import ImageChecker, resolve_inside
 from medvqa.errors import BadInput
 from medvqa.io import read_json
 from medvqa.registry import benchmarks

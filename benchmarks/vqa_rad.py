@@ -32,7 +32,7 @@ from medvqa.benchmarks._files import (
     text_field,
     yes_no_type,
 )
-from medvqa.benchmarks.safety import ImageChecker, resolve_inside
+from medvqa.safety import ImageChecker, resolve_inside
 from medvqa.errors import BadInput
 from medvqa.io import read_json
 from medvqa.registry import benchmarks

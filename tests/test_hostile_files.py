@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from medvqa.benchmarks.safety import DEFAULT_MAX_PIXELS, resolve_inside, safe_load_pickle
+from medvqa.safety import DEFAULT_MAX_PIXELS, resolve_inside, safe_load_pickle
 from medvqa.cli import main
 from medvqa.errors import BadInput
 from medvqa.registry import benchmarks

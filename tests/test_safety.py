@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from medvqa.benchmarks.safety import resolve_inside, safe_load_pickle
+from medvqa.safety import resolve_inside, safe_load_pickle
 from medvqa.errors import BadInput
 from medvqa.registry import benchmarks
 

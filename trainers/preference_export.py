@@ -73,7 +73,7 @@ def _messages(policy: Any, question: str, answer_type: str) -> list[dict[str, An
 
 def _image_bytes(image: Any, *, path: Path, record: object) -> dict[str, Any]:
     """The image's bytes (checked: exists and decodes) for an embedded `datasets.Image` cell."""
-    from medvqa.benchmarks.safety import ImageChecker
+    from medvqa.safety import ImageChecker
 
     if not isinstance(image, str) or not image:
         raise BadInput("image must be a file path", path=path, record=record, field="image")

@@ -10,7 +10,7 @@ from medvqa.benchmarks._files import FileBenchmark, Problems, collect, is_unicod
 from medvqa.benchmarks.phantom.files import inside, load_captions, read_manifest, split_file
 from medvqa.benchmarks.phantom.grammar import corpus_texts
 from medvqa.benchmarks.phantom.taxonomy import GENERATOR_VERSION, SPLITS
-from medvqa.benchmarks.safety import ImageChecker
+from medvqa.safety import ImageChecker
 from medvqa.errors import BadInput
 from medvqa.registry import benchmarks
 from medvqa.types import VQASample

@@ -1,7 +1,7 @@
 """Writing and reading a Phantom folder (the layout is in the package docstring).
 
 `write_phantom` builds one (same config, same bytes); the readers check the manifest and keep every
-image path inside the root (`medvqa.benchmarks.safety.resolve_inside`).
+image path inside the root (`medvqa.safety.resolve_inside`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from medvqa.benchmarks.phantom.grammar import SLOTS_BY_NAME, caption_for, render
 from medvqa.benchmarks.phantom.render import render_scene
 from medvqa.benchmarks.phantom.scenes import Scene, sample_scene
 from medvqa.benchmarks.phantom.taxonomy import BUILD_HINT, GENERATOR_VERSION, SPLITS, PhantomConfig
-from medvqa.benchmarks.safety import resolve_inside
+from medvqa.safety import resolve_inside
 from medvqa.errors import BadInput
 from medvqa.types import VQASample
 

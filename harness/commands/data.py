@@ -40,7 +40,7 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 
 def _add_benchmark_args(p: argparse.ArgumentParser, *, split: bool = True) -> None:
     from medvqa.benchmarks.hub import cli_root
-    from medvqa.benchmarks.safety import DEFAULT_MAX_PIXELS
+    from medvqa.safety import DEFAULT_MAX_PIXELS
 
     p.add_argument("benchmark", metavar="BENCHMARK", help="a registered benchmark (see `medvqa benchmarks`)")
     p.add_argument(
@@ -307,7 +307,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_overlap(args: argparse.Namespace) -> int:
-    from medvqa.benchmarks.safety import image_sha256
+    from medvqa.safety import image_sha256
 
     bench = _benchmark(args)
     hashes: dict[str, dict[str, str]] = {}  # split -> sha256 -> image id

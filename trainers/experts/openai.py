@@ -256,7 +256,7 @@ def confine_image(image: str, root: str, *, record: object) -> str:
     """The real path of `image` if it lies inside `root` (paths from a file are not trusted: the
     judge uploads what they name). Absolute paths must lead inside `root`, relative ones are taken
     from it; `..`, escaping symlinks and a missing root are BadInput naming the record."""
-    from medvqa.benchmarks.safety import resolve_inside
+    from medvqa.safety import resolve_inside
 
     if not isinstance(image, str) or not image.strip():
         raise BadInput("image must be a path or image bytes", record=record, field="image")
