@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from medvqa.safety import image_sha256  # noqa: F401 - re-exported for the OpenAI callers
 from medvqa.errors import BadInput, EndpointError
 
 log = logging.getLogger(__name__)

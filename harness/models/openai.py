@@ -28,10 +28,10 @@ from medvqa.openai_support import (
     ChatClient,
     EndpointError,
     image_data_url,
-    image_sha256,
     map_bounded,
 )
 from medvqa.registry import models
+from medvqa.safety import image_sha256
 from medvqa.types import GenerationRequest, GenerationSettings, Prompt, stable_hash
 
 IMAGE_PLACEHOLDER = "<image>"

@@ -36,11 +36,11 @@ from medvqa.openai_support import (
     ChatClient,
     EndpointError,
     image_data_url,
-    image_sha256,
     map_bounded,
     normalize_base_url,
 )
 from medvqa.registry import experts
+from medvqa.safety import image_sha256
 
 # --------------------------------------------------------------------------------------------------
 # The judge instruction (versioned)
