@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from medvqa.safety import resolve_inside, safe_load_pickle
 from medvqa.errors import BadInput
 from medvqa.registry import benchmarks
+from medvqa.safety import resolve_inside, safe_load_pickle
 
 from tests import real_fixtures as fx
 
@@ -75,7 +75,14 @@ def test_protocol0_global_and_plain_pickles(tmp_path: Path) -> None:
     trunc.write_bytes(pickle.dumps(data)[:-5])
     with pytest.raises(BadInput, match=r"trunc\.pkl: not a readable pickle"):
         safe_load_pickle(trunc)
-    assert pickletools  # the opcodes above are documented in pickletools
+    # protocol 4+ names a global with STACK_GLOBAL instead of GLOBAL: refused too, and never run
+    marker = tmp_path / "pwned"
+    evil5 = tmp_path / "evil5.pkl"
+    evil5.write_bytes(pickle.dumps(_RunsShell(marker), protocol=5))
+    assert {"STACK_GLOBAL", "REDUCE"} <= {op.name for op, _, _ in pickletools.genops(evil5.read_bytes())}
+    with pytest.raises(BadInput, match=r"evil5\.pkl: pickle refused: it references (os|posix)\.system"):
+        safe_load_pickle(evil5)
+    assert not marker.exists()
 
 
 # ------------------------------------------------------------------------------------------ paths
