@@ -33,9 +33,11 @@ def is_distributed() -> bool:
 
 @lru_cache(maxsize=1)
 def _state() -> Any:
+    import torch
     from accelerate import PartialState
 
-    st = PartialState()
+    # without cpu=True accelerate never sets up a CPU process group (each rank would run alone)
+    st = PartialState(cpu=not torch.cuda.is_available())
     if st.num_processes != world_size():
         # accelerate falls back to one process when the rendezvous variables are missing: every
         # rank would then believe it is rank 0 and write (or read) the same files.

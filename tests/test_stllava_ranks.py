@@ -1,4 +1,4 @@
-"""Stage 2 on two ranks (`accelerate launch --cpu --num_processes 2`): the same bytes as one process.
+"""Stage 2 on two ranks (`accelerate launch --multi_gpu --num_processes 2` on CPU): the same bytes as one.
 
 Each rank samples every other pending question/answer with per-item seeds and appends to its own
 shard; rank 0 merges the shards in the canonical order. Real processes, real gloo process group.
@@ -25,8 +25,10 @@ def _accelerate() -> list[str]:
         if not found:
             pytest.skip("the accelerate launcher is not installed")
         exe = Path(found)
-    return [str(exe), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "-m", "medvqa"]  # fmt: skip
+    # `--cpu` makes accelerate (1.15) start ONE process whatever --num_processes says; --multi_gpu
+    # starts N (torchrun), and medvqa.distributed sets up a gloo group when there is no GPU
+    return [str(exe), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+            "no", "--dynamo_backend", "no", "-m", "medvqa"]  # fmt: skip
 
 
 def _run(prefix: list[str], argv: list[str]) -> None:

@@ -132,7 +132,7 @@ def _cfg(**over):
 
     base = STLLaVAMedTrainer.make_config("phantom")
     return dataclasses.replace(
-        base, k_questions=3, question_max_new_tokens=8, answer_max_new_tokens=4, **over
+        base, **{"k_questions": 3, "question_max_new_tokens": 8, "answer_max_new_tokens": 4, **over}
     )
 
 
@@ -247,3 +247,74 @@ def test_model_judge_scores_agreement_with_its_own_answer(tiny_model_dir, genera
     assert report["n"] == 20 and report["judge_model"] == f"hf:{tiny_model_dir}"
     with pytest.raises(BadInput):
         experts.get("model")()
+
+
+class _FewQuestions:
+    """A generator with three possible questions, drawn by each request's own seed."""
+
+    def __init__(self, fail_after: int | None = None):
+        self.calls, self.fail_after = 0, fail_after
+
+    def generate(self, requests, settings):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise _Killed
+        self.calls += 1
+        return [f"is this question {r.seed % 3}?" for r in requests]
+
+
+def test_questions_are_sampled_until_m_distinct_and_resume_exactly(tmp_path):
+    from medvqa.trainers import stllava_med as st
+    from medvqa.trainers.stllava_med.answers import question_key
+
+    images = [str(tmp_path / f"img-{i}.png") for i in range(6)]
+    cfg = _cfg(k_questions=2, min_distinct_questions=3, max_question_rounds=4, generation_batch_size=3)
+    ref = tmp_path / "ref.jsonl"
+    st.generate_questions(_FewQuestions(), images, ref, cfg, seed=1)
+    rows = read_jsonl(ref)
+    for img in images:
+        mine = [r for r in rows if r["image"] == img]
+        distinct = {question_key(img, r["question"]) for r in mine}
+        # another round of k only while fewer than m distinct, at most max_question_rounds rounds
+        assert len(mine) in (2, 4, 6, 8) and (len(distinct) >= 3 or len(mine) == 8)
+        assert (
+            len(distinct) < 3
+            or len(mine) == 2
+            or len({question_key(img, r["question"]) for r in mine[:-2]}) < 3
+        )
+    assert len(rows) > 2 * len(images)  # some images needed more rounds
+    killed = tmp_path / "killed.jsonl"
+    with pytest.raises(_Killed):
+        st.generate_questions(_FewQuestions(fail_after=5), images, killed, cfg, seed=1)
+    st.generate_questions(
+        _FewQuestions(), images, killed, dataclasses.replace(cfg, generation_batch_size=5), seed=1
+    )
+    assert killed.read_bytes() == ref.read_bytes()
+
+
+def test_config_refuses_out_of_range_values():
+    from medvqa.trainers.stllava_med import STLLaVAMedConfig
+
+    for bad in ({"n_answers": 0}, {"answer_top_p": 0.0}, {"pairs_per_question": 0}, {"sq_ratio": 1.5}):
+        with pytest.raises(BadInput, match=next(iter(bad))):
+            STLLaVAMedConfig(**bad)
+
+
+def test_cli_pairs_replays_the_labeled_fraction(phantom_root, train_samples, tmp_path, capsys):
+    from medvqa.cli import main
+    from medvqa.fractions import select_fraction
+
+    judged = _write(
+        tmp_path / "judged.jsonl",
+        [{"id": "1", "image": "a.png", "question": "is it normal?", "answer_type": "CLOSED",
+          "answers": ["yes", "no", "yes"], "scores": [10, 0, 10]}],
+    )  # fmt: skip
+    out = tmp_path / "pairs.jsonl"
+    argv = ["stllava", "pairs", "--judged", str(judged), "--out", str(out), "--labeled-replay"]
+    assert main([*argv, "--replay-benchmark", "phantom", "--replay-root", str(phantom_root),
+                 "--replay-fraction", "0.25", "--seed", "2"]) == 0  # fmt: skip
+    rows = read_jsonl(out)
+    labeled = select_fraction(train_samples, 0.25, 2)
+    assert [r["chosen"] for r in rows if r.get("replay")] == [s.answer for s in labeled]
+    counts = json.loads((tmp_path / "pairs.jsonl.counts.json").read_text())
+    assert counts["pairs"] == 1 and counts["replay"] == len(labeled)
+    assert main(argv) == 2 and "--replay-benchmark" in capsys.readouterr().err

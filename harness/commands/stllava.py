@@ -69,7 +69,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                 "--base-url", default=None, help="OpenAI-compatible endpoint (= --expert-base-url)"
             )
             s.add_argument(
-                "--root", default="", help="phantom expert: the Phantom data folder (default: from paths)"
+                "--root",
+                default="",
+                help="the data folder the judged images lie in (phantom: its scenes, default from the "
+                "paths; openai: the only folder images are uploaded from, required)",
             )
             s.add_argument(
                 "--samples-file", default="", help="reference expert: held-out TRAINING samples JSONL"
@@ -205,9 +208,10 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         result = _run_dpo(args, cfg, out)
-    print(json.dumps({"step": args.step, "out": str(out), **result}, default=str))
-    if args.step != "dpo" and _dist(cfg).main:
-        atomic_write_json(out.with_name(out.name + ".counts.json"), result)
+    if _dist(cfg).main:  # one summary per run, not one per rank
+        print(json.dumps({"step": args.step, "out": str(out), **result}, default=str))
+        if args.step != "dpo":
+            atomic_write_json(out.with_name(out.name + ".counts.json"), result)
     return 0
 
 

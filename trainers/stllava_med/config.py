@@ -35,6 +35,10 @@ class STLLaVAMedConfig(TrainConfig):
     """
 
     # stage 1 (the original scripts' values; TrainConfig's generic defaults are overridden here)
+    vision_lr_scale: float = field(
+        default=0.25,
+        metadata={"help": "vision tower/projector lr as a multiple of the stage-1 lr (original: 1/4)"},
+    )
     learning_rate: float = field(default=2e-4, metadata={"help": "stage-1 peak learning rate"})
     num_train_epochs: float = field(default=3.0, metadata={"help": "stage-1 epochs (if max_steps = -1)"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "stage-1 warmup fraction"})
@@ -68,6 +72,16 @@ class STLLaVAMedConfig(TrainConfig):
     dedupe_questions: bool = field(
         default=False,
         metadata={"help": "answer each distinct (image, question) once (the original answers duplicates)"},
+    )
+    min_distinct_questions: int = field(
+        default=0,
+        metadata={
+            "help": "ask k more questions of an image while it has fewer than this many distinct ones "
+            "(0 = one round of k)"
+        },
+    )
+    max_question_rounds: int = field(
+        default=3, metadata={"help": "at most this many rounds of k questions (with min_distinct_questions)"}
     )
     n_answers: int = field(default=2, metadata={"help": "answers sampled per (distinct) question"})
     answer_temperature: float = field(default=1.2, metadata={"help": "sampling temperature of the answers"})
@@ -142,6 +156,33 @@ class STLLaVAMedConfig(TrainConfig):
         """The base class's ranges, and `expert_options` checked against the chosen expert's own
         config dataclass now (a sweep refuses a misspelt judge setting before any job runs)."""
         super().__post_init__()
+        checks = [
+            ("sq_ratio", 0 <= self.sq_ratio <= 1, "in [0, 1]"),
+            ("k_questions", self.k_questions >= 1, ">= 1"),
+            ("min_distinct_questions", self.min_distinct_questions >= 0, ">= 0"),
+            ("max_question_rounds", self.max_question_rounds >= 1, ">= 1"),
+            ("n_answers", self.n_answers >= 1, ">= 1"),
+            ("question_temperature", self.question_temperature > 0, "> 0"),
+            ("answer_temperature", self.answer_temperature > 0, "> 0"),
+            ("question_top_p", 0 < self.question_top_p <= 1, "in (0, 1]"),
+            ("answer_top_p", 0 < self.answer_top_p <= 1, "in (0, 1]"),
+            ("question_max_new_tokens", self.question_max_new_tokens >= 1, ">= 1"),
+            ("answer_max_new_tokens", self.answer_max_new_tokens >= 1, ">= 1"),
+            ("generation_batch_size", self.generation_batch_size >= 1, ">= 1"),
+            ("max_unlabeled_images", self.max_unlabeled_images >= 0, ">= 0"),
+            ("pair_min_margin", self.pair_min_margin >= 0, ">= 0"),
+            ("pairs_per_question", self.pairs_per_question >= 1, ">= 1"),
+            ("beta", self.beta > 0, "> 0"),
+            ("dpo_learning_rate", self.dpo_learning_rate >= 0, ">= 0"),
+            ("dpo_num_train_epochs", self.dpo_num_train_epochs > 0, "> 0"),
+            ("dpo_max_steps", self.dpo_max_steps == -1 or self.dpo_max_steps >= 1, "-1 or >= 1"),
+            ("dpo_batch_size", self.dpo_batch_size >= 1, ">= 1"),
+            ("dpo_warmup_ratio", 0 <= self.dpo_warmup_ratio <= 1, "in [0, 1]"),
+            ("dist_timeout_s", self.dist_timeout_s >= 1, ">= 1"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise BadInput(f"{type(self).__name__}: {name!r} must be {rule}, got {getattr(self, name)!r}")
         from medvqa.config import dataclass_from_mapping
         from medvqa.registry import experts
 
@@ -167,6 +208,7 @@ STLLAVA_PRESETS: dict[str, dict[str, Any]] = {
         "max_steps": 1500,
         "warmup_ratio": 0.0,
         "use_lora": False,
+        "vision_lr_scale": 1.0,  # not measured on Phantom yet: the full-rate recipe the study used
         "lora_r": 16,
         "lora_alpha": 32,
         "logging_steps": 100,

@@ -8,10 +8,12 @@ same file byte for byte.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medvqa.trainers.stllava_med.answers import distinct_questions
 from medvqa.trainers.stllava_med.config import STLLaVAMedConfig
 from medvqa.trainers.stllava_med.stagefiles import Dist, image_key, run_sharded, seed_for
 
@@ -48,11 +50,14 @@ def generate_questions(
         top_p=cfg.question_top_p,
         seed=seed,
     )
-    items = [
-        {"id": f"{image_key(img)}-q{j}", "image": img, "j": j}
-        for img in images
-        for j in range(cfg.k_questions)
-    ]
+    k = cfg.k_questions
+
+    def round_items(pool: Sequence[str], r: int) -> list[dict[str, Any]]:
+        return [
+            {"id": f"{image_key(img)}-q{j}", "image": img, "j": j}
+            for img in pool
+            for j in range(r * k, (r + 1) * k)
+        ]
 
     def produce(batch: list[Any]) -> list[dict[str, Any]]:
         requests = [
@@ -68,14 +73,30 @@ def generate_questions(
             for it, q in zip(batch, texts, strict=True)
         ]
 
-    rows = run_sharded(
-        out_path,
-        items,
-        produce,
-        batch_size=cfg.generation_batch_size,
-        dist=dist or Dist(),
-        stage="questions",
-        progress_log=progress_log,
-    )
-    del rows
+    # Round 0: k questions per image. With min_distinct_questions = m, each later round asks k more
+    # of the images that still have fewer than m distinct questions (up to max_question_rounds).
+    # Which images need another round depends only on earlier rounds' rows: deterministic, resumable.
+    items = round_items(images, 0)
+    needy: list[str] = list(images)
+    distinct: Counter[str] = Counter()
+    for r in range(max(1, cfg.max_question_rounds)):
+        if r > 0:
+            needy = [img for img in needy if distinct.get(img, 0) < cfg.min_distinct_questions]
+            if not needy:
+                break
+            items = items + round_items(needy, r)
+        rows = run_sharded(
+            out_path,
+            items,
+            produce,
+            batch_size=cfg.generation_batch_size,
+            dist=dist or Dist(),
+            stage="questions",
+            progress_log=progress_log,
+        )
+        if not cfg.min_distinct_questions:
+            break
+        so_far = {it["id"] for it in items}  # rows of later rounds (a resumed run's) do not count yet
+        asked = [q for q in rows if q["id"] in so_far and q["question"].strip()]
+        distinct = Counter(q["image"] for q in distinct_questions(asked))
     return {"images": len(images), "questions": len(items)}

@@ -89,9 +89,11 @@ class Dist:
         if timeout_s:
             from datetime import timedelta
 
+            import torch
             from accelerate import PartialState
 
-            PartialState(timeout=timedelta(seconds=float(timeout_s)))  # shared state: set up once
+            # the shared state is set up by its first call: this one, with our timeout
+            PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=float(timeout_s)))
         state = distributed.state()
         return cls(state.process_index, state.num_processes, state)
 
