@@ -245,7 +245,9 @@ def results_document(
                     "scorer": scorer,
                     "closed_rule": s.get("closed_rule"),
                     "prompt_policy": s.get("prompt_policy_config", s.get("prompt_policy")),
-                    "benchmark_revision": s.get("benchmark_revision", s.get("data_revision")),
+                    # which data: the root (hf://datasets/OWNER/NAME@COMMIT for a hub root) and its hash
+                    "data_root": s.get("root"),
+                    "data_hash": s.get("data_hash"),
                     "ci": s.get("ci"),
                     "key": s.get("key"),
                 },

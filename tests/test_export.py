@@ -69,6 +69,7 @@ def test_lm_eval_reads_the_export(eval_dir, tmp_path, capsys):
         assert results["git_hash"]
     assert results["versions"]["phantom"] == scores["benchmark_version"]
     assert results["n-samples"]["phantom"] == {"original": 40, "effective": 40}
+    assert results["configs"]["phantom"]["metadata"]["data_hash"] == scores["data_hash"]
     task = results["results"]["phantom"]
     for metric, stored in scores["scorers"]["llava-med"].items():
         assert math.isclose(task[f"{metric},none"], stored["value"] / 100, abs_tol=1e-12), metric
