@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from medvqa.errors import BadInput
@@ -114,3 +115,41 @@ def config_with_preset(cls: type, presets: Mapping[str, Mapping[str, Any]], pres
     if preset not in presets:
         raise BadInput(f"unknown preset {preset!r} for {cls.__name__}; known: {', '.join(sorted(presets))}")
     return dataclasses.replace(cls(), **dict(presets[preset]))
+
+
+def resolve_trainer_config(
+    trainer_cls: type,
+    *,
+    preset: str = "",
+    config_file: str | Path = "",
+    settings: Mapping[str, Any] | None = None,
+) -> Any:
+    """A trainer's config the way every entry point builds it: the trainer's defaults → `preset` →
+    the TOML file's `[trainer]` table (or its top level) → `settings` (e.g. flags), checked against
+    the trainer's config dataclass. Used by `medvqa train`, `medvqa stllava` and the sweep's checks."""
+    from medvqa.config import dataclass_from_mapping
+    from medvqa.io import read_toml
+
+    cfg_cls = trainer_cls.config_class
+    name = getattr(trainer_cls, "name", "") or trainer_cls.__name__
+    presets = getattr(trainer_cls, "presets", {}) or {}
+    if preset and preset not in presets:
+        raise BadInput(
+            f"trainer {name!r} has no preset {preset!r}; known: {', '.join(sorted(presets)) or '(none)'}"
+        )
+    values = dataclasses.asdict(dataclasses.replace(cfg_cls(), **dict(presets.get(preset, {}))))
+    if config_file:
+        path = Path(config_file)
+        table = read_toml(path, what="config file")
+        table = table.get("trainer", table)
+        dataclass_from_mapping(cfg_cls, table, where=str(path))  # validates keys and types
+        values.update(table)
+    known = {f.name for f in dataclasses.fields(cfg_cls)}
+    for key, value in (settings or {}).items():
+        if key not in known:
+            raise BadInput(
+                f"--{key.replace('_', '-')} is not a setting of trainer {name!r} "
+                f"({cfg_cls.__name__}); see medvqa train --trainer {name} --show-config"
+            )
+        values[key] = value
+    return cfg_cls(**values)

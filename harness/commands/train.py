@@ -85,36 +85,13 @@ def add_expert_flags(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def resolve_config(trainer_cls: type, args: argparse.Namespace) -> Any:
-    """preset → --config TOML table → flags, checked against the trainer's config dataclass."""
-    from medvqa.config import dataclass_from_mapping
-    from medvqa.errors import BadInput
-    from medvqa.io import read_toml
+    """The trainer's config from --preset, --config and the trainer flags (`cfg_*` dests)."""
+    from medvqa.trainers.config import resolve_trainer_config
 
-    cfg_cls = trainer_cls.config_class
-    presets = getattr(trainer_cls, "presets", {}) or {}
-    if args.preset and args.preset not in presets:
-        raise BadInput(
-            f"trainer {args.trainer!r} has no preset {args.preset!r}; known: {', '.join(sorted(presets)) or '(none)'}"
-        )
-    values = dataclasses.asdict(dataclasses.replace(cfg_cls(), **dict(presets.get(args.preset or "", {}))))
-    if args.config:
-        path = Path(args.config)
-        table = read_toml(path, what="config file")
-        table = table.get("trainer", table)
-        dataclass_from_mapping(cfg_cls, table, where=str(path))  # validates keys and types
-        values.update(table)
-    known = {f.name for f in dataclasses.fields(cfg_cls)}
-    for dest, value in vars(args).items():
-        if not dest.startswith("cfg_") or value is None:
-            continue
-        name = dest[4:]
-        if name not in known:
-            raise BadInput(
-                f"--{name.replace('_', '-')} is not a setting of trainer {args.trainer!r} "
-                f"({cfg_cls.__name__}); see medvqa train --trainer {args.trainer} --show-config"
-            )
-        values[name] = value
-    return cfg_cls(**values)
+    flags = {d[4:]: v for d, v in vars(args).items() if d.startswith("cfg_") and v is not None}
+    return resolve_trainer_config(
+        trainer_cls, preset=args.preset or "", config_file=args.config or "", settings=flags
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

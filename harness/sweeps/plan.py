@@ -344,15 +344,18 @@ def _parse(parser: argparse.ArgumentParser, args: list[str], where: str) -> argp
 
 def _build_job_config(ns: argparse.Namespace) -> Any:
     """The config object a `medvqa train` / `medvqa eval` with these flags builds before it runs."""
-    from medvqa.commands.train import resolve_config
     from medvqa.registry import trainers
+    from medvqa.trainers.config import resolve_trainer_config
 
     if ns.func.__module__.endswith(".train"):
         from medvqa.sweeps.config import check_fraction, check_seed
 
         check_fraction(ns.fraction, "--fraction")
         check_seed(ns.seed, "--seed")
-        return resolve_config(trainers.get(ns.trainer), ns)
+        flags = {d[4:]: v for d, v in vars(ns).items() if d.startswith("cfg_") and v is not None}
+        return resolve_trainer_config(
+            trainers.get(ns.trainer), preset=ns.preset or "", config_file=ns.config or "", settings=flags
+        )
     from medvqa.evaluate import EvalConfig
 
     values = {
