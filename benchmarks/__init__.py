@@ -1,4 +1,4 @@
-"""One module per benchmark; each registers itself in `harness.registry.benchmarks`.
+"""One module per benchmark; each registers itself in `medvqa.registry.benchmarks`.
 
 `make_benchmark(name, options)` builds a registered benchmark with its options
 (e.g. `make_benchmark("slake", {"lang": "zh"})`); `parse_options` reads `KEY=VALUE` flags.

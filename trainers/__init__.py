@@ -1,1 +1,1 @@
-"""One module per trainer; each registers itself in `harness.registry.trainers`."""
+"""One module per trainer; each registers itself in `medvqa.registry.trainers`."""

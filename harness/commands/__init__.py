@@ -1,1 +1,1 @@
-"""One module per `medvqa` command; `harness.cli` discovers them. Keep top-level imports light."""
+"""One module per `medvqa` command; `medvqa.cli` discovers them. Keep top-level imports light."""

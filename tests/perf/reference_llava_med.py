@@ -1,13 +1,13 @@
 """A straightforward per-item port of LLaVA-Med v1.0.0's evaluation loop (`run_eval_batch.py`).
 
-This is the yardstick for `harness.scoring`: same inputs, same numbers, and it is the baseline
+This is the yardstick for `medvqa.scoring`: same inputs, same numbers, and it is the baseline
 of the speed benchmark. It follows the reference's control flow on purpose, slow parts included:
 the 21 punctuation marks are handled by 21 sequential `str.replace` calls, each re-testing the
 digit,digit regex; every string is normalized once in the loop and once more inside each of the
 F1 and exact-match helpers (three times per OPEN item); BLEU is nltk `sentence_bleu`, called four
 times per OPEN item (BLEU-4 and the 1-, 2-, 3-gram variants), with warnings silenced as the
 reference does. Only the tables (punctuation, contractions, number words, articles) are shared
-with `harness.scoring`; they are pinned by golden tests there.
+with `medvqa.scoring`; they are pinned by golden tests there.
 
 Unlike the reference, items are joined by index (the caller aligns them) and it returns the
 per-item values as well as the means, so that tests can compare item by item.

@@ -1,1 +1,1 @@
-"""Experts (judges) for self-training; each registers itself in `harness.registry.experts`."""
+"""Experts (judges) for self-training; each registers itself in `medvqa.registry.experts`."""

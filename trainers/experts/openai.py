@@ -7,7 +7,7 @@ scores (0-10), one per answer: the reference's parse rule (two numbers on the fi
 allowed as separators, else unjudgeable), plus a range check. A malformed reply is counted and the
 item is unjudgeable (None); it is not an error.
 
-Every reply is stored in an SQLite cache (`harness.cache.ResponseCache`) keyed by (model, base URL,
+Every reply is stored in an SQLite cache (`medvqa.cache.ResponseCache`) keyed by (model, base URL,
 instruction version and text hash, image content hash, question, answers, sampling settings incl.
 the seed) the moment it arrives, so a crash or a rerun never pays for the same judgment twice, and a
 fully cached rerun needs no API key at all. The key is read from the environment and never stored.
