@@ -665,3 +665,28 @@ def test_appender_flushes_every_batch_and_fsyncs_at_most_every_interval(tmp_path
         for i in range(3):
             appender.write([{"i": i}])
     assert len(synced) == 4
+
+
+def test_hand_corrupted_resume_row_is_one_line(reference_run, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    ref_out, ref = reference_run
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    (out / "scores.json").unlink()
+    rows = read_jsonl(out / "predictions.jsonl")
+    rows[6]["text"] = None
+    rows[9].pop("question_id")
+    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _refuse_model_loading(monkeypatch)
+    args = [
+        "eval",
+        "--model",
+        f"hf:{tiny_model_dir}",
+        "--benchmark",
+        "phantom",
+        "--root",
+        str(ref_out / ref["root"]),
+    ]
+    args += ["--out", str(out), "--limit", str(LIMIT), "--max-new-tokens", "4"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "predictions.jsonl" in err and "line 7" in err and "'text'" in err

@@ -16,7 +16,7 @@ from typing import Any
 
 from medvqa.errors import BadInput
 from medvqa.evaluation.plan import EvalPlan
-from medvqa.evaluation.runfiles import PREDICTIONS, read_rows
+from medvqa.evaluation.runfiles import PREDICTIONS, read_predictions
 from medvqa.io import JsonlAppender, atomic_write_jsonl
 from medvqa.types import GenerationRequest, GenerationSettings, VQASample
 
@@ -73,7 +73,7 @@ def generate_predictions(
     `stop_after_batches` stops after that many batches (tests simulate a kill with it).
     """
     out = plan.out
-    done = {str(r["question_id"]) for r in read_rows(out / PREDICTIONS) if r.get("key") == key}
+    done = {str(r["question_id"]) for r in read_predictions(out / PREDICTIONS) if r.get("key") == key}
     pending = [s for s in plan.samples if s.id not in done]
     mine = pending[dist.rank :: dist.world]
     n_done = sum(qid in done for qid in plan.ids)

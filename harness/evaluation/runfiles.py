@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from medvqa.errors import BadInput
 from medvqa.io import atomic_write_jsonl, iter_jsonl
 
 PREDICTIONS = "predictions.jsonl"
@@ -29,6 +30,33 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [row for _, row in iter_jsonl(path, allow_truncated_tail=True) if isinstance(row, dict)]
 
 
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    """The rows of a predictions file; a row that is not a prediction (a hand edit, another tool)
+    is a BadInput naming file, line and field, never a traceback at scoring time."""
+    if not path.is_file():
+        return []
+    rows = []
+    for lineno, row in iter_jsonl(path, allow_truncated_tail=True):
+        if not isinstance(row, dict):
+            raise BadInput(
+                f"a prediction row must be a JSON object, got {type(row).__name__}",
+                path=path,
+                record=f"line {lineno}",
+            )
+        qid = row.get("question_id")
+        if not isinstance(qid, str | int) or isinstance(qid, bool):
+            raise BadInput(
+                "question_id must be a string or an integer",
+                path=path,
+                record=f"line {lineno}",
+                field="question_id",
+            )
+        if not isinstance(row.get("text"), str):
+            raise BadInput("the answer must be a string", path=path, record=f"line {lineno}", field="text")
+        rows.append(row)
+    return rows
+
+
 def prediction_shards(out: Path) -> list[Path]:
     return sorted(out.glob("predictions.rank*.jsonl"))
 
@@ -41,9 +69,9 @@ def consolidate(out: Path, key: str, order: dict[str, int], log: Callable[[str],
     """
     main = out / PREDICTIONS
     shards = prediction_shards(out)
-    rows = read_rows(main)
+    rows = read_predictions(main)
     for shard in shards:
-        rows += read_rows(shard)
+        rows += read_predictions(shard)
     keep: dict[str, dict] = {}
     stale: list[dict] = []
     for row in rows:
@@ -74,7 +102,7 @@ def answered_ids(out: Path, key: str) -> set[str]:
     """The questions that already have a prediction of `key` (in predictions.jsonl or rank shards)."""
     have: set[str] = set()
     for path in [out / PREDICTIONS, *prediction_shards(out)]:
-        have.update(str(r.get("question_id")) for r in read_rows(path) if r.get("key") == key)
+        have.update(str(r.get("question_id")) for r in read_predictions(path) if r.get("key") == key)
     return have
 
 
