@@ -74,8 +74,10 @@ class EvalConfig:
     """One `medvqa eval` job. Every field is one flag."""
 
     model: str = field(metadata={"help": "model spec: hf:PATH_OR_ID[,adapter=DIR,...] or openai:MODEL[@URL]"})
-    benchmark: str = field(metadata={"help": "registered benchmark name (medvqa benchmarks)"})
-    root: str = field(metadata={"help": "the benchmark's data folder"})
+    benchmark: str = field(
+        metadata={"help": "registered benchmark name (medvqa benchmarks); several: a,b,c (one --root each)"}
+    )
+    root: str = field(metadata={"help": "the benchmark's data folder; several: A,B,C in --benchmark order"})
     split: str = field(default="test", metadata={"help": "split to evaluate"})
     benchmark_options: list[str] = field(
         default_factory=list,
