@@ -169,8 +169,15 @@ def test_image_that_does_not_decode(tiny, requests_, tmp_path) -> None:
 
 
 def test_sampling_is_seeded(tiny, requests_) -> None:
+    """Same seed, same answers; and it really samples: another seed, or greedy decoding, differ
+    (a sampler that ignored do_sample or the seed would pass a same-vs-same check alone)."""
+    import dataclasses
+
     s = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=1.5, top_p=1.0, seed=3)
-    assert tiny.generate(requests_[:4], s) == tiny.generate(requests_[:4], s)
+    first = tiny.generate(requests_[:4], s)
+    assert first == tiny.generate(requests_[:4], s)
+    assert tiny.generate(requests_[:4], dataclasses.replace(s, seed=4)) != first
+    assert tiny.generate(requests_[:4], dataclasses.replace(s, do_sample=False)) != first
 
 
 def test_policy_stop_strings_never_break_generation(tiny, requests_) -> None:
