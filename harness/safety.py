@@ -66,13 +66,20 @@ def resolve_inside(
         raise refuse(f"image path {rel[:60]!r}... is too long ({len(rel)} characters); refused")
     try:
         real_root = Path(root).resolve()
-        real = (Path(base) if base is not None else Path(root)).joinpath(*parts).resolve()
+        full = (Path(base) if base is not None else Path(root)).joinpath(*parts)
+        real = full.resolve()
+        in_snapshot = full.parent.resolve() / full.name  # the file's own name, its folders resolved
     except RuntimeError:  # Python 3.11 reports a symlink loop this way
         raise refuse(f"image path {rel!r} is a symlink loop; refused") from None
     except (OSError, ValueError) as exc:
         raise refuse(f"image path {rel!r} cannot be resolved ({type(exc).__name__}: {exc})") from None
-    if not any(real.is_relative_to(allowed) for allowed in confinement_roots(real_root)):
+    allowed = confinement_roots(real_root)
+    if not any(real.is_relative_to(folder) for folder in allowed):
         raise refuse(f"image path {rel!r} leads outside the data root through a symlink (to {real}); refused")
+    if not real.is_relative_to(real_root) and in_snapshot.is_relative_to(real_root):
+        # a hub snapshot's file (a link into blobs/): keep its path and name inside the snapshot, which
+        # image ids, seeds and suffixes are made from (a blob's name is a hash)
+        return in_snapshot
     return real
 
 

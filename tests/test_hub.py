@@ -133,7 +133,9 @@ def test_confinement_admits_the_snapshot_blobs_and_nothing_else(hub_cache, tmp_p
     src = fx.make_vqa_rad_original(tmp_path / "release")
     commit = lay_out_hub_cache(hub_cache, "acme/vqa-rad-orig", src)
     snapshot = resolve_root("acme/vqa-rad-orig").path
-    assert len(make_benchmark("vqa-rad").load("test", snapshot)) > 0  # images are links into blobs/
+    samples = make_benchmark("vqa-rad").load("test", snapshot)  # images are links into blobs/
+    assert samples and all(Path(s.image).is_relative_to(snapshot) for s in samples)
+    assert all(s.image.endswith(".jpg") for s in samples)  # the file's name, not its blob's hash
 
     # one image link now leads out of the repo's cache folder: refused, naming file, record and field
     outside = fx.write_image(tmp_path / "elsewhere" / "x.jpg", 9)
@@ -215,3 +217,13 @@ def test_a_sweep_keeps_hub_roots_and_plans_on_them(hub_cache, phantom_root, tmp_
     assert [e.root for e in cfg.evals] == ["hf://datasets/acme/phantom@main"]
     manifest, n = Planner(cfg, run_dir).manifest(0.25, 0)
     assert manifest and n > 0
+
+
+def test_stllava_questions_take_a_hub_root(hub_cache, phantom_root):
+    from medvqa.cli import build_parser
+    from medvqa.commands.stllava import _images_from
+
+    commit = lay_out_hub_cache(hub_cache, "acme/phantom", phantom_root)
+    argv = ["stllava", "questions", "--out", "q.jsonl", "--model", "hf:m", "--benchmark", "phantom"]
+    images = _images_from(build_parser().parse_args([*argv, "--root", "hf://datasets/acme/phantom"]))
+    assert images and all(f"/snapshots/{commit}/" in image for image in images)

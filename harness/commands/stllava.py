@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                 "--images", default="", help="file of image paths (one per line, or JSONL with 'image')"
             )
             s.add_argument("--benchmark", default="", help="…or the training images of a benchmark")
-            s.add_argument("--root", default="", help="its data folder")
+            s.add_argument("--root", default="", help="its data folder, or hf://datasets/OWNER/NAME[@REV]")
             s.add_argument("--split", default="train", help="its split (never test) (default: train)")
             s.add_argument(
                 "--fraction",
@@ -87,7 +87,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                 default="",
                 help="with --labeled-replay: the benchmark whose labeled fraction is replayed",
             )
-            s.add_argument("--replay-root", default="", help="its data folder")
+            s.add_argument(
+                "--replay-root", default="", help="its data folder, or hf://datasets/OWNER/NAME[@REV]"
+            )
             s.add_argument(
                 "--replay-fraction", type=float, default=1.0, help="its labeled fraction (seeded by --seed)"
             )
@@ -121,12 +123,13 @@ def _images_from(args: argparse.Namespace) -> list[str]:
             out.append(str(image if image.is_absolute() else path.parent / image))
         return out
     if args.benchmark:
+        from medvqa.benchmarks.hub import resolve_root
         from medvqa.fractions import select_fraction
         from medvqa.registry import benchmarks
 
         if args.split == "test":
             raise BadInput("--split test: self-training never uses test images")
-        samples = benchmarks.get(args.benchmark)().load(args.split, Path(args.root))
+        samples = benchmarks.get(args.benchmark)().load(args.split, resolve_root(args.root).path)
         labeled = (
             {s.image_id for s in select_fraction(samples, args.fraction, args.seed)}
             if args.fraction < 1
@@ -145,6 +148,7 @@ def _dist(cfg: Any) -> Any:
 
 def _replay_samples(args: argparse.Namespace) -> list[Any]:
     """The labeled fraction of --replay-benchmark (the same seeded, nested selection training uses)."""
+    from medvqa.benchmarks.hub import resolve_root
     from medvqa.errors import BadInput
     from medvqa.fractions import select_fraction
     from medvqa.registry import benchmarks
@@ -153,7 +157,7 @@ def _replay_samples(args: argparse.Namespace) -> list[Any]:
         raise BadInput(
             "--labeled-replay needs --replay-benchmark NAME --replay-root DIR [--replay-fraction F]"
         )
-    samples = benchmarks.get(args.replay_benchmark)().load("train", Path(args.replay_root))
+    samples = benchmarks.get(args.replay_benchmark)().load("train", resolve_root(args.replay_root).path)
     return select_fraction(samples, args.replay_fraction, args.seed)
 
 
