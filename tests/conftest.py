@@ -36,3 +36,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, phantom_root):
     out = tmp_path_factory.mktemp("tiny") / "tiny-llava"
     init_tiny(out, preset_config("phantom", seed=0))
     return out
+
+
+@pytest.fixture(autouse=True)
+def _restore_registries():
+    """Every test gets the process-wide registries back as it found them (tests/_registries.py)."""
+    from tests._registries import registry_snapshot
+
+    with registry_snapshot():
+        yield

@@ -103,3 +103,22 @@ def test_the_tiny_tokenizer_corpus_is_a_benchmark_capability() -> None:
     assert benchmarks.get("vqa-rad")().vocabulary() == []
     with pytest.raises(BadInput, match="benchmark 'vqa-rad' cannot list its texts"):
         tiny_corpus("vqa-rad")
+
+
+def test_registry_snapshot_puts_back_what_a_test_registered() -> None:
+    """The autouse fixture in conftest.py runs this around every test: nothing registered leaks."""
+    from medvqa.prompts import PromptPolicy, policy_names, register_policy
+
+    from tests._registries import registry_snapshot
+
+    with registry_snapshot():
+
+        @benchmarks.register("test-snapshot")
+        class Snapshot(Benchmark):
+            name = "test-snapshot"
+
+        register_policy(PromptPolicy(name="test-snapshot", description="a leak, unless put back"))
+        assert benchmarks.get("test-snapshot") is Snapshot and "test-snapshot" in policy_names()
+    assert "test-snapshot" not in benchmarks and "test-snapshot" not in policy_names()
+    with pytest.raises(BadInput, match="unknown benchmark 'test-snapshot'"):
+        benchmarks.get("test-snapshot")
