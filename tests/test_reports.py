@@ -15,6 +15,7 @@ from medvqa.errors import BadInput
 from medvqa.reports.results import COLUMNS, collect, fraction_dirname
 from medvqa.reports.stats import mcnemar, paired_bootstrap, paired_test, seed_mean_ci
 from medvqa.reports.tables import build_table, to_csv, to_markdown
+from medvqa.scoring import metric_names
 
 N_IMAGES = 60  # 2 closed + 2 open questions per image
 
@@ -22,42 +23,35 @@ N_IMAGES = 60  # 2 closed + 2 open questions per image
 def _write_eval(
     eval_dir: Path, bench: str, p_closed: float, p_open: float, rng: random.Random, fp: str
 ) -> None:
-    rows = []
+    """An eval folder whose scored.jsonl and scores.json come from the real scorer
+    (`medvqa.scoring.score_samples`), not a hand-written schema: a closed answer is right with
+    probability `p_closed`; an open one is the gold with probability `p_open`, else half of it or
+    a miss. Only the run's descriptive fields (model, versions, ...) are written here."""
+    from medvqa.scoring import score_samples
+    from medvqa.types import VQASample
+
+    samples, predictions = [], {}
     for img in range(N_IMAGES):
         for q in range(4):
             qid = f"{bench}-{img}-{q}"
             if q < 2:
-                ok = 100.0 if rng.random() < p_closed else 0.0
-                row = {
-                    "id": qid,
-                    "image_id": f"img{img}",
-                    "answer_type": "CLOSED",
-                    "gold": "yes",
-                    "prediction": "yes" if ok else "no",
-                    "llava-med": {"closed_accuracy": ok},
-                    "strict": {"closed_accuracy": ok},
-                }
+                gold = "yes" if (img + q) % 2 else "no"
+                wrong = "no" if gold == "yes" else "yes"
+                pred = gold if rng.random() < p_closed else wrong
+                kind = "CLOSED"
             else:
-                rec = 100.0 if rng.random() < p_open else (50.0 if rng.random() < 0.3 else 0.0)
-                row = {
-                    "id": qid,
-                    "image_id": f"img{img}",
-                    "answer_type": "OPEN",
-                    "gold": "left upper",
-                    "prediction": "x",
-                    "llava-med": {"open_recall": rec, "open_f1": rec},
-                    "strict": {"open_recall": min(rec, 50.0), "open_f1": rec},
-                }
-            rows.append(row)
-    summary = {}
-    for scorer in ("llava-med", "strict"):
-        summary[scorer] = {}
-        for metric in ("closed_accuracy", "open_recall"):
-            vals = [r[scorer][metric] for r in rows if metric in r[scorer]]
-            m = sum(vals) / len(vals)
-            summary[scorer][metric] = {"value": m, "n": len(vals), "ci_low": m - 6.0, "ci_high": m + 5.0}
+                gold = "left upper"
+                pred = gold if rng.random() < p_open else ("left" if rng.random() < 0.3 else "x")
+                kind = "OPEN"
+            meta = {"image_id": f"img{img}"}
+            samples.append(
+                VQASample(qid, f"images/img{img}.png", f"question {q}?", gold, kind, bench, "test", meta)
+            )
+            predictions[qid] = pred
+    result = score_samples(samples, predictions, n_boot=200, seed=0)
     eval_dir.mkdir(parents=True, exist_ok=True)
-    (eval_dir / "scored.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (eval_dir / "scored.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.rows))
+    summary = result.to_json()
     scores = {
         "benchmark": bench,
         "benchmark_version": "1.0",
@@ -67,10 +61,11 @@ def _write_eval(
         "model": {"spec": "hf:x", "fingerprint": fp},
         "generation": {"max_new_tokens": 8, "do_sample": False},
         "versions": {"torch": "2.13", "trl": "1.16"},
-        "n": len(rows),
-        "n_open": len(rows) // 2,
-        "n_closed": len(rows) // 2,
-        "scorers": summary,
+        "n": summary["n"],
+        "n_open": summary["n_open"],
+        "n_closed": summary["n_closed"],
+        "ci": summary["ci"],
+        "scorers": summary["scorers"],
     }
     (eval_dir / "scores.json").write_text(json.dumps(scores))
 
@@ -182,8 +177,9 @@ def test_paired_test_matches_by_id_not_order():
 def test_results_csv_tidy(tmp_path):
     run = fabricate(tmp_path / "myrun")
     rows = collect(run)
-    # 4 lines x 2 seeds x 2 benchmarks + 2 references x 2 benchmarks; 2 scorers x 2 metrics each
-    assert len(rows) == (4 * 2 * 2 + 2 * 2) * 4
+    # 4 lines x 2 seeds x 2 benchmarks + 2 references x 2 benchmarks; every metric of both scorers
+    n_metrics = len(metric_names("llava-med")) + len(metric_names("strict"))
+    assert len(rows) == (4 * 2 * 2 + 2 * 2) * n_metrics
     assert set(rows[0]) == set(COLUMNS)
     r = next(
         r
@@ -246,9 +242,13 @@ def test_table_values_tests_and_markdown(tmp_path):
 def test_single_seed_shows_bootstrap_ci(tmp_path):
     run = fabricate(tmp_path / "r", seeds=(0,), benches=("phantom",), references=False)
     table = build_table(run, n_boot=200)
-    s = table.lines[0].cells[("phantom", "closed_accuracy")].summaries["llava-med"]
-    assert s.n_seeds == 1 and s.ci_high - s.ci_low == pytest.approx(11.0)
-    assert "± 5.5†" in to_markdown(table)
+    line = table.lines[0]
+    s = line.cells[("phantom", "closed_accuracy")].summaries["llava-med"]
+    job = run / line.trainer / fraction_dirname(line.fraction) / f"s{line.seeds[0]}"
+    stored = json.loads((job / "eval" / "phantom" / "scores.json").read_text())["scorers"]["llava-med"]
+    ci = stored["closed_accuracy"]  # the scorer's own clustered bootstrap, shown as stored
+    assert s.n_seeds == 1 and (s.ci_low, s.ci_high) == (ci["ci_low"], ci["ci_high"])
+    assert f"± {(ci['ci_high'] - ci['ci_low']) / 2:.1f}†" in to_markdown(table)
 
 
 def test_report_command_writes_all_and_plot(tmp_path, capsys):
