@@ -475,7 +475,7 @@ def test_cli_stllava_dpo_with_lora_on_explicit_pairs(stllava_run, tmp_path, caps
     from medvqa.cli import main
     from medvqa.models import load_model
 
-    checkpoint, _, _ = stllava_run
+    checkpoint, _, request = stllava_run
     stage1 = checkpoint.path / "stages" / "stage1"
     out = tmp_path / "dpo-lora"
     argv = [
@@ -507,8 +507,18 @@ def test_cli_stllava_dpo_with_lora_on_explicit_pairs(stllava_run, tmp_path, caps
     )
     adapter_cfg = read_json(out / "adapter_config.json")
     assert Path(adapter_cfg["base_model_name_or_path"]) == stage1.resolve()
+    from medvqa.prompts import get_policy
+    from medvqa.types import GenerationRequest, GenerationSettings
+    from peft import PeftModel
+
     model = load_model(f"hf:{out}")
-    assert model.generate is not None
+    assert isinstance(model.model, PeftModel)  # the adapter on its stage-1 base, not merged
+    lora_b = [p for n, p in model.model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained: LoRA's B starts at zero
+    image = request.unlabeled_images[0]
+    prompt = get_policy("plain").render("is this a ct?", "CLOSED")
+    answers = model.generate([GenerationRequest(image, prompt, "q")], GenerationSettings(max_new_tokens=2))
+    assert len(answers) == 1 and isinstance(answers[0], str)
 
 
 def test_cli_train_align_on_phantom_captions(tiny_model_dir, phantom_root, tmp_path):
@@ -583,6 +593,12 @@ def test_sigkilled_questions_step_resumes(stllava_run, tmp_path):
     before = read_jsonl(out, allow_truncated_tail=True)
     total = 20 * len(request.unlabeled_images)
     assert 0 < len(before) < total  # killed mid-way
+    # Mark a flushed row: sampling is seeded per question, so a rerun that regenerated the file
+    # would write the same rows again; only a rerun that kept the finished rows keeps the mark.
+    lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    before[0] = {**before[0], "question": "kept, not redone?"}
+    lines[0] = json.dumps(before[0]) + "\n"
+    out.write_text("".join(lines), encoding="utf-8")
     assert subprocess.run(argv, env=env, capture_output=True).returncode == 0
     after = read_jsonl(out)
     assert after[: len(before)] == before and len(after) == total == len({r["id"] for r in after})
