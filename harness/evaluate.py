@@ -341,8 +341,8 @@ def output_errors(out: Path) -> Iterator[None]:
 
 
 def per_benchmark(cfg: EvalConfig) -> list[EvalConfig]:
-    """`--benchmark a,b --root A,B`: one job per benchmark (root i for benchmark i), all checked
-    before the first runs; with `--out`, benchmark b's run folder is `<out>/<b>-<split>`."""
+    """`--benchmark a,b --root A,B`: one job per benchmark (root i for benchmark i), every one planned
+    (loaded and checked) before the first runs; with `--out`, b's run folder is `<out>/<b>-<split>`."""
     names = [n.strip() for n in cfg.benchmark.split(",")]
     if len(names) == 1:
         return [cfg]
@@ -361,7 +361,7 @@ def per_benchmark(cfg: EvalConfig) -> list[EvalConfig]:
         benchmarks.get(name)  # an unknown name is a BadInput listing the known ones
         if not Path(root).expanduser().exists():
             raise BadInput(f"benchmark data folder of {name!r} does not exist", path=root, field="--root")
-    return [
+    jobs = [
         replace(
             cfg,
             benchmark=name,
@@ -370,6 +370,9 @@ def per_benchmark(cfg: EvalConfig) -> list[EvalConfig]:
         )
         for name, root in zip(names, roots)
     ]
+    for job in jobs:  # every benchmark loads (records, images, options) before any model runs
+        make_plan(job, job.model)
+    return jobs
 
 
 def spec_adapter(spec: str) -> str:

@@ -630,6 +630,12 @@ def test_several_benchmarks_one_call_one_table(tiny_model_dir, phantom_root, tmp
         assert json.loads((out / f"{name}-test" / "scores.json").read_text())["benchmark"] == name
     assert main([*args[:5], "--root", str(phantom_root)]) == 2
     assert "one root per benchmark" in capsys.readouterr().err
+    # a benchmark that does not load stops the call before any model runs on the others
+    no_images = Path(__file__).parent / "data"  # a test.json whose images are not there
+    late = tmp_path / "late"
+    bad = [*args[:4], "phantom,llava-med-json", "--root", f"{phantom_root},{no_images}", "--out", str(late)]
+    assert main(bad) == 2
+    assert "image not found" in capsys.readouterr().err and not late.exists()
 
 
 def test_scores_json_holds_no_absolute_path(reference_run, phantom_root, tmp_path) -> None:

@@ -77,8 +77,10 @@ def generate_predictions(
     pending = [s for s in plan.samples if s.id not in done]
     mine = pending[dist.rank :: dist.world]
     n_done = sum(qid in done for qid in plan.ids)
-    if n_done and dist.main:
+    if n_done and dist.main and pending:
         log(f"resuming: {n_done} of {len(plan.samples)} questions already answered in {out / PREDICTIONS}")
+    elif n_done and dist.main:
+        log(f"all {n_done} questions already answered in {out / PREDICTIONS}: scoring them again")
 
     result = Generated()
     if mine:
