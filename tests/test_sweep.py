@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import signal
@@ -277,11 +278,13 @@ def test_local_parallelism(jobs, threads, launcher, gpu, expected):
 def test_timing_summary_says_where_the_time_went():
     from medvqa.sweeps.run import timing_summary
 
-    text = timing_summary([("base", 40.0), ("train", 100.0), ("train", 60.0), ("eval", 20.0)], 120.0, 2)
-    assert (
-        text
-        == "job time base 40 s (1 job), train 160 s (2 jobs), eval 20 s (1 job): 220 s in 120 s wall; 92% of 2 slots busy"
+    jobs = [("base", 40.0, 30.0), ("train", 100.0, 90.0), ("train", 60.0, 50.0), ("eval", 20.0, 10.0)]
+    text = timing_summary(jobs, 120.0, 2)
+    assert text == (
+        "job time base 40 s (1 job), train 160 s (2 jobs), eval 20 s (1 job): 220 s in 120 s wall; "
+        "92% of 2 slots busy; CPU 180 s"
     )
+    assert "CPU" not in timing_summary([("eval", 20.0, None)], 20.0, 1)
 
 
 def test_prepare_steps_run_in_order_unless_they_say_otherwise(tmp_path):
@@ -311,6 +314,8 @@ def test_prepare_steps_run_in_order_unless_they_say_otherwise(tmp_path):
     done = {ln.split("prepare ")[1].split(" ")[0]: i for i, ln in enumerate(lines) if "done: prepare" in ln}
     assert start["b"] > done["a"] and start["d"] > done["a"]  # waited
     assert start["c"] < done["a"]  # needs = []: started beside a
+    markers = [json.loads(p.read_text()) for p in (run_dir / ".sweep" / "done").glob("prepare__*.json")]
+    assert len(markers) == 4 and all(m["cpu_seconds"] > 0 for m in markers)  # wait4: the job's own CPU
     bad = MINIMAL.replace(
         "[train]", '[[prepare]]\nname = "x"\nargs = ["benchmarks"]\nneeds = ["y"]\n\n[train]'
     )

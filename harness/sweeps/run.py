@@ -28,7 +28,8 @@ class Sweep:
         self.log = log
         self.planner = Planner(cfg, run_dir)
         self.state = SweepState(run_dir / ".sweep", log=log)
-        self.timings: list[tuple[str, float]] = []  # (kind, seconds) of every job that ran this time
+        # (kind, wall seconds, CPU seconds or None) of every job that ran this time
+        self.timings: list[tuple[str, float, float | None]] = []
         self._n_ok = 0
 
     def jobs(self, *, with_manifests: bool = True) -> list[Job]:
@@ -223,8 +224,8 @@ class Sweep:
                 dt = time.perf_counter() - t0
                 problem = check_outputs(job) if rc == 0 else f"exit code {rc}{_detail(proc)}"
                 if problem is None:
-                    self.state.mark_done(job, dt)
-                    self.timings.append((job.kind, dt))
+                    self.state.mark_done(job, dt, cpu=getattr(proc, "cpu_s", None))
+                    self.timings.append((job.kind, dt, getattr(proc, "cpu_s", None)))
                     done.add(jid)
                     self.log(f"  done: {job.title} ({dt:.0f} s)")
                 else:
@@ -241,17 +242,20 @@ class Sweep:
         return len(failed)
 
 
-def timing_summary(timings: list[tuple[str, float]], wall: float, capacity: int) -> str:
-    """Where the wall time went: job seconds per kind, and how well the side-by-side slots were used."""
+def timing_summary(timings: list[tuple[str, float, float | None]], wall: float, capacity: int) -> str:
+    """Where the wall time went: job seconds per kind, how well the side-by-side slots were used, and
+    the jobs' CPU seconds where known (on a busy machine the figure that says what the work costs)."""
     by_kind: dict[str, list[float]] = {}
-    for kind, seconds in timings:
+    for kind, seconds, _ in timings:
         by_kind.setdefault(kind, []).append(seconds)
     parts = [
         f"{kind} {sum(v):.0f} s ({len(v)} job{'s' if len(v) > 1 else ''})" for kind, v in by_kind.items()
     ]
-    busy = sum(seconds for _, seconds in timings)
+    busy = sum(seconds for _, seconds, _ in timings)
     used = f"; {busy / (wall * capacity):.0%} of {capacity} slots busy" if wall > 0 and capacity > 1 else ""
-    return f"job time {', '.join(parts)}: {busy:.0f} s in {wall:.0f} s wall{used}"
+    cpu = [c for _, _, c in timings if c is not None]
+    cpu_text = f"; CPU {sum(cpu):.0f} s" if cpu and len(cpu) == len(timings) else ""
+    return f"job time {', '.join(parts)}: {busy:.0f} s in {wall:.0f} s wall{used}{cpu_text}"
 
 
 def _detail(proc: Running) -> str:

@@ -43,10 +43,11 @@ class SweepState:
             return False
         return check_outputs(job) is None
 
-    def mark_done(self, job: Job, seconds: float) -> None:
-        atomic_write_json(
-            self.marker(job), {"id": job.id, "key": job.key, "args": job.args, "seconds": round(seconds, 1)}
-        )
+    def mark_done(self, job: Job, seconds: float, *, cpu: float | None = None) -> None:
+        record = {"id": job.id, "key": job.key, "args": job.args, "seconds": round(seconds, 1)}
+        if cpu is not None:
+            record["cpu_seconds"] = round(cpu, 1)
+        atomic_write_json(self.marker(job), record)
 
     def read_started(self, job: Job) -> dict[str, Any]:
         """The started-marker of a job ({} if none or unreadable)."""

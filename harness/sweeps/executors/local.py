@@ -35,13 +35,20 @@ def parallelism(run: RunSettings, *, cores: int, gpu: bool | None = None) -> tup
 class _Process:
     def __init__(self, proc: subprocess.Popen[bytes], log_fh: IO[bytes] | None):
         self.proc, self.log_fh = proc, log_fh
+        self.cpu_s: float | None = None  # the job's CPU seconds (user + system), once it has ended
 
     def poll(self) -> int | None:
-        rc = self.proc.poll()
-        if rc is not None and self.log_fh is not None:
+        if self.proc.returncode is None:
+            # wait4, not Popen.poll: the same reaping, plus the job's own resource use
+            pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+            if pid == 0:
+                return None
+            self.proc.returncode = os.waitstatus_to_exitcode(status)
+            self.cpu_s = usage.ru_utime + usage.ru_stime
+        if self.log_fh is not None:
             self.log_fh.close()
             self.log_fh = None
-        return rc
+        return self.proc.returncode
 
     def describe(self) -> str:
         return f"pid {self.proc.pid}"
