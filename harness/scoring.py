@@ -614,12 +614,36 @@ def cluster_bootstrap_ci(
 ):
     """Percentile CI of the mean of each column of `values` (items × metrics), resampling clusters.
 
+    The replicates are `cluster_bootstrap_means`'. Returns (low, high) arrays, NaN for a column
+    without items.
+    """
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 1:
+        values = values[:, None]
+    present = ~np.isnan(values)
+    stats = cluster_bootstrap_means(values, groups, n_boot=n_boot, rng=rng)
+    tail = (1 - level) / 2 * 100
+    low, high = np.full(values.shape[1], np.nan), np.full(values.shape[1], np.nan)
+    for j in range(values.shape[1]):
+        col = stats[:, j]
+        col = col[~np.isnan(col)]
+        if col.size and present[:, j].any():
+            low[j], high[j] = np.percentile(col, [tail, 100 - tail])
+    return low, high
+
+
+def cluster_bootstrap_means(values: Any, groups: Any, *, n_boot: int = 1000, rng: Any = None) -> Any:
+    """The bootstrap replicates (n_boot × metrics) of each column's mean, resampling clusters:
+    the one cluster bootstrap of the tree (score CIs here, the report's paired test of differences).
+
     `groups[i]` is item i's cluster code (0..G-1: its image). NaN marks an item a column does not
     apply to (an OPEN item for closed accuracy). Each replicate draws G clusters with replacement
     and takes, per column, the mean over the drawn clusters' items (a ratio estimator, so clusters
     of any size are handled, and all metrics share the same draws). Vectorised: per chunk of
     replicates, the draw counts come from one `bincount` and the means from one matrix product.
-    Returns (low, high) arrays, NaN for a column without items.
+    A replicate that drew no item of a column is NaN there.
     """
     import numpy as np
 
@@ -649,11 +673,4 @@ def cluster_bootstrap_ci(
         weights = np.bincount(draws.ravel(), minlength=b * n_groups).reshape(b, n_groups).astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             stats[start : start + b] = (weights @ sums) / (weights @ counts)[:, pattern_of_column]
-    tail = (1 - level) / 2 * 100
-    low, high = np.full(values.shape[1], np.nan), np.full(values.shape[1], np.nan)
-    for j in range(values.shape[1]):
-        col = stats[:, j]
-        col = col[~np.isnan(col)]
-        if col.size and present[:, j].any():
-            low[j], high[j] = np.percentile(col, [tail, 100 - tail])
-    return low, high
+    return stats

@@ -78,8 +78,10 @@ def paired_bootstrap(
     n_boot: int = 2000,
     seed: int = 0,
 ) -> TestResult:
-    """Paired bootstrap of mean(A − B), resampling clusters (images) with replacement."""
+    """Paired bootstrap of mean(A − B), resampling clusters (images) with replacement (the scorer's
+    own cluster bootstrap, `medvqa.scoring.cluster_bootstrap_means`)."""
     import numpy as np
+    from medvqa.scoring import cluster_bootstrap_means
 
     if len(a) != len(b):
         raise ValueError("paired_bootstrap: both sides need the same items")
@@ -92,12 +94,7 @@ def paired_bootstrap(
         clusters = [str(i) for i in range(n)]
     index: dict[str, int] = {}
     ids = np.array([index.setdefault(c, len(index)) for c in clusters])
-    k = len(index)
-    sums = np.bincount(ids, weights=d, minlength=k)
-    counts = np.bincount(ids, minlength=k).astype(float)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, k, size=(n_boot, k))
-    boot = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    boot = cluster_bootstrap_means(d, ids, n_boot=n_boot, rng=np.random.default_rng(seed))[:, 0]
     if np.allclose(d, d[0]):
         p = 1.0 if observed == 0 else 0.0
         p = max(p, 1.0 / (n_boot + 1)) if observed != 0 else 1.0
