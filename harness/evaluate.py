@@ -47,11 +47,10 @@ from medvqa.evaluation.runfiles import (
     SKIPPED,
     consolidate,
     is_complete,
-    read_rows,
     remove_run,
 )
 from medvqa.evaluation.score import finished_scores, previous_model_details, score_run
-from medvqa.io import output_lock, read_json
+from medvqa.io import output_lock, read_json, read_rows
 
 # OS errors that mean "this output cannot be written", wherever the library reports them
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}

@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -146,6 +146,26 @@ def iter_jsonl(
 
 def read_jsonl(path: str | os.PathLike[str], **kwargs: Any) -> list[Any]:
     return [obj for _, obj in iter_jsonl(path, **kwargs)]
+
+
+def read_rows(
+    path: str | os.PathLike[str], keys: Sequence[str] = (), *, missing_ok: bool = True
+) -> list[dict[str, Any]]:
+    """The rows of a file a run appends to (predictions, stage files, skip lists): JSON objects,
+    each with `keys`; a torn last line (a killed writer) is dropped; no file yet is [] (with
+    `missing_ok`). A row that is not an object, or lacks a key, is a BadInput naming file and line."""
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return []
+    rows = []
+    for lineno, row in iter_jsonl(path, allow_truncated_tail=True):
+        if not isinstance(row, dict):
+            raise BadInput("expected a JSON object", path=path, record=f"line {lineno}")
+        for key in keys:
+            if key not in row:
+                raise BadInput("missing field", path=path, record=f"line {lineno}", field=key)
+        rows.append(row)
+    return rows
 
 
 class JsonlAppender:

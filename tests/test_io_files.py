@@ -51,3 +51,24 @@ def test_a_lone_surrogate_is_stored_and_read_back_exactly(tmp_path):
     assert read_jsonl(tmp_path / "a.jsonl") == [row, {"text": "plain é"}]
     assert read_json(tmp_path / "b.json") == row and read_jsonl(tmp_path / "c.jsonl") == [row]
     assert "plain é" in (tmp_path / "a.jsonl").read_text(encoding="utf-8")  # readable UTF-8 where it can be
+
+
+def test_read_rows_is_the_one_reader_of_appended_files(tmp_path):
+    """Predictions, stage files and skip lists are read by `medvqa.io.read_rows`: no file yet is no
+    rows, a torn tail (kill -9 mid-write) is dropped, anything else wrong names file and line."""
+    from medvqa.errors import BadInput
+    from medvqa.io import read_rows
+
+    path = tmp_path / "rows.jsonl"
+    assert read_rows(path) == []
+    with pytest.raises(BadInput, match="file not found"):
+        read_rows(path, missing_ok=False)
+    path.write_text('{"id": 1, "x": 2}\n{"id": 2}\n{"id": 3, "x"')
+    assert read_rows(path) == [{"id": 1, "x": 2}, {"id": 2}]
+    with pytest.raises(BadInput, match="missing field") as err:
+        read_rows(path, ("id", "x"))
+    assert "line 2" in str(err.value) and "rows.jsonl" in str(err.value)
+    path.write_text('{"id": 1}\n[1, 2]\n')
+    with pytest.raises(BadInput, match="expected a JSON object") as err:
+        read_rows(path)
+    assert "line 2" in str(err.value)

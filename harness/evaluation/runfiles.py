@@ -23,13 +23,6 @@ SCORED = "scored.jsonl"
 SKIPPED = "skipped.jsonl"
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The JSON-object rows of a JSONL file ([] if it does not exist; a torn last line is dropped)."""
-    if not path.is_file():
-        return []
-    return [row for _, row in iter_jsonl(path, allow_truncated_tail=True) if isinstance(row, dict)]
-
-
 def read_predictions(path: Path) -> list[dict[str, Any]]:
     """The rows of a predictions file; a row that is not a prediction (a hand edit, another tool)
     is a BadInput naming file, line and field, never a traceback at scoring time."""

@@ -16,8 +16,8 @@ from typing import Any
 from medvqa.benchmarks.hub import hub_root_uri
 from medvqa.errors import BadInput
 from medvqa.evaluation.plan import EvalPlan
-from medvqa.evaluation.runfiles import SCORED, SCORES, SKIPPED, read_rows
-from medvqa.io import atomic_write_json, atomic_write_jsonl, library_versions, read_json
+from medvqa.evaluation.runfiles import SCORED, SCORES, SKIPPED
+from medvqa.io import atomic_write_json, atomic_write_jsonl, library_versions, read_json, read_rows
 
 
 def _previous(plan: EvalPlan, key: str | None) -> dict[str, Any] | None:

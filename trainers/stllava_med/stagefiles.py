@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medvqa.errors import BadInput
 from medvqa.types import stable_hash
 
 log = logging.getLogger("medvqa.train")
@@ -45,15 +44,10 @@ def iter_checked(path: Path, keys: Sequence[str] = ()) -> list[dict[str, Any]]:
 
     (Two processes that wrote one file, or a hand-merged file, must not double a pair or a count.)
     """
-    from medvqa.io import iter_jsonl
+    from medvqa.io import read_rows as read_objects
 
     out, seen = [], set()
-    for lineno, row in iter_jsonl(path, allow_truncated_tail=True):
-        if not isinstance(row, dict):
-            raise BadInput("expected a JSON object", path=path, record=f"line {lineno}")
-        for key in keys:
-            if key not in row:
-                raise BadInput("missing field", path=path, record=f"line {lineno}", field=key)
+    for row in read_objects(path, keys, missing_ok=False):
         if "id" in row:
             rid = str(row["id"])
             if rid in seen:
