@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from medvqa.errors import BadInput
+from medvqa.prompts import LLAVA_SYSTEM  # the llava_v1 system line, defined once
 
 SUPPORTED_MODEL_TYPES = {"llava_llama": "llama", "llava_mistral": "mistral"}
 SUPPORTED_PROJECTORS = ("linear", "mlp2x_gelu")
@@ -113,13 +114,9 @@ MISTRAL_CHAT_TEMPLATE = (
     "{%- endfor -%}"
 )
 
-LLAVA_V1_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
 VICUNA_CHAT_TEMPLATE = (
     "{{- bos_token -}}"
-    "{%- set ns = namespace(system='" + LLAVA_V1_SYSTEM.replace("'", "\\'") + "') -%}"
+    "{%- set ns = namespace(system='" + LLAVA_SYSTEM.replace("'", "\\'") + "') -%}"
     "{%- for message in messages if message['role'] == 'system' -%}"
     + _PARTS
     + "{%- set ns.system = parts | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}"
