@@ -31,6 +31,13 @@ class TrainConfig:
     num_train_epochs: float = field(
         default=1.0, metadata={"help": "epochs over the data (if max_steps = -1)"}
     )
+    max_epochs: float = field(
+        default=0.0,
+        metadata={
+            "help": "cap max_steps at this many epochs over the training rows (small fractions stop "
+            "sooner at the same config); 0 = no cap"
+        },
+    )
     per_device_train_batch_size: int = field(default=32, metadata={"help": "batch size per device"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
@@ -92,6 +99,7 @@ class TrainConfig:
             ("vision_lr_scale", self.vision_lr_scale >= 0, ">= 0"),
             ("max_steps", self.max_steps == -1 or self.max_steps >= 1, "-1 or >= 1"),
             ("num_train_epochs", self.num_train_epochs > 0, "> 0"),
+            ("max_epochs", self.max_epochs >= 0, ">= 0"),
             ("per_device_train_batch_size", self.per_device_train_batch_size >= 1, ">= 1"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, ">= 1"),
             ("warmup_ratio", 0 <= self.warmup_ratio <= 1, "in [0, 1]"),

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -185,6 +187,20 @@ def scale_vision_lr(trainer: Any, scale: float) -> None:
         opt.add_param_group(group)
 
 
+def step_budget(cfg: TrainConfig, n_rows: int) -> int:
+    """`cfg.max_steps`, capped at `cfg.max_epochs` epochs over `n_rows` rows (-1 stays -1: epochs decide).
+
+    One config then trains every fraction sensibly: e.g. 2,500 steps capped at 25 epochs is 563
+    steps on 720 rows (batch 32) and the full 2,500 on 8,000.
+    """
+    if cfg.max_epochs <= 0 or cfg.max_steps == -1:
+        return cfg.max_steps
+    from medvqa.distributed import world_size
+
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size()
+    return max(1, min(cfg.max_steps, math.ceil(cfg.max_epochs * n_rows / per_step)))
+
+
 def sft_trainer(
     model: Any,
     processor: Any,
@@ -201,7 +217,8 @@ def sft_trainer(
     from trl import SFTConfig, SFTTrainer
 
     seed_everything(seed)
-    args = SFTConfig(**trl_kwargs(cfg, work_dir, seed), completion_only_loss=True)
+    budget = dataclasses.replace(cfg, max_steps=step_budget(cfg, len(rows)))
+    args = SFTConfig(**trl_kwargs(budget, work_dir, seed), completion_only_loss=True)
     dataset, collator = sft_data(
         rows, model, processor, mode=cfg.preprocess, max_length=cfg.max_length or None
     )
