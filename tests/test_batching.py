@@ -126,3 +126,32 @@ def test_training_on_encoded_rows_ends_on_trls_weights(tiny_model_dir, samples, 
     base, _ = load_model_and_processor(f"hf:{tiny_model_dir}")
     moved = any(not torch.equal(v, ours[k]) for k, v in base.state_dict().items())
     assert moved  # four real optimizer steps happened
+
+
+def test_same_seed_same_threads_same_bytes(tiny_model_dir, samples, tmp_path):
+    """Same machine, threads and seed: the saved weights are identical bytes (issue 15)."""
+    from medvqa.fractions import manifest_hash
+    from medvqa.io import read_jsonl
+    from medvqa.trainers.sft import SFTTrainerPlugin
+    from medvqa.types import TrainRequest
+
+    cfg = dataclasses.replace(
+        SFTTrainerPlugin.make_config("phantom"), max_steps=4, per_device_train_batch_size=8, logging_steps=1
+    )
+
+    def train(name: str) -> Path:
+        request = TrainRequest(
+            base_model=f"hf:{tiny_model_dir}",
+            train_samples=samples,
+            out_dir=tmp_path / name,
+            seed=5,
+            fraction=1.0,
+            manifest_hash=manifest_hash(samples),
+            config=cfg,
+        )
+        return SFTTrainerPlugin().train(request).path
+
+    a, b = train("a"), train("b")
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    losses = [[r["loss"] for r in read_jsonl(p / "train_log.jsonl") if "loss" in r] for p in (a, b)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
