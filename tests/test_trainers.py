@@ -429,6 +429,31 @@ def test_reference_expert_uses_heldout_training_qa_only(train_samples):
     assert build_expert("reference", heldout_samples=train_samples[10:30]).n_samples == 20
 
 
+def test_reference_expert_scores_with_the_strict_scorers_words(tmp_path):
+    """The judge's F1 is the strict scorer's open_f1 (one normalization, one token F1 in the tree):
+    articles, number words and punctuation count as the metric counts them."""
+    from medvqa.registry import experts
+    from medvqa.scoring import score_item
+    from medvqa.types import VQASample
+
+    image = str(tmp_path / "a.png")
+    cases = [
+        ("the left lung", "Left lung."),
+        ("two", "2"),
+        ("left upper lobe", "upper lobe"),
+        ("heart", "liver"),
+    ]
+    samples = [
+        VQASample(f"q{i}", image, f"Where is it {i}?", gold, "OPEN", "phantom", "train", {})
+        for i, (gold, _) in enumerate(cases)
+    ]
+    expert = experts.get("reference")(samples=samples)
+    for i, (gold, answer) in enumerate(cases):
+        (score,) = expert.judge(image, f"where is it {i}", [answer])  # the question matched as normalized
+        assert score == pytest.approx(score_item("strict", "OPEN", gold, answer)["open_f1"] / 10, abs=1e-4)
+    assert expert.judge(image, "Where is it 0?", ["left lung", "lung"]) == [10.0, 6.6667]  # "the" dropped
+
+
 # --- CLI ---------------------------------------------------------------------------------------
 
 

@@ -9,8 +9,6 @@ words). Anything else is unjudgeable (None), never guessed. Test-split samples a
 
 from __future__ import annotations
 
-import re
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,24 +16,18 @@ from typing import Any, ClassVar
 
 from medvqa.errors import BadInput
 from medvqa.registry import experts
+from medvqa.scoring import normalize_strict, strict_open
 from medvqa.types import VQASample
-
-_PUNCT = re.compile(r"[^\w\s\-]+")
 
 
 def _norm(text: str) -> str:
-    return " ".join(_PUNCT.sub(" ", (text or "").lower()).split())
+    """The strict scorer's normalization: a question matches, and an answer counts, as the metric sees it."""
+    return normalize_strict(text or "")
 
 
 def _f1(pred: str, gold: str) -> float:
-    p, g = _norm(pred).split(), _norm(gold).split()
-    if not p or not g:
-        return 0.0
-    common = sum((Counter(p) & Counter(g)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(p), common / len(g)
-    return 2 * precision * recall / (precision + recall)
+    """The strict scorer's token F1 (medvqa.scoring.strict_open): the judge and the metric agree."""
+    return strict_open(_norm(gold), _norm(pred))[2]
 
 
 @dataclass
