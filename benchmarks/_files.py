@@ -11,14 +11,13 @@ benchmark module (e.g. for `medvqa benchmarks`) stays cheap.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from medvqa.safety import DEFAULT_MAX_PIXELS, ImageChecker, resolve_inside
 from medvqa.errors import BadInput
+from medvqa.safety import DEFAULT_MAX_PIXELS, ImageChecker, image_sha256, resolve_inside
 from medvqa.types import Benchmark, SkippedRecord, VQASample
 
 YES_NO_RULE = "gold answer is yes/no (no answer_type in this layout)"
@@ -309,13 +308,13 @@ def parquet_image(
     if isinstance(value, Mapping):
         data, name = value.get("bytes"), value.get("path")
         if data:
-            image_id = str(name) if isinstance(name, str) and name else hashlib.sha256(data).hexdigest()[:16]
+            image_id = str(name) if isinstance(name, str) and name else image_sha256(data)[:16]
             return bytes(data), image_id
         if isinstance(name, str) and name:
             return resolve_inside(root, name, path=path, index=index, field=f"{field}.path"), name
         raise BadInput("image cell has neither bytes nor path", path=path, record=index, field=field)
     if isinstance(value, bytes | bytearray) and value:
-        return bytes(value), hashlib.sha256(value).hexdigest()[:16]
+        return bytes(value), image_sha256(bytes(value))[:16]
     if isinstance(value, str) and value:
         return resolve_inside(root, value, path=path, index=index, field=field), value
     raise BadInput(

@@ -48,7 +48,9 @@ class VQASample:
         if "image_id" in self.meta:
             return str(self.meta["image_id"])
         if isinstance(self.image, bytes):
-            return hashlib.sha256(self.image).hexdigest()[:16]
+            from medvqa.safety import image_sha256  # the one image hash (short: an id, not a key)
+
+            return image_sha256(self.image)[:16]
         return str(self.image)
 
     @property

@@ -47,9 +47,9 @@ def _image_key(image: str | bytes, meta_id: str | None = None) -> str:
     if meta_id:
         return meta_id
     if isinstance(image, bytes):
-        import hashlib
+        from medvqa.safety import image_sha256
 
-        return hashlib.sha256(image).hexdigest()[:16]
+        return image_sha256(image)[:16]
     return str(Path(image).resolve())
 
 
