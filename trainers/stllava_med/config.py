@@ -28,8 +28,10 @@ class STLLaVAMedConfig(TrainConfig):
     """STLLaVA-Med knobs. Defaults = the original scripts (heliossun/STLLaVA-Med `sqllava_med.sh`,
     `visual_sq.py`, `model_collectA.py`, `dpo_finetune.sh`), i.e. the `paper` preset.
 
-    Stage 1: self-questions inside multi-turn conversations (sq_ratio 0.5), LoRA r128/α256 on every
-    linear layer, vision tower and projector at 1/4 of lr 2e-4, 3 epochs, cosine, warmup 3%. Stage 2: k = 5 questions (T 1.2, top-p 0.95), two answers (T 1.2, top-p 0.95), no
+    Stage 1: self-questioning (sq_ratio 0.5; as ask rows — the original's in-conversation form is
+    `sq_format="conversation"`, see docs/trainers.md for why it is not the default), LoRA r128/α256
+    on every linear layer, vision tower and projector at 1/4 of lr 2e-4, 3 epochs, cosine, warmup
+    3%. Stage 2: k = 5 questions (T 1.2, top-p 0.95), two answers (T 1.2, top-p 0.95), no
     de-duplication, ties skipped (the original keeps them: `tie_policy="second"`); sigmoid DPO,
     β 0.1, lr 5e-6, cosine, warmup 3%, 1 epoch.
     """
@@ -52,7 +54,7 @@ class STLLaVAMedConfig(TrainConfig):
         metadata={"help": "probability that a labeled question also becomes a self-questioning target"},
     )
     sq_format: Literal["rows", "conversation"] = field(
-        default="conversation",
+        default="rows",
         metadata={
             "help": "'conversation' = the original's: each labeled image's QA as one multi-turn row, later "
             "questions become targets with p = sq_ratio; 'rows' = separate ask rows beside the QA rows"
@@ -209,7 +211,6 @@ STLLAVA_PRESETS: dict[str, dict[str, Any]] = {
         "warmup_ratio": 0.0,
         "use_lora": False,
         "vision_lr_scale": 1.0,  # not measured on Phantom yet: the full-rate recipe the study used
-        "sq_format": "rows",  # what the study measured (docs/trainers.md: conversation vs rows)
         "lora_r": 16,
         "lora_alpha": 32,
         "logging_steps": 100,
