@@ -379,10 +379,10 @@ def _image_suffix(data: bytes) -> str:
 
 def run_convert(args: argparse.Namespace) -> int:
     import dataclasses
-    import hashlib
     import shutil
 
     from medvqa.answer_files import write_llava_med_test_json
+    from medvqa.safety import image_sha256
 
     bench = _benchmark(args)
     samples, _, n_skipped = _load(bench, args.split, args)
@@ -394,7 +394,7 @@ def run_convert(args: argparse.Namespace) -> int:
     rows = []
     for s in samples:
         if isinstance(s.image, bytes):  # parquet layouts: write the image bytes out, once per image
-            target = images_dir / (hashlib.sha256(s.image).hexdigest()[:20] + _image_suffix(s.image))
+            target = images_dir / (image_sha256(s.image)[:20] + _image_suffix(s.image))
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(s.image)
