@@ -37,7 +37,10 @@ def _state() -> Any:
     from accelerate import PartialState
 
     # without cpu=True accelerate never sets up a CPU process group (each rank would run alone)
-    st = PartialState(cpu=not torch.cuda.is_available())
+    try:
+        st = PartialState(cpu=not torch.cuda.is_available())
+    except ValueError as e:  # accelerate's own refusal, e.g. no MASTER_ADDR for the process group
+        raise BadInput(f"WORLD_SIZE={world_size()}: a misconfigured launch ({e})") from None
     if st.num_processes != world_size():
         # accelerate falls back to one process when the rendezvous variables are missing: every
         # rank would then believe it is rank 0 and write (or read) the same files.
