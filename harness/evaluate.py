@@ -167,15 +167,12 @@ def evaluate(
     *,
     model: Any = None,
     log: Callable[[str], None] | None = None,
-    stop_after_batches: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume, or rescore) one eval and return the `scores.json` content.
 
     `model` may be an already loaded VQAModel (a sweep reusing it); else `cfg.model` is loaded,
     and only when some question still needs an answer: a run whose predictions are complete but
-    whose scoring options changed is rescored from predictions.jsonl. `stop_after_batches` stops
-    after that many batches on this rank without scoring (tests simulate a kill with it; the
-    returned dict is then empty).
+    whose scoring options changed is rescored from predictions.jsonl.
     """
     started = time.perf_counter()
     dist = Dist()
@@ -237,10 +234,7 @@ def evaluate(
             skip_bad=cfg.skip_bad,
             progress=cfg.progress,
             log=say,
-            stop_after_batches=stop_after_batches,
         )
-        if generated.stopped:
-            return {}
         dist.barrier()
 
         scores: dict[str, Any] = {}

@@ -42,6 +42,26 @@ class Counting:
         return self.inner.generate(requests, settings)
 
 
+class Killed(Exception):
+    """What a kill looks like from inside: the run stops between two batches, nothing is cleaned up."""
+
+
+class DiesAfter(Counting):
+    """Counting, and the process 'dies' (Killed) when asked for batch `n_batches + 1`; the rerun
+    (`left = None`) lives."""
+
+    def __init__(self, model, n_batches: int):
+        super().__init__(model)
+        self.left: int | None = n_batches
+
+    def generate(self, requests, settings):
+        if self.left is not None:
+            if self.left == 0:
+                raise Killed
+            self.left -= 1
+        return super().generate(requests, settings)
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     from medvqa.models import load_model
@@ -126,11 +146,10 @@ def test_batch_size_does_not_change_scores(reference_run, tiny, phantom_root, tm
 def test_resume_after_kill_and_torn_line(reference_run, tiny, phantom_root, tmp_path) -> None:
     ref_out, ref = reference_run
     out = tmp_path / "killed"
-    counting = Counting(tiny)
-    assert (
-        evaluate(_cfg(tiny.spec, phantom_root, out), model=counting, log=lambda m: None, stop_after_batches=3)
-        == {}
-    )
+    counting = DiesAfter(tiny, n_batches=3)
+    with pytest.raises(Killed):
+        evaluate(_cfg(tiny.spec, phantom_root, out), model=counting, log=lambda m: None)
+    counting.left = None
     assert counting.asked == 24 and not (out / "scores.json").exists()
     # a kill in the middle of a write leaves half a line behind
     data = (out / "predictions.jsonl").read_bytes()
@@ -294,8 +313,10 @@ def test_resume_from_rank_shards_of_a_killed_multiprocess_run(
     """Shards left by a killed N-process run are merged and reused by a rerun with any process count."""
     ref_out, ref = reference_run
     out = tmp_path / "shards"
-    counting = Counting(tiny)
-    evaluate(_cfg(tiny.spec, phantom_root, out), model=counting, log=lambda m: None, stop_after_batches=2)
+    counting = DiesAfter(tiny, n_batches=2)
+    with pytest.raises(Killed):
+        evaluate(_cfg(tiny.spec, phantom_root, out), model=counting, log=lambda m: None)
+    counting.left = None
     rows = read_jsonl(out / "predictions.jsonl")
     (out / "predictions.jsonl").unlink()
     for rank in (0, 1):  # what two ranks would have left: every other question each

@@ -49,10 +49,9 @@ class Dist:
 
 @dataclass
 class Generated:
-    """What one rank's generation left: the images it skipped, and whether it stopped early."""
+    """What one rank's generation left: the images it skipped."""
 
     skipped: list[dict[str, str]] = field(default_factory=list)
-    stopped: bool = False
 
 
 def generate_predictions(
@@ -65,12 +64,10 @@ def generate_predictions(
     skip_bad: bool,
     progress: bool | None,
     log: Callable[[str], None],
-    stop_after_batches: int | None = None,
 ) -> Generated:
     """Answer this rank's share of the questions that have no prediction of `key` yet.
 
     Expects `consolidate` to have merged earlier runs' files (every rank then reads one state).
-    `stop_after_batches` stops after that many batches (tests simulate a kill with it).
     """
     out = plan.out
     done = {str(r["question_id"]) for r in read_predictions(out / PREDICTIONS) if r.get("key") == key}
@@ -89,8 +86,6 @@ def generate_predictions(
         fingerprint = model.fingerprint
         policy = plan.generation_policy
         batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
-        if stop_after_batches is not None and stop_after_batches < len(batches):
-            batches, result.stopped = batches[:stop_after_batches], True
         requests = ([_request(policy, s) for s in batch] for batch in batches)
         stream = _answer_stream(model, requests, plan.settings)
         with JsonlAppender(target, sync_interval=SYNC_INTERVAL_S) as appender, closing(stream):
@@ -106,7 +101,7 @@ def generate_predictions(
                 )
                 bar.update(len(batch) * dist.world)
         bar.close()
-    if not result.stopped and dist.world > 1:  # rank 0 lists every rank's skipped images
+    if dist.world > 1:  # rank 0 lists every rank's skipped images
         atomic_write_jsonl(out / f"skipped.rank{dist.rank}.jsonl", result.skipped)
     return result
 
