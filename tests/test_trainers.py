@@ -454,6 +454,22 @@ def test_reference_expert_scores_with_the_strict_scorers_words(tmp_path):
     assert expert.judge(image, "Where is it 0?", ["left lung", "lung"]) == [10.0, 6.6667]  # "the" dropped
 
 
+def test_reference_expert_reads_a_samples_file_with_the_samples_reader(train_samples, tmp_path):
+    """--samples-file is read by medvqa.answer_files.read_samples_jsonl (validated, one line per
+    sample): a bad record is one BadInput naming file and field, not a KeyError."""
+    from medvqa.registry import experts
+
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("".join(json.dumps(s.to_json()) + "\n" for s in train_samples[:10]))
+    expert = experts.get("reference")(samples_file=str(path))
+    s = train_samples[0]
+    assert expert.n_samples == 10 and expert.judge(s.image, s.question, [s.answer]) == [10.0]
+    path.write_text(json.dumps({"id": "x", "image": "a.png", "question": "q?"}) + "\n")
+    with pytest.raises(BadInput, match="missing field") as err:
+        experts.get("reference")(samples_file=str(path))
+    assert "heldout.jsonl" in str(err.value) and "answer" in str(err.value)
+
+
 # --- CLI ---------------------------------------------------------------------------------------
 
 

@@ -75,7 +75,9 @@ class ReferenceExpert:
         if samples is None:
             if not config.samples_file:
                 raise BadInput("the reference expert needs held-out training samples (--samples-file)")
-            samples = list(_read_samples(Path(config.samples_file)))
+            from medvqa.answer_files import read_samples_jsonl  # the one samples-JSONL reader
+
+            samples = read_samples_jsonl(config.samples_file)
         self._gold: dict[tuple[str, str], str] = {}
         self.n_samples = 0
         for s in samples:
@@ -109,22 +111,3 @@ class ReferenceExpert:
             else:
                 out.append(self.judge(*item))
         return out
-
-
-def _read_samples(path: Path) -> Iterable[VQASample]:
-    from medvqa.io import iter_jsonl
-
-    for lineno, rec in iter_jsonl(path):
-        try:
-            yield VQASample(
-                id=str(rec["id"]),
-                image=rec["image"],
-                question=rec["question"],
-                answer=rec["answer"],
-                answer_type=rec.get("answer_type", "OPEN"),
-                benchmark=rec.get("benchmark", ""),
-                split=rec.get("split", ""),
-                meta=rec.get("meta", {}),
-            )
-        except (KeyError, TypeError) as exc:
-            raise BadInput(f"malformed sample ({exc})", path=path, record=f"line {lineno}") from None
