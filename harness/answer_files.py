@@ -165,28 +165,6 @@ def read_gt(
     return samples
 
 
-def read_llava_med_test_json(
-    path: str | os.PathLike[str],
-    *,
-    image_root: str | os.PathLike[str] | None = None,
-    benchmark: str = LLAVA_MED_BENCHMARK,
-    split: str = "test",
-) -> list[VQASample]:
-    """Read a LLaVA-Med `test.json`; images resolve against `image_root` (default: the file's folder)."""
-    path = Path(path)
-    samples = []
-    for label, obj in _records(path):
-        if not isinstance(obj, dict):
-            raise BadInput(f"expected a JSON object, got {_kind(obj)}", path=path, record=label)
-        samples.append(
-            _llava_med_item(
-                obj, path=path, record=label, image_root=image_root, benchmark=benchmark, split=split
-            )
-        )
-    _check_unique([s.id for s in samples], path=path, what="GT ids")
-    return samples
-
-
 def _llava_med_item(
     obj: Mapping[str, Any],
     *,

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 AnswerType = Literal["OPEN", "CLOSED"]
-ANSWER_TYPES: tuple[str, ...] = ("OPEN", "CLOSED")
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:

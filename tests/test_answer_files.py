@@ -12,7 +12,6 @@ from medvqa.answer_files import (
     read_answer_file,
     read_gt,
     read_gt_and_predictions,
-    read_llava_med_test_json,
     read_samples_jsonl,
     write_llava_med_test_json,
 )
@@ -57,10 +56,7 @@ def test_reads_the_example_llava_med_test_json():
     assert by_id["11"].answer_type == "CLOSED"  # " closed" tolerated
     assert by_id["1"].image == str(DATA / "synpic54610.jpg")
     assert by_id["1"].image_id == by_id["2"].image_id == "synpic54610.jpg"
-    assert (
-        read_llava_med_test_json(DATA / "test.json", image_root="/data/rad")[0].image
-        == "/data/rad/synpic54610.jpg"
-    )
+    assert read_gt(DATA / "test.json", image_root="/data/rad")[0].image == "/data/rad/synpic54610.jpg"
 
 
 def test_gt_kind_is_detected_from_the_records(tmp_path):
@@ -119,7 +115,7 @@ def test_llava_med_test_json_round_trip(tmp_path):
     assert raw[0]["image"] == "images/0.png"
     assert raw[0]["conversations"][0]["value"] == "<image>\nIs there a mass 0?"
     assert raw[1]["conversations"][1] == {"from": "gpt", "value": "left lung"}
-    back = read_llava_med_test_json(out, image_root=root, benchmark="vqa-rad")
+    back = read_gt(out, image_root=root)  # what `medvqa score --gt` reads
     for a, b in zip(samples, back):
         assert (a.id, a.image, a.question, a.answer, a.answer_type, a.image_id) == (
             b.id,
