@@ -27,6 +27,29 @@ def seed_dirname(seed: int) -> str:
     return f"s{int(seed)}"
 
 
+_FRACTION_DIR = re.compile(r"f(\d+(?:\.\d+)?)")  # also hand-made names: f1, f0.50
+_SEED_DIR = re.compile(r"s(-?\d+)")
+
+
+def parse_fraction_dirname(name: str) -> float | None:
+    """The fraction a folder name stands for (the inverse of `fraction_dirname`, which writes
+    5e-05 as `f5e-05`), else None: the report reads back every name the sweep writes."""
+    m = _FRACTION_DIR.fullmatch(name)
+    if m:
+        return float(m.group(1))
+    try:
+        value = float(name[1:]) if name.startswith("f") else None
+    except ValueError:
+        return None
+    return value if value is not None and fraction_dirname(value) == name and 0 < value <= 1 else None
+
+
+def parse_seed_dirname(name: str) -> int | None:
+    """The seed a folder name stands for (the inverse of `seed_dirname`), else None."""
+    m = _SEED_DIR.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
 def is_reserved(name: str) -> bool:
     """A top-level run folder the report does not read as a trainer line."""
     return name in RESERVED_NAMES or name.startswith((".", "_"))

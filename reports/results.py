@@ -21,7 +21,6 @@ import csv
 import io
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 from medvqa.errors import BadInput
 from medvqa.io import read_json
 from medvqa.layout import fraction_dirname as fraction_dirname  # the run layout's names, defined once
-from medvqa.layout import is_reserved
+from medvqa.layout import is_reserved, parse_fraction_dirname, parse_seed_dirname
 
 COLUMNS: tuple[str, ...] = (
     "run",
@@ -59,9 +58,6 @@ COLUMNS: tuple[str, ...] = (
     "versions",
     "eval_dir",
 )
-
-_FRACTION_DIR = re.compile(r"^f(\d+(?:\.\d+)?)$")
-_SEED_DIR = re.compile(r"^s(-?\d+)$")
 
 
 @dataclass
@@ -239,19 +235,19 @@ def _sweep_records(run_dir: Path, gaps: list[Gap]) -> list[EvalRecord]:
         if is_reserved(trainer_dir.name):  # the one list the sweep's label check uses
             continue
         for frac_dir in sorted(p for p in trainer_dir.iterdir() if p.is_dir()):
-            m = _FRACTION_DIR.match(frac_dir.name)
-            if not m:
+            frac_name = parse_fraction_dirname(frac_dir.name)
+            if frac_name is None:
                 continue
             for seed_dir in sorted(p for p in frac_dir.iterdir() if p.is_dir()):
-                ms = _SEED_DIR.match(seed_dir.name)
-                if not ms:
+                seed_name = parse_seed_dirname(seed_dir.name)
+                if seed_name is None:
                     continue
                 ckpt_file = seed_dir / "checkpoint" / "checkpoint.json"
                 ckpt = read_checkpoint(ckpt_file) if ckpt_file.is_file() else {}
                 trainer = str(ckpt.get("trainer") or trainer_dir.name)
                 # a field that is absent or null falls back to the folder name (type-checked above)
-                fraction = float(m.group(1) if ckpt.get("fraction") is None else ckpt["fraction"])
-                seed = int(ms.group(1) if ckpt.get("seed") is None else ckpt["seed"])
+                fraction = float(frac_name if ckpt.get("fraction") is None else ckpt["fraction"])
+                seed = int(seed_name if ckpt.get("seed") is None else ckpt["seed"])
                 for eval_dir in _unscored_dirs(seed_dir):
                     gaps.append(
                         Gap("sweep", trainer_dir.name, fraction, seed, eval_dir.name, "no scores.json")
