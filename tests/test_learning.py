@@ -24,6 +24,8 @@ import pytest
 from medvqa.fractions import manifest_hash
 from medvqa.types import TrainRequest
 
+from tests.test_trainers import _closed_accuracy  # strict (closed accuracy, open EM) via eval
+
 pytestmark = pytest.mark.slow
 
 
@@ -51,26 +53,6 @@ def sft_checkpoint(tmp_path_factory, tiny_model_dir, train_samples):
     return SFTTrainerPlugin().train(request)
 
 
-def _strict_scores(model_spec: str, root: Path, out: Path) -> tuple[float, float]:
-    from medvqa.evaluate import EvalConfig, evaluate
-
-    scores = evaluate(
-        EvalConfig(
-            model=model_spec,
-            benchmark="phantom",
-            root=str(root),
-            out=str(out),
-            batch_size=64,
-            n_boot=0,
-            max_new_tokens=8,
-            progress=False,
-        ),
-        log=lambda msg: None,
-    )
-    strict = scores["scorers"]["strict"]
-    return strict["closed_accuracy"]["value"], strict["open_exact_match"]["value"]
-
-
 def _shifted_images_copy(root: Path, out: Path) -> Path:
     """A copy of the Phantom root whose test image i holds test image i+1's pixels."""
     shutil.copytree(root, out)
@@ -83,8 +65,8 @@ def _shifted_images_copy(root: Path, out: Path) -> Path:
 
 def test_sft_answers_depend_on_the_image(sft_checkpoint, phantom_root, tmp_path):
     shifted = _shifted_images_copy(Path(phantom_root), tmp_path / "shifted")
-    closed, open_em = _strict_scores(sft_checkpoint.model_spec, Path(phantom_root), tmp_path / "real")
-    blind_closed, blind_open = _strict_scores(sft_checkpoint.model_spec, shifted, tmp_path / "blind")
+    closed, open_em = _closed_accuracy(sft_checkpoint.model_spec, Path(phantom_root), tmp_path / "real")
+    blind_closed, blind_open = _closed_accuracy(sft_checkpoint.model_spec, shifted, tmp_path / "blind")
     # measured here: open exact match 52.5 with the right images, 40.8 with another scene's
     assert open_em >= blind_open + 7.5, (open_em, blind_open)
     assert closed >= blind_closed - 5, (closed, blind_closed)  # closed: not worse with the right image
