@@ -54,6 +54,8 @@ OPEN_METRICS: dict[str, tuple[str, ...]] = {
     "llava-med": ("open_recall", "open_precision", "open_f1", "open_exact_match", "open_bleu"),
     "strict": ("open_recall", "open_precision", "open_f1", "open_exact_match"),
 }
+# The one number per answer type that a table, an export or the viewer shows for an item.
+HEADLINE: dict[str, str] = {"CLOSED": "closed_accuracy", "OPEN": "open_recall"}
 METRIC_HELP: dict[str, str] = {
     "closed_accuracy": "CLOSED items answered right (llava-med: gold is a substring of the prediction)",
     "open_recall": "OPEN items: share of gold words found in the prediction",

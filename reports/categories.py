@@ -18,12 +18,12 @@ from typing import Any
 
 from medvqa.reports.stats import load_scored
 from medvqa.reports.tables import Line, Table, parse_baseline
+from medvqa.scoring import HEADLINE
 
 # Meta fields that name a question category, in the order they are shown. A field is used where
 # the rows have it with 2..MAX_VALUES distinct values (more is an id, fewer is not a breakdown).
 CATEGORY_FIELDS: tuple[str, ...] = ("slot", "content_type", "question_type", "modality")
 MAX_VALUES = 40
-HEADLINE = {"CLOSED": "closed_accuracy", "OPEN": "open_recall"}
 
 
 @dataclass

@@ -34,10 +34,10 @@ from typing import Any
 
 from medvqa.errors import BadInput
 from medvqa.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
+from medvqa.scoring import HEADLINE
 
 FORMATS: tuple[str, ...] = ("lm-eval", "lmms-eval")
 SCORES, SCORED, PREDICTIONS = "scores.json", "scored.jsonl", "predictions.jsonl"  # an eval folder's files
-HEADLINE = {"CLOSED": "closed_accuracy", "OPEN": "open_recall"}
 
 
 @dataclass(frozen=True)

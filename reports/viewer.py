@@ -24,6 +24,7 @@ from typing import Any
 from medvqa.errors import BadInput
 from medvqa.io import atomic_write_text, read_json, read_jsonl
 from medvqa.reports.stats import load_scored
+from medvqa.scoring import HEADLINE
 
 SCORERS = ("llava-med", "strict")
 MAX_CATEGORY_VALUES = 40  # a meta field with more distinct values is an id, not a category
@@ -92,7 +93,7 @@ def verdict(row: dict[str, Any], scorer: str) -> dict[str, Any] | None:
     values = row.get(scorer)
     if not isinstance(values, dict):
         return None
-    metric = "closed_accuracy" if row.get("answer_type") == "CLOSED" else "open_recall"
+    metric = HEADLINE["CLOSED" if row.get("answer_type") == "CLOSED" else "OPEN"]
     v = values.get(metric)
     if not isinstance(v, int | float) or isinstance(v, bool):
         return None
