@@ -307,57 +307,34 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_overlap(args: argparse.Namespace) -> int:
-    from medvqa.safety import image_sha256
+    from medvqa.overlap import image_overlap
 
     bench = _benchmark(args)
-    hashes: dict[str, dict[str, str]] = {}  # split -> sha256 -> image id
-    per_question: dict[str, list[str]] = {}
-    n_skipped = 0
-    cache: dict[str, str] = {}
-    for split in (args.train_split, args.test_split):
-        samples, _, skipped = _load(bench, split, args)
-        n_skipped += skipped
-        seen: dict[str, str] = {}
-        digests = []
-        for s in samples:
-            key = s.image if isinstance(s.image, str) else None
-            if key is not None and key in cache:
-                digest = cache[key]
-            else:
-                digest = image_sha256(s.image)
-                if key is not None:
-                    cache[key] = digest
-            seen.setdefault(digest, s.image_id)
-            digests.append(digest)
-        hashes[split] = seen
-        per_question[split] = digests
-    a, b = hashes[args.train_split], hashes[args.test_split]
-    shared = sorted(set(a) & set(b), key=lambda d: b[d])
-    shared_set = set(shared)
+    tr, te = args.train_split, args.test_split
+    train, _, skipped_train = _load(bench, tr, args)
+    test, _, skipped_test = _load(bench, te, args)
+    found = image_overlap(train, test, examples=args.examples)
+    n_skipped = skipped_train + skipped_test
     out = {
         "benchmark": bench.name,
         "benchmark_version": bench.version,
-        "layout": bench.detect_layout(args.root, args.test_split),
-        "splits": [args.train_split, args.test_split],
-        "n_images": {args.train_split: len(a), args.test_split: len(b)},
-        "n_shared_images": len(shared),
-        "share_of_test_images": round(100.0 * len(shared) / len(b), 2) if b else 0.0,
-        "n_test_questions_on_shared_images": sum(d in shared_set for d in per_question[args.test_split]),
-        "n_test_questions": len(per_question[args.test_split]),
+        "layout": bench.detect_layout(args.root, te),
+        "splits": [tr, te],
+        "n_images": {tr: found["n_images"]["train"], te: found["n_images"]["test"]},
+        "n_shared_images": found["n_shared_images"],
+        "share_of_test_images": found["share_of_test_images"],
+        "n_test_questions_on_shared_images": found["n_test_questions_on_shared_images"],
+        "n_test_questions": found["n_test_questions"],
         "n_skipped": n_skipped,
-        "examples": [
-            {"sha256": d, args.train_split: a[d], args.test_split: b[d]}
-            for d in shared[: max(args.examples, 0)]
-        ],
+        "examples": [{"sha256": ex["sha256"], tr: ex["train"], te: ex["test"]} for ex in found["examples"]],
     }
     if args.json:
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0
-    tr, te = args.train_split, args.test_split
     print(f"{bench.name}: {out['layout']}")
-    print(f"images       {tr} {len(a)}, {te} {len(b)} (distinct by content)")
+    print(f"images       {tr} {out['n_images'][tr]}, {te} {out['n_images'][te]} (distinct by content)")
     print(
-        f"shared       {len(shared)} images ({out['share_of_test_images']}% of {te} images), "
+        f"shared       {out['n_shared_images']} images ({out['share_of_test_images']}% of {te} images), "
         f"asked about by {out['n_test_questions_on_shared_images']} of {out['n_test_questions']} {te} questions"
     )
     for ex in out["examples"]:
