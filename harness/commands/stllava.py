@@ -222,10 +222,11 @@ def run(args: argparse.Namespace) -> int:
 def _run_dpo(args: argparse.Namespace, cfg: Any, out: Path) -> dict[str, Any]:
     """DPO on explicit pairs; the checkpoint records the stage-1 checkpoint's data provenance."""
     from medvqa.errors import BadInput
-    from medvqa.io import library_versions, read_json
+    from medvqa.io import read_json
     from medvqa.trainers import stllava_med as st
-    from medvqa.trainers.checkpoints import read_checkpoint, write_checkpoint
+    from medvqa.trainers.checkpoints import checkpoint_meta, read_checkpoint, write_checkpoint
     from medvqa.trainers.models import spec_path
+    from medvqa.types import TrainRequest
 
     stage1 = Path(spec_path(args.model))
     if not stage1.is_dir():
@@ -235,23 +236,25 @@ def _run_dpo(args: argparse.Namespace, cfg: Any, out: Path) -> dict[str, Any]:
         return read_json(out / "checkpoint.json").get("dpo", {})
     s1 = read_checkpoint(stage1) or {}
     dpo = st.train_dpo(stage1, Path(args.pairs), out, cfg, seed=args.seed)
-    import dataclasses
-
-    meta = {
-        "trainer": "stllava-med",
-        "fraction": s1.get("fraction"),
-        "seed": s1.get("seed", args.seed),
-        "manifest_hash": s1.get("manifest_hash", ""),
-        "n_labeled": s1.get("n_labeled", 0),
-        "n_pairs": dpo["n_pairs"],
-        "base_model": s1.get("base_model", ""),
-        "config": dataclasses.asdict(cfg),
-        "versions": library_versions(),
-        "loss": cfg.dpo_loss,
-        "dpo": dpo,
-        "stage1": str(stage1),
-        "reference": f"stage 1 ({stage1})",
-        "pairs_file": str(args.pairs),
-    }
+    provenance = TrainRequest(  # the stage-1 checkpoint's data provenance, not this command's
+        base_model=s1.get("base_model", ""),
+        train_samples=(),
+        out_dir=out,
+        seed=s1.get("seed", args.seed),
+        fraction=s1.get("fraction"),
+        manifest_hash=s1.get("manifest_hash", ""),
+    )
+    meta = checkpoint_meta(
+        trainer="stllava-med",
+        request=provenance,
+        config=cfg,
+        n_labeled=s1.get("n_labeled", 0),
+        n_pairs=dpo["n_pairs"],
+        loss=cfg.dpo_loss,
+        dpo=dpo,
+        stage1=str(stage1),
+        reference=f"stage 1 ({stage1})",
+        pairs_file=str(args.pairs),
+    )
     write_checkpoint(out, meta)
     return dpo
