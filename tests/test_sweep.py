@@ -165,6 +165,22 @@ def test_smoke_sweep_end_to_end(smoke_run):
         if r["label"] == "sft" and r["metric"] == "closed_accuracy" and r["scorer"] == "llava-med"
     ]
     assert {r["n"] for r in sft} == {"60"}  # 30 test images x 2 closed questions
+    # What the harness exists to measure: SFT learns (both fractions clearly above the base model's
+    # open recall), and more labeled data does not hurt (closed + open mean, 5-point noise tolerance;
+    # measured 48.8 at 25% vs 54.2 at 100%, base open recall 28.3).
+    llava = {
+        (r["label"], r["fraction"], r["metric"]): float(r["value"])
+        for r in rows
+        if r["scorer"] == "llava-med" and r["metric"] in ("closed_accuracy", "open_recall")
+    }
+    base_open = next(
+        v for (label, _, m), v in llava.items() if label.startswith("base") and m == "open_recall"
+    )
+    mean = {
+        f: (llava["sft", f, "closed_accuracy"] + llava["sft", f, "open_recall"]) / 2 for f in ("0.25", "1.0")
+    }
+    assert min(llava["sft", f, "open_recall"] for f in ("0.25", "1.0")) >= base_open + 10, (llava, base_open)
+    assert mean["1.0"] >= mean["0.25"] - 5, mean
     # the trainer used exactly the fraction the sweep computed (nested: 0.25 within 1.0)
     cfg, run_dir = load_config(SMOKE, out=run)
     sweep = Sweep(cfg, run_dir)
