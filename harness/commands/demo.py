@@ -63,18 +63,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from medvqa.errors import BadInput
+    from medvqa.commands.sweep import run_overrides
     from medvqa.sweeps import run_sweep
 
     config = preset_config(args.preset)
     out = args.out or ("runs/demo" if args.preset == "default" else "runs/demo-smoke")
-    overrides = {}
-    for name in ("jobs", "threads"):
-        value = getattr(args, name)
-        if value is not None:
-            if value < 0:
-                raise BadInput(f"--{name} must be >= 0 (0 = auto)")
-            overrides[name] = value
+    overrides = run_overrides(args)
     print(f"medvqa demo ({args.preset}): config {config}, run folder {out}", flush=True)
     t0 = time.perf_counter()
     failed, run_dir, md = run_sweep(

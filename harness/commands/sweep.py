@@ -39,9 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def run_overrides(args: argparse.Namespace) -> dict[str, int]:
+    """`[run]` settings given as flags (--jobs, --threads), checked; shared with `medvqa demo`."""
     from medvqa.errors import BadInput
-    from medvqa.sweeps import run_sweep
 
     overrides = {}
     for name in ("jobs", "threads"):
@@ -50,6 +50,13 @@ def run(args: argparse.Namespace) -> int:
             if value < 0:
                 raise BadInput(f"--{name} must be >= 0 (0 = auto)")
             overrides[name] = value
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    from medvqa.sweeps import run_sweep
+
+    overrides = run_overrides(args)
     failed, _run_dir, md = run_sweep(
         args.config,
         out=args.out,
