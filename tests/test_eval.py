@@ -240,13 +240,16 @@ def test_accelerate_two_processes_equal_one(reference_run, tiny_model_dir, phant
     ref_out, ref = reference_run
     accelerate = Path(sys.executable).with_name("accelerate")
     out = tmp_path / "ddp"
-    cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1"]
+    # `--cpu` makes accelerate (1.15) start ONE process whatever --num_processes says; --multi_gpu
+    # starts two (torchrun), and medvqa.distributed sets up a gloo group on CPU.
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "medvqa.cli", "eval"]
     cmd += ["--model", f"hf:{tiny_model_dir}", "--benchmark", "phantom", "--root", str(phantom_root)]
     cmd += ["--out", str(out), "--limit", str(LIMIT), "--batch-size", "8", "--max-new-tokens", "4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{LIMIT} questions sharded across 2 processes" in res.stdout + res.stderr  # two ranks really ran
     scores = json.loads((out / "scores.json").read_text())
     assert scores["scorers"] == ref["scorers"] and scores["key"] == ref["key"]
     assert (out / "predictions.jsonl").read_text() == (ref_out / "predictions.jsonl").read_text()

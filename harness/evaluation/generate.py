@@ -78,6 +78,8 @@ def generate_predictions(
         log(f"resuming: {n_done} of {len(plan.samples)} questions already answered in {out / PREDICTIONS}")
     elif n_done and dist.main:
         log(f"all {n_done} questions already answered in {out / PREDICTIONS}: scoring them again")
+    if dist.world > 1 and dist.main and pending:
+        log(f"{len(pending)} questions sharded across {dist.world} processes")
 
     result = Generated()
     if mine:
