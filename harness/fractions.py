@@ -17,6 +17,21 @@ from typing import Any
 from medvqa.errors import BadInput
 from medvqa.types import TrainRequest, VQASample, stable_hash
 
+MAX_SEED = 2**32  # seeds are numpy/torch seeds: [0, 2^32)
+
+
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """A seed numpy and torch both accept (checked before any data or model is loaded)."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < MAX_SEED:
+        raise BadInput(f"{what} must be an integer in [0, 2^32), got {seed!r}")
+    return seed
+
+
+def check_fraction(fraction: Any, what: str = "fraction") -> float:
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+        raise BadInput(f"{what} must be a number in (0, 1], got {fraction!r}")
+    return float(fraction)
+
 
 def _rank(seed: int, image_id: str) -> str:
     return hashlib.sha256(f"{seed}\x00{image_id}".encode()).hexdigest()

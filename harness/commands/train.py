@@ -183,9 +183,11 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from medvqa.errors import BadInput
-    from medvqa.fractions import fraction_request
+    from medvqa.fractions import check_fraction, check_seed, fraction_request
     from medvqa.registry import benchmarks, trainers
 
+    check_seed(args.seed, "--seed")
+    check_fraction(args.fraction, "--fraction")
     trainer_cls = trainers.get(args.trainer)
     if not hasattr(trainer_cls, "config_class"):
         raise BadInput(f"trainer {args.trainer!r} declares no config_class")

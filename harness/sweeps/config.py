@@ -18,30 +18,17 @@ from typing import Any, Literal, TypeVar
 
 from medvqa.config import dataclass_from_mapping
 from medvqa.errors import BadInput
+from medvqa.fractions import check_fraction, check_seed
 from medvqa.io import read_toml
 from medvqa.layout import check_folder_name
 
 C = TypeVar("C")
-MAX_SEED = 2**32  # seeds are numpy/torch seeds: [0, 2^32)
 
 
 def _at_least(obj: Any, name: str, low: float) -> None:
     value = getattr(obj, name)
     if value < low:
         raise BadInput(f"key {name!r} must be >= {low:g}, got {value!r}")
-
-
-def check_seed(seed: Any, what: str = "seed") -> int:
-    """A seed numpy and torch both accept."""
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < MAX_SEED:
-        raise BadInput(f"{what} must be an integer in [0, 2^32), got {seed!r}")
-    return seed
-
-
-def check_fraction(fraction: Any, what: str = "fraction") -> float:
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
-        raise BadInput(f"{what} must be a number in (0, 1], got {fraction!r}")
-    return float(fraction)
 
 
 @dataclass

@@ -348,7 +348,7 @@ def _build_job_config(ns: argparse.Namespace) -> Any:
     from medvqa.trainers.config import resolve_trainer_config
 
     if ns.func.__module__.endswith(".train"):
-        from medvqa.sweeps.config import check_fraction, check_seed
+        from medvqa.fractions import check_fraction, check_seed
 
         check_fraction(ns.fraction, "--fraction")
         check_seed(ns.seed, "--seed")
