@@ -162,11 +162,12 @@ def _replay_samples(args: argparse.Namespace) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-
     from medvqa.commands.train import resolve_config
+    from medvqa.fractions import check_seed
     from medvqa.io import atomic_write_json
     from medvqa.trainers import stllava_med as st
 
+    check_seed(args.seed, "--seed")
     if getattr(args, "base_url", None):
         args.cfg_expert_options = {**(args.cfg_expert_options or {}), "base_url": args.base_url}
     cfg = resolve_config(st.STLLaVAMedTrainer, args)
