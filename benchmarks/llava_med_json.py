@@ -28,9 +28,9 @@ from medvqa.benchmarks._files import (
     text_field,
     yes_no_type,
 )
-from medvqa.safety import ImageChecker, resolve_inside
 from medvqa.errors import BadInput
 from medvqa.registry import benchmarks
+from medvqa.safety import ImageChecker, resolve_inside
 from medvqa.types import VQASample
 
 

@@ -31,9 +31,9 @@ from medvqa.benchmarks._files import (
     text_field,
     yes_no_type,
 )
-from medvqa.safety import ImageChecker, resolve_inside, safe_load_pickle
 from medvqa.errors import BadInput
 from medvqa.registry import benchmarks
+from medvqa.safety import ImageChecker, resolve_inside, safe_load_pickle
 from medvqa.types import VQASample
 
 PARQUET_SPLITS = {"train": ("train",), "val": ("validation", "val", "valid"), "test": ("test",)}

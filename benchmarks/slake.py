@@ -28,10 +28,10 @@ from medvqa.benchmarks._files import (
     plain_meta,
     text_field,
 )
-from medvqa.safety import ImageChecker, resolve_inside
 from medvqa.errors import BadInput
 from medvqa.io import read_json
 from medvqa.registry import benchmarks
+from medvqa.safety import ImageChecker, resolve_inside
 from medvqa.types import VQASample
 
 SPLIT_FILES = {

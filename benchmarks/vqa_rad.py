@@ -32,10 +32,10 @@ from medvqa.benchmarks._files import (
     text_field,
     yes_no_type,
 )
-from medvqa.safety import ImageChecker, resolve_inside
 from medvqa.errors import BadInput
 from medvqa.io import read_json
 from medvqa.registry import benchmarks
+from medvqa.safety import ImageChecker, resolve_inside
 from medvqa.types import VQASample
 
 JSON_NAME = "VQA_RAD Dataset Public.json"

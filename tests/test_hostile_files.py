@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from medvqa.safety import DEFAULT_MAX_PIXELS, resolve_inside, safe_load_pickle
 from medvqa.cli import main
 from medvqa.errors import BadInput
 from medvqa.registry import benchmarks
+from medvqa.safety import DEFAULT_MAX_PIXELS, resolve_inside, safe_load_pickle
 from medvqa.types import SkippedRecord
 
 from tests import real_fixtures as fx

@@ -11,7 +11,13 @@ from PIL import Image
 
 def _sample(image: Path, sid: str, split: str) -> VQASample:
     return VQASample(
-        id=sid, image=str(image), question="q?", answer="yes", answer_type="CLOSED", benchmark="x", split=split
+        id=sid,
+        image=str(image),
+        question="q?",
+        answer="yes",
+        answer_type="CLOSED",
+        benchmark="x",
+        split=split,
     )
 
 

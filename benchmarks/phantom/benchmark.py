@@ -10,9 +10,9 @@ from medvqa.benchmarks._files import FileBenchmark, Problems, collect, is_unicod
 from medvqa.benchmarks.phantom.files import inside, load_captions, read_manifest, split_file
 from medvqa.benchmarks.phantom.grammar import corpus_texts
 from medvqa.benchmarks.phantom.taxonomy import GENERATOR_VERSION, SPLITS
-from medvqa.safety import ImageChecker
 from medvqa.errors import BadInput
 from medvqa.registry import benchmarks
+from medvqa.safety import ImageChecker
 from medvqa.types import VQASample
 
 

@@ -17,8 +17,8 @@ from medvqa.benchmarks.phantom.grammar import SLOTS_BY_NAME, caption_for, render
 from medvqa.benchmarks.phantom.render import render_scene
 from medvqa.benchmarks.phantom.scenes import Scene, sample_scene
 from medvqa.benchmarks.phantom.taxonomy import BUILD_HINT, GENERATOR_VERSION, SPLITS, PhantomConfig
-from medvqa.safety import resolve_inside
 from medvqa.errors import BadInput
+from medvqa.safety import resolve_inside
 from medvqa.types import VQASample
 
 _SPLIT_STREAM = {"train": 1, "test": 2}
