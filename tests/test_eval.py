@@ -472,20 +472,17 @@ def test_changed_scoring_settings_rescore_without_generating(reference_run, tiny
     assert (out / "predictions.jsonl").read_bytes() == predictions
 
 
+def _cli_args(model_dir, root) -> list[str]:
+    """`medvqa eval` of the tiny model on the Phantom folder `root` (the rest is the test's)."""
+    return ["eval", "--model", f"hf:{model_dir}", "--benchmark", "phantom", "--root", str(root)]
+
+
 def test_cli_rescore_needs_complete_predictions(reference_run, tiny_model_dir, tmp_path, monkeypatch, capsys):
     ref_out, ref = reference_run
     out = tmp_path / "run"
     shutil.copytree(ref_out, out)
     _refuse_model_loading(monkeypatch)
-    args = [
-        "eval",
-        "--model",
-        f"hf:{tiny_model_dir}",
-        "--benchmark",
-        "phantom",
-        "--root",
-        str(ref_out / ref["root"]),
-    ]
+    args = _cli_args(tiny_model_dir, ref_out / ref["root"])
     args += ["--out", str(out), "--limit", str(LIMIT), "--max-new-tokens", "4", "--rescore"]
     assert main([*args, "--n-boot", "20"]) == 0
     assert "(rescored)" in capsys.readouterr().err
@@ -707,15 +704,7 @@ def test_hand_corrupted_resume_row_is_one_line(reference_run, tiny_model_dir, tm
     rows[9].pop("question_id")
     (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     _refuse_model_loading(monkeypatch)
-    args = [
-        "eval",
-        "--model",
-        f"hf:{tiny_model_dir}",
-        "--benchmark",
-        "phantom",
-        "--root",
-        str(ref_out / ref["root"]),
-    ]
+    args = _cli_args(tiny_model_dir, ref_out / ref["root"])
     args += ["--out", str(out), "--limit", str(LIMIT), "--max-new-tokens", "4"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()

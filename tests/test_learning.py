@@ -92,22 +92,9 @@ def _caption_loss(model, processor, samples) -> float:
 
 def _captions(root: Path, split: str):
     from medvqa.benchmarks.phantom import load_captions
-    from medvqa.prompts import CAPTION_INSTRUCTION
-    from medvqa.types import VQASample
+    from medvqa.trainers.align import caption_samples
 
-    return [
-        VQASample(
-            id=f"{r['image_id']}-caption",
-            image=r["image"],
-            question=CAPTION_INSTRUCTION,
-            answer=r["caption"],
-            answer_type="OPEN",
-            benchmark="phantom",
-            split=split,
-            meta={"image_id": r["image_id"]},
-        )
-        for r in load_captions(str(root), split)
-    ]
+    return caption_samples(load_captions(str(root), split), benchmark="phantom", split=split)
 
 
 def test_align_lowers_the_caption_loss_on_unseen_captions(tiny_model_dir, phantom_root, tmp_path):

@@ -12,13 +12,14 @@ ships `captions.jsonl`) or from `--captions FILE.jsonl` (`{"image", "caption"}` 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from medvqa.registry import trainers
 from medvqa.trainers.base import TrainerPlugin
 from medvqa.trainers.config import TrainConfig
-from medvqa.types import Checkpoint, TrainRequest
+from medvqa.types import Checkpoint, TrainRequest, VQASample
 
 
 @dataclass
@@ -30,6 +31,26 @@ class AlignConfig(TrainConfig):
     instruction: str = field(
         default="", metadata={"help": "the describe-instruction; empty = the samples' own question text"}
     )
+
+
+def caption_samples(records: Iterable[Mapping[str, str]], *, benchmark: str, split: str) -> list[VQASample]:
+    """Caption records (`{"image_id", "image", "caption"}`) as the samples `align` trains on:
+    question = the describe-instruction, answer = the caption."""
+    from medvqa.prompts import CAPTION_INSTRUCTION
+
+    return [
+        VQASample(
+            id=f"{r['image_id']}-caption",
+            image=r["image"],
+            question=CAPTION_INSTRUCTION,
+            answer=r["caption"],
+            answer_type="OPEN",
+            benchmark=benchmark,
+            split=split,
+            meta={"image_id": r["image_id"]},
+        )
+        for r in records
+    ]
 
 
 ALIGN_PRESETS: dict[str, dict[str, Any]] = {

@@ -139,8 +139,7 @@ def _caption_samples(args: argparse.Namespace, bench: Any) -> list[Any]:
     """Caption records as VQASamples (question = the describe-instruction, answer = the caption)."""
     from medvqa.errors import BadInput
     from medvqa.io import iter_jsonl
-    from medvqa.prompts import CAPTION_INSTRUCTION
-    from medvqa.types import VQASample
+    from medvqa.trainers.align import caption_samples
 
     records = []
     if args.captions:
@@ -164,19 +163,7 @@ def _caption_samples(args: argparse.Namespace, bench: Any) -> list[Any]:
         raise BadInput(
             f"the align trainer needs captions: benchmark {args.benchmark!r} has none; pass --captions FILE"
         )
-    return [
-        VQASample(
-            id=f"{r['image_id']}-caption",
-            image=r["image"],
-            question=CAPTION_INSTRUCTION,
-            answer=r["caption"],
-            answer_type="OPEN",
-            benchmark=args.benchmark,
-            split=args.split,
-            meta={"image_id": r["image_id"]},
-        )
-        for r in records
-    ]
+    return caption_samples(records, benchmark=args.benchmark, split=args.split)
 
 
 def run(args: argparse.Namespace) -> int:
