@@ -9,6 +9,7 @@ an error: a misconfigured launch must fail loudly, not let ranks read files rank
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -70,3 +71,44 @@ def wait_for_everyone() -> None:
     st = state()
     if st is not None:
         st.wait_for_everyone()
+
+
+@dataclass
+class Dist:
+    """This process's place in a launch: rank, world size and accelerate's state (None when alone).
+
+    `Dist()` is a single process; `Dist.current()` asks the launch. Evaluation and STLLaVA-Med's
+    stage 2 shard their work with it (rank r takes every `world`-th item)."""
+
+    rank: int = 0
+    world: int = 1
+    state: Any = None
+
+    @classmethod
+    def current(cls, timeout_s: float | None = None) -> Dist:
+        """The launch's ranks; with `timeout_s`, the first call in a process sets the process-group
+        timeout (a rank waits this long at a barrier, e.g. while rank 0 merges a long stage)."""
+        if not is_distributed():
+            return cls()
+        if timeout_s:
+            from datetime import timedelta
+
+            import torch
+            from accelerate import PartialState
+
+            # the shared state is set up by its first call: this one, with our timeout
+            PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=float(timeout_s)))
+        st = state()
+        return cls(int(st.process_index), int(st.num_processes), st)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> str | None:
+        return str(self.state.device) if self.state is not None else None
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()

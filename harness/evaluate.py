@@ -37,8 +37,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from medvqa.distributed import Dist
 from medvqa.errors import BadInput
-from medvqa.evaluation.generate import Dist, generate_predictions
+from medvqa.evaluation.generate import generate_predictions
 from medvqa.evaluation.plan import EvalPlan, default_out_dir, generation_settings, make_plan, run_key
 from medvqa.evaluation.runfiles import (
     PREDICTIONS,
@@ -175,7 +176,7 @@ def evaluate(
     whose scoring options changed is rescored from predictions.jsonl.
     """
     started = time.perf_counter()
-    dist = Dist()
+    dist = Dist.current()
     say = log or (lambda msg: print(msg, file=sys.stderr))
     spec = cfg.model if model is None else getattr(model, "spec", cfg.model)
     plan = make_plan(cfg, spec)

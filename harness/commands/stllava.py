@@ -141,7 +141,7 @@ def _images_from(args: argparse.Namespace) -> list[str]:
 
 def _dist(cfg: Any) -> Any:
     """Ranks of an `accelerate launch` (the step's items are sharded across them), else one process."""
-    from medvqa.trainers.stllava_med.stagefiles import Dist
+    from medvqa.distributed import Dist
 
     return Dist.current(cfg.dist_timeout_s)
 

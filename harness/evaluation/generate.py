@@ -14,6 +14,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
+from medvqa.distributed import Dist
 from medvqa.errors import BadInput
 from medvqa.evaluation.plan import EvalPlan
 from medvqa.evaluation.runfiles import PREDICTIONS, read_predictions
@@ -22,29 +23,6 @@ from medvqa.types import GenerationRequest, GenerationSettings, VQASample
 
 # Rows reach the OS after every batch (a kill -9 loses nothing flushed); fsync at most this often.
 SYNC_INTERVAL_S = 5.0
-
-
-class Dist:
-    """Rank, world size, device and barriers of this launch (`medvqa.distributed` decides)."""
-
-    def __init__(self) -> None:
-        from medvqa import distributed
-
-        self.state: Any = distributed.state()
-        self.rank = distributed.rank()
-        self.world = int(self.state.num_processes) if self.state is not None else 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def device(self) -> str | None:
-        return str(self.state.device) if self.state is not None else None
-
-    def barrier(self) -> None:
-        if self.state is not None:
-            self.state.wait_for_everyone()
 
 
 @dataclass

@@ -146,7 +146,8 @@ def _raw_generate(model, encoded):
 def _eval_generate(model, plan, out):
     import dataclasses
 
-    from medvqa.evaluation.generate import Dist, generate_predictions
+    from medvqa.distributed import Dist
+    from medvqa.evaluation.generate import generate_predictions
     from medvqa.io import read_jsonl
 
     run = dataclasses.replace(plan, out=out)

@@ -13,8 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from medvqa.distributed import Dist
 from medvqa.trainers.stllava_med.config import STLLaVAMedConfig
-from medvqa.trainers.stllava_med.stagefiles import Dist, iter_checked, run_sharded, seed_for
+from medvqa.trainers.stllava_med.stagefiles import iter_checked, run_sharded, seed_for
 
 _NON_WORD = re.compile(r"[^\w\s]+")
 

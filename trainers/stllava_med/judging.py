@@ -14,8 +14,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from medvqa.distributed import Dist
 from medvqa.errors import BadInput
-from medvqa.trainers.stllava_med.stagefiles import Dist, iter_checked, read_rows, run_sharded
+from medvqa.trainers.stllava_med.stagefiles import iter_checked, read_rows, run_sharded
 
 log = logging.getLogger("medvqa.train")
 

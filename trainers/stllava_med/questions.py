@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medvqa.distributed import Dist
 from medvqa.trainers.stllava_med.answers import distinct_questions
 from medvqa.trainers.stllava_med.config import STLLaVAMedConfig
-from medvqa.trainers.stllava_med.stagefiles import Dist, image_key, run_sharded, seed_for
+from medvqa.trainers.stllava_med.stagefiles import image_key, run_sharded, seed_for
 
 
 def unlabeled_pool(images: Sequence[str], cfg: STLLaVAMedConfig, seed: int) -> list[str]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medvqa.distributed import Dist
 from medvqa.types import stable_hash
 
 log = logging.getLogger("medvqa.train")
@@ -62,42 +62,6 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 # --- ranks -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    """This process's rank and the world size (accelerate's state when launched with > 1 process)."""
-
-    rank: int = 0
-    world: int = 1
-    state: Any = None
-
-    @classmethod
-    def current(cls, timeout_s: float | None = None) -> Dist:
-        """The launch's ranks (`medvqa.distributed`); the first call in a process sets the
-        process-group timeout (a rank waits this long at a barrier)."""
-        from medvqa import distributed
-
-        if not distributed.is_distributed():
-            return cls()
-        if timeout_s:
-            from datetime import timedelta
-
-            import torch
-            from accelerate import PartialState
-
-            # the shared state is set up by its first call: this one, with our timeout
-            PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=float(timeout_s)))
-        state = distributed.state()
-        return cls(state.process_index, state.num_processes, state)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.state is not None:
-            self.state.wait_for_everyone()
 
 
 def shard_path(path: Path, rank: int) -> Path:

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from medvqa.distributed import Dist
 from medvqa.errors import BadInput
 from medvqa.registry import trainers
 from medvqa.trainers.base import TrainerPlugin
@@ -16,7 +17,7 @@ from medvqa.trainers.stllava_med.judging import build_expert, judge_answers
 from medvqa.trainers.stllava_med.pairs import make_pairs
 from medvqa.trainers.stllava_med.questions import generate_questions, unlabeled_pool
 from medvqa.trainers.stllava_med.stage1 import train_stage1
-from medvqa.trainers.stllava_med.stagefiles import Dist, read_rows
+from medvqa.trainers.stllava_med.stagefiles import read_rows
 from medvqa.types import Checkpoint, TrainRequest
 
 log = logging.getLogger("medvqa.train")
