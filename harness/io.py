@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -221,7 +221,13 @@ def lock_path(target: str | os.PathLike[str]) -> Path:
 
 
 @contextmanager
-def output_lock(target: str | os.PathLike[str], *, flag: str = "--out") -> Iterator[Path]:
+def output_lock(
+    target: str | os.PathLike[str],
+    *,
+    flag: str = "--out",
+    wait_s: float = 0.0,
+    on_wait: Callable[[str], None] | None = None,
+) -> Iterator[Path]:
     """Hold an exclusive lock on an output (a run folder or a file) while a long job writes it.
 
     A second process on the same output fails at once with a BadInput naming it (exit 2) instead of
@@ -229,6 +235,10 @@ def output_lock(target: str | os.PathLike[str], *, flag: str = "--out") -> Itera
     releases it when the holder exits or is killed (-9 included); the file itself stays (deleting it
     would race with the next holder). A folder must exist before it is locked (else the lock sits
     beside it, as for a file). Where `fcntl` does not exist (Windows) nothing is locked.
+
+    `wait_s` > 0: a second process waits up to that long for the holder instead (a shared cache
+    entry that one process computes and the others then reuse); `on_wait(holder pid)` is called
+    once when it starts waiting. Still held after `wait_s`: the same BadInput.
     """
     path = lock_path(target)
     try:
@@ -246,19 +256,44 @@ def output_lock(target: str | os.PathLike[str], *, flag: str = "--out") -> Itera
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
         except BlockingIOError:
+            held = False
+        if not held:
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-            raise BadInput(
-                f"another process{f' (pid {holder})' if holder.isdigit() else ''} is writing this output; "
-                f"wait for it to finish or choose another {flag}",
-                path=target,
-                field=flag,
-            ) from None
+            if wait_s > 0 and on_wait is not None:
+                on_wait(holder if holder.isdigit() else "?")
+            if not (wait_s > 0 and _flock_within(fd, wait_s)):
+                waited = f" (still, after {wait_s:g} s)" if wait_s > 0 else ""
+                raise BadInput(
+                    f"another process{f' (pid {holder})' if holder.isdigit() else ''} is writing this output"
+                    f"{waited}; wait for it to finish or choose another {flag}",
+                    path=target,
+                    field=flag,
+                )
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
         yield path
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _flock_within(fd: int, seconds: float) -> bool:
+    """Take the exclusive flock on `fd` within `seconds` (polled, backing off to 2 s); False if not."""
+    import fcntl
+
+    deadline = time.monotonic() + seconds
+    delay = 0.05
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(delay, left))
+            delay = min(2 * delay, 2.0)
 
 
 def library_versions() -> dict[str, str]:

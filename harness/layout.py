@@ -12,8 +12,9 @@ import re
 
 from medvqa.errors import BadInput
 
-# Top-level folders of a run that are not trainer labels (set-up output, references, the report).
-RESERVED_NAMES = frozenset({"reference", "report", "base", "data", "models", "logs"})
+# Top-level folders of a run that are not trainer labels (set-up output, references, the report,
+# the STLLaVA-Med stage cache the demo keeps at `{out}/stage-cache`).
+RESERVED_NAMES = frozenset({"reference", "report", "base", "data", "models", "logs", "stage-cache"})
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 

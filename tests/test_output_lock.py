@@ -62,3 +62,32 @@ def test_unwritable_place_is_bad_input(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(BadInput, match="cannot create the lock file"), output_lock(blocker / "run"):
         pass
+
+
+def test_a_waiting_second_process_gets_the_lock_when_the_holder_lets_go(tmp_path: Path) -> None:
+    """`wait_s`: a shared cache entry's second user waits for the first instead of failing."""
+    import os
+    import threading
+
+    out = tmp_path / "entry"
+    out.mkdir()
+    waited_for: list[str] = []
+    got: list[float] = []
+
+    def second() -> None:
+        with output_lock(out, wait_s=30, on_wait=waited_for.append):
+            got.append(time.monotonic())
+
+    with output_lock(out):  # a flock is per open file: a thread of this process is another holder
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        time.sleep(0.5)
+        assert not got and waited_for == [str(os.getpid())]
+        released = time.monotonic()
+    waiter.join(timeout=30)
+    assert got and got[0] >= released
+    with output_lock(out):
+        started = time.monotonic()
+        with pytest.raises(BadInput, match=r"still, after 0.3 s"), output_lock(out, wait_s=0.3):
+            pass
+        assert 0.3 <= time.monotonic() - started < 3

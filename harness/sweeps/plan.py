@@ -278,7 +278,10 @@ class Planner:
         by_id = {j.id: j for j in jobs}
         for j in jobs:  # keys in dependency order (deps always come first in the list)
             dep_keys = [by_id[d].key for d in j.deps]
-            files = {self._portable(str(p)): t for p, t in self.files.items() if str(p) in j.args}
+            # a settings file may name the run folder too (`stage_cache = "{out}/stage-cache"`)
+            files = {
+                self._portable(str(p)): self._portable(t) for p, t in self.files.items() if str(p) in j.args
+            }
             j.key = stable_hash(
                 {
                     "args": [self._portable(a) for a in j.args],

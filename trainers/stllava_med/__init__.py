@@ -15,6 +15,8 @@ another batch size or sharded over N ranks (`stagefiles`) writes the same bytes.
 runs alone: `medvqa stllava questions|answers|judge|pairs|dpo` on explicit files. Settings: one
 dataclass, two presets (`config`): `paper` (the original scripts) and `phantom` (what measured best
 on Phantom). `checkpoint.json` records the loss and the counts that explain the result.
+With `stage_cache`, stage 1 and the questions and answers live in a content-addressed entry
+shared by the runs that only judge or train DPO differently (`stagecache`).
 """
 
 from medvqa.trainers.stllava_med.answers import distinct_questions, generate_answers

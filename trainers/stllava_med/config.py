@@ -145,6 +145,17 @@ class STLLaVAMedConfig(TrainConfig):
     dpo_batch_size: int = field(default=32, metadata={"help": "DPO pairs per device batch"})
     dpo_lr_scheduler_type: str = field(default="cosine", metadata={"help": "DPO scheduler"})
     dpo_warmup_ratio: float = field(default=0.03, metadata={"help": "DPO warmup fraction"})
+    # shared stages
+    stage_cache: str = field(
+        default="",
+        metadata={
+            "help": "folder of a content-addressed cache of stage 1, questions.jsonl and answers.jsonl "
+            "(<folder>/<key>/): runs that agree on everything these depend on (base model files, labeled "
+            "samples, unlabeled pool, seed, fraction, library versions, every setting except the judge's, "
+            "the pairs' and DPO's) compute them once; a second run waits for the first (up to "
+            "dist_timeout_s) and reuses the entry. Empty = no cache: everything in OUT/stages"
+        },
+    )
     # distributed
     dist_timeout_s: int = field(
         default=4 * 3600,

@@ -17,6 +17,7 @@ from medvqa.trainers.stllava_med.judging import build_expert, judge_answers
 from medvqa.trainers.stllava_med.pairs import make_pairs
 from medvqa.trainers.stllava_med.questions import generate_questions, unlabeled_pool
 from medvqa.trainers.stllava_med.stage1 import train_stage1
+from medvqa.trainers.stllava_med.stagecache import open_entry
 from medvqa.trainers.stllava_med.stagefiles import read_rows
 from medvqa.types import Checkpoint, TrainRequest
 
@@ -36,6 +37,31 @@ def parseable_share(questions_path: Path, expert: Any) -> float | None:
     if category is None or not rows:
         return None
     return round(sum(category(r["question"]) is not None for r in rows) / len(rows), 4)
+
+
+def sample_stages(
+    request: TrainRequest,
+    cfg: STLLaVAMedConfig,
+    images: list[str],
+    stage1: Path,
+    files: dict[str, Path],
+    plog: Path,
+    dist: Dist,
+) -> dict[str, Any]:
+    """Stage 1, then the sampled questions and answers: the part two runs can share (`stagecache`)."""
+    train_stage1(request, cfg, stage1, log_path=plog)  # every rank: trl trains data-parallel
+    dist.barrier()
+    generator = load_generator(f"hf:{stage1}")
+    counts: dict[str, Any] = {}
+    counts.update(
+        generate_questions(generator, images, files["questions"], cfg, seed=request.seed,
+                           progress_log=plog, dist=dist)
+    )  # fmt: skip
+    counts.update(
+        generate_answers(generator, files["questions"], files["answers"], cfg, seed=request.seed,
+                         progress_log=plog, dist=dist)
+    )  # fmt: skip
+    return counts
 
 
 @trainers.register("stllava-med")
@@ -63,22 +89,19 @@ class STLLaVAMedTrainer(TrainerPlugin):
         files = {k: stages / v for k, v in STAGE_FILES.items()}
         plog = out / "train_log.jsonl"
 
-        stage1 = stages / "stage1"
-        train_stage1(request, cfg, stage1, log_path=plog)  # every rank: trl trains data-parallel
-        dist.barrier()
-
         images = unlabeled_pool(request.unlabeled_images, cfg, request.seed)
-        generator = load_generator(f"hf:{stage1}")
-        counts: dict[str, Any] = {}
-        counts.update(
-            generate_questions(generator, images, files["questions"], cfg, seed=request.seed,
-                               progress_log=plog, dist=dist)
-        )  # fmt: skip
-        counts.update(
-            generate_answers(generator, files["questions"], files["answers"], cfg, seed=request.seed,
-                             progress_log=plog, dist=dist)
-        )  # fmt: skip
-        del generator
+        cache: dict[str, Any] | None = None
+        if cfg.stage_cache:
+            with open_entry(Path(cfg.stage_cache), request, cfg, images, dist) as entry:
+                if not entry.reused:
+                    entry.finish(
+                        sample_stages(request, cfg, images, entry.stage1, entry.files, plog, dist), dist
+                    )
+            stage1, counts, cache = entry.stage1, dict(entry.counts), entry.record()
+            files.update(entry.files)  # questions and answers from the entry; judged and pairs stay here
+        else:
+            stage1 = stages / "stage1"
+            counts = sample_stages(request, cfg, images, stage1, files, plog, dist)
         expert = build_expert(
             cfg.expert,
             cache_path=cfg.judge_cache or stages / "judge-cache.sqlite",
@@ -126,11 +149,12 @@ class STLLaVAMedTrainer(TrainerPlugin):
             counts=counts,
             dpo=dpo,
             stage1=str(stage1),
-            reference="stage 1 (explicit ref_model loaded from stages/stage1)"
+            reference=f"stage 1 (explicit ref_model loaded from {'stages/stage1' if cache is None else stage1})"
             if not cfg.use_lora
             else "stage 1 (adapter-disabled policy)",
             prompt_policy=policy_name(cfg.prompt_policy),
             adapter=cfg.use_lora,
+            **({} if cache is None else {"stage_cache": cache}),
         )
         write_checkpoint(out, meta)  # main process only
         return Checkpoint(path=out, meta=meta)
