@@ -142,6 +142,13 @@ class STLLaVAMedConfig(TrainConfig):
     dpo_learning_rate: float = field(default=5e-6, metadata={"help": "DPO learning rate"})
     dpo_num_train_epochs: float = field(default=1.0, metadata={"help": "DPO epochs over the pairs"})
     dpo_max_steps: int = field(default=-1, metadata={"help": "DPO steps; -1 = use dpo_num_train_epochs"})
+    dpo_max_epochs: float = field(
+        default=0.0,
+        metadata={
+            "help": "cap dpo_max_steps at this many epochs over the DPO rows (pairs + replay), as max_epochs "
+            "does for stage 1 (whose cap DPO does not take); 0 = no cap"
+        },
+    )
     dpo_batch_size: int = field(default=32, metadata={"help": "DPO pairs per device batch"})
     dpo_lr_scheduler_type: str = field(default="cosine", metadata={"help": "DPO scheduler"})
     dpo_warmup_ratio: float = field(default=0.03, metadata={"help": "DPO warmup fraction"})
@@ -189,6 +196,7 @@ class STLLaVAMedConfig(TrainConfig):
             ("dpo_learning_rate", self.dpo_learning_rate >= 0, ">= 0"),
             ("dpo_num_train_epochs", self.dpo_num_train_epochs > 0, "> 0"),
             ("dpo_max_steps", self.dpo_max_steps == -1 or self.dpo_max_steps >= 1, "-1 or >= 1"),
+            ("dpo_max_epochs", self.dpo_max_epochs >= 0, ">= 0"),
             ("dpo_batch_size", self.dpo_batch_size >= 1, ">= 1"),
             ("dpo_warmup_ratio", 0 <= self.dpo_warmup_ratio <= 1, "in [0, 1]"),
             ("dist_timeout_s", self.dist_timeout_s >= 1, ">= 1"),

@@ -1,0 +1,115 @@
+"""STLLaVA-Med's DPO step (`stllava_med.dpo`): its reference cost, its step budget, its bytes (issue 15)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+import pytest
+
+N_PAIRS, N_REPLAY, BATCH = 16, 8, 8  # 24 rows: 3 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def pair_rows(phantom_root):
+    """Pairs as `pairs.jsonl` holds them (right vs a wrong answer), then labeled replay rows."""
+    from medvqa.benchmarks.phantom import Phantom
+
+    samples = Phantom().load("train", Path(phantom_root))[: N_PAIRS + N_REPLAY]
+    answers = sorted({s.answer for s in samples})
+    rng = random.Random(0)
+    rows = []
+    for i, s in enumerate(samples):
+        replay = i >= N_PAIRS
+        rejected = s.answer if replay else rng.choice([a for a in answers if a != s.answer])
+        row = {"id": s.id, "image": str(s.image), "prompt": s.question, "answer_type": s.answer_type}
+        rows.append({**row, "chosen": s.answer, "rejected": rejected, **({"replay": True} if replay else {})})
+    return rows
+
+
+def _cfg(**changes):
+    from medvqa.trainers.stllava_med import STLLaVAMedTrainer
+
+    # preset phantom: full fine-tuning, explicit reference, sigmoid+sft, replay rows
+    base = {"dpo_batch_size": BATCH, "logging_steps": 1, "dpo_num_train_epochs": 2.0}
+    return dataclasses.replace(STLLaVAMedTrainer.make_config("phantom"), **{**base, **changes})
+
+
+def _trainer(tiny_model_dir, rows, tmp_path, name: str, **changes):
+    from medvqa.trainers.stllava_med.dpo import dpo_trainer
+
+    work = tmp_path / name
+    trainer, _, _ = dpo_trainer(
+        Path(tiny_model_dir), rows, _cfg(**changes), seed=0, work_dir=work, log_path=work / "log.jsonl"
+    )
+    return trainer
+
+
+def test_trl_still_refuses_to_precompute_the_reference_on_our_dpo_data(
+    tiny_model_dir, pair_rows, tmp_path, monkeypatch
+):
+    """Why DPO keeps `precompute_ref_log_probs=False`: trl 1.16 refuses it for vision datasets
+    (huggingface/trl#5867). When a trl release accepts our data, this fails: time to measure it."""
+    import trl
+
+    class PrecomputingConfig(trl.DPOConfig):
+        def __init__(self, **kwargs):
+            super().__init__(**{**kwargs, "precompute_ref_log_probs": True})
+
+    monkeypatch.setattr(trl, "DPOConfig", PrecomputingConfig)
+    with pytest.raises(ValueError, match="precompute_ref_log_probs=True` is not supported for vision"):
+        _trainer(tiny_model_dir, pair_rows, tmp_path, "precompute")
+
+
+def test_the_reference_forward_runs_on_every_step_of_every_epoch(tiny_model_dir, pair_rows, tmp_path):
+    """The cost trl's precompute would remove: one reference forward per step, in each of the
+    2 epochs (precomputed, it would be 3 forwards before training and none during it)."""
+    from medvqa.trainers.trl_run import run_trainer
+
+    trainer = _trainer(tiny_model_dir, pair_rows, tmp_path, "count")
+    calls: list[int] = []
+    trainer.ref_model.register_forward_hook(lambda module, args, output: calls.append(1))
+    run_trainer(trainer, tmp_path / "count")
+    assert trainer.state.global_step == 2 * len(pair_rows) // BATCH == 6
+    assert len(calls) == trainer.state.global_step
+
+
+def test_dpo_max_epochs_caps_dpo_max_steps_and_stage1s_cap_does_not(tiny_model_dir, pair_rows, tmp_path):
+    steps = {
+        name: _trainer(tiny_model_dir, pair_rows, tmp_path, name, **changes).args.max_steps
+        for name, changes in {
+            "capped": {"dpo_max_steps": 50, "dpo_max_epochs": 1.0},  # 24 rows / batch 8 = 3 steps an epoch
+            "uncapped": {"dpo_max_steps": 50},
+            "stage1_cap": {"dpo_max_steps": 50, "max_epochs": 1.0},  # stage 1's rows, not DPO's
+            "epochs_decide": {"dpo_max_steps": -1, "dpo_max_epochs": 1.0},
+        }.items()
+    }
+    assert steps == {"capped": 3, "uncapped": 50, "stage1_cap": 50, "epochs_decide": -1}
+
+
+def test_dpo_config_refuses_a_negative_epoch_cap():
+    from medvqa.errors import BadInput
+
+    with pytest.raises(BadInput, match="dpo_max_epochs"):
+        _cfg(dpo_max_epochs=-1.0)
+
+
+def test_same_seed_same_dpo_bytes(tiny_model_dir, pair_rows, tmp_path):
+    """Two DPO runs, same seed, threads and machine: identical weights and losses; the policy moved,
+    and another seed (another batch order) ends elsewhere, so equal bytes are not a given."""
+    from medvqa.io import atomic_write_jsonl, read_jsonl
+    from medvqa.trainers.stllava_med.dpo import train_dpo
+
+    pairs = tmp_path / "pairs.jsonl"
+    atomic_write_jsonl(pairs, pair_rows)
+    cfg = _cfg(dpo_max_steps=50, dpo_max_epochs=2.0)  # the cap decides: 6 steps
+    runs = [tmp_path / name for name in ("a", "b", "other_seed")]
+    metrics = [train_dpo(Path(tiny_model_dir), pairs, out, cfg, seed=s) for out, s in zip(runs, (4, 4, 5))]
+    assert metrics[0] == metrics[1] and metrics[0]["steps"] == 6
+    assert (metrics[0]["n_pairs"], metrics[0]["n_replay"]) == (N_PAIRS, N_REPLAY)
+    weights = [(out / "model.safetensors").read_bytes() for out in runs]
+    assert weights[0] == weights[1] != weights[2]
+    assert weights[0] != (Path(tiny_model_dir) / "model.safetensors").read_bytes()
+    losses = [[r["loss"] for r in read_jsonl(out / "train_log.jsonl") if "loss" in r] for out in runs]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
