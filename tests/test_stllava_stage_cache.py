@@ -389,3 +389,32 @@ def test_two_processes_with_one_key_compute_once(tiny_model_dir, phantom_root, t
     assert "stage1" not in _log_stages(tmp_path / "b")
     key = json.loads((cache / a["key"] / "key.json").read_text())
     assert key["key"] == a["key"] and "expert" not in key["inputs"]["config"]
+
+
+@pytest.mark.slow
+def test_an_entry_edited_after_completion_is_refused(first_run, tiny_model_dir, train_samples, tmp_path):
+    """A reuse checks the entry's files against the digests `complete.json` was written with."""
+    import shutil
+
+    from medvqa.trainers.stllava_med.questions import unlabeled_pool
+    from medvqa.trainers.stllava_med.stagecache import open_entry
+
+    first, _ = first_run
+    done = Path(first.meta["stage_cache"]["dir"])
+    cfg = _cfg(stage_cache=str(tmp_path / "cache"))
+    request = _request(train_samples, tiny_model_dir, tmp_path / "out", cfg)
+    images = unlabeled_pool(request.unlabeled_images, cfg, request.seed)
+    for name in ("answers.jsonl", "stage1/model.safetensors"):
+        entry = tmp_path / "cache" / done.name
+        shutil.rmtree(entry, ignore_errors=True)
+        shutil.copytree(done, entry)
+        with open_entry(tmp_path / "cache", request, cfg, images, Dist()) as intact:
+            assert intact.reused and intact.counts["questions"] == first.meta["counts"]["questions"]
+        data = bytearray((entry / name).read_bytes())
+        data[len(data) // 2] ^= 1
+        (entry / name).write_bytes(bytes(data))
+        with (
+            pytest.raises(BadInput, match="changed after it was completed"),
+            open_entry(tmp_path / "cache", request, cfg, images, Dist()),
+        ):
+            pass
