@@ -148,6 +148,9 @@ def test_sft_harness(benchmark, tiny_model_dir, samples, tmp_path):
 
 # --- DPO ------------------------------------------------------------------------------------
 
+# Like with like: both sides run the frozen reference forward on every step (the harness keeps
+# trl's `precompute_ref_log_probs` off, which trl refuses for vision datasets: `stllava_med.dpo`).
+
 
 def _dpo_cfg():
     from medvqa.trainers.stllava_med import STLLaVAMedTrainer
