@@ -55,6 +55,7 @@ AFTER_ANSWERS = frozenset(
         "dpo_learning_rate",
         "dpo_num_train_epochs",
         "dpo_max_steps",
+        "dpo_max_epochs",
         "dpo_batch_size",
         "dpo_lr_scheduler_type",
         "dpo_warmup_ratio",
