@@ -168,7 +168,10 @@ def test_only_the_main_rank_locks_and_a_held_entry_times_out(tiny_model_dir, tra
 
 def test_demo_lines_share_a_cache_in_a_reserved_folder_and_keys_stay_portable(tmp_path):
     from medvqa.layout import is_reserved
+    from medvqa.registry import trainers
     from medvqa.sweeps import Sweep, load_config
+    from medvqa.trainers.config import resolve_trainer_config
+    from medvqa.trainers.stllava_med.stagecache import AFTER_ANSWERS
 
     plans = []
     for where in ("a", "b"):
@@ -177,6 +180,16 @@ def test_demo_lines_share_a_cache_in_a_reserved_folder_and_keys_stay_portable(tm
         assert set(lines) == {"stllava-med", "stllava-med-model-judge"}
         assert {t.config["stage_cache"] for t in lines.values()} == {str(run_dir / "stage-cache")}
         assert lines["stllava-med-model-judge"].priority < lines["stllava-med"].priority
+        shared = [  # what the two lines' configs put in the key: the same, or they share nothing
+            {k: v for k, v in dataclasses.asdict(c).items() if k not in AFTER_ANSWERS}
+            for c in (resolve_trainer_config(trainers.get(t.name), preset=t.preset, settings=t.config)
+                      for t in lines.values())
+        ]  # fmt: skip
+        assert shared[0] == shared[1]
+        assert (lines["stllava-med"].fractions, lines["stllava-med"].seeds) == (
+            lines["stllava-med-model-judge"].fractions,
+            lines["stllava-med-model-judge"].seeds,
+        )
         sweep = Sweep(cfg, run_dir)
         jobs = {j.id: j for j in sweep.jobs(with_manifests=False)}
         settings = [t for p, t in sweep.planner.files.items() if "stllava-med__" in p.name]
