@@ -24,8 +24,9 @@ import hashlib
 import io
 import os
 import pickle
+import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -41,12 +42,85 @@ def resolve_inside(
 
     Returns the resolved path (symlinks followed), which is then known to be inside the root. The one
     path confinement of the tree: every loader, and anything else that follows a path named in a
-    file, goes through it.
+    file, goes through it (a loader reading many paths under one root uses one `PathGuard`).
+    """
+    return PathGuard(root).resolve(relative, base=base, path=path, index=index, field=field)
+
+
+class PathGuard:
+    """`resolve_inside` for the many paths of one load under one root, paying each resolution once.
+
+    The checks are `resolve_inside`'s, unchanged; what is shared is the work: the root and its
+    confinement roots are resolved once, each folder once (8,000 Phantom questions live in a few
+    folders), and a path already admitted is not resolved again (four questions share an image).
+    The file's own name is still looked at for every new path: a symlink there is followed and
+    judged like any other. Resolving a folder once is what `Path.resolve` of each file did
+    component by component (`os.path.realpath`), so a link anywhere on the way is caught the same.
+    One guard per load: the files are read as they stand at that moment (as `ImageChecker` checks
+    each image once); a later load takes a new guard and sees any change.
     """
 
-    def refuse(message: str) -> BadInput:
-        return BadInput(message, path=path, record=index, field=field)
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self._real_root: Path | None = None
+        self._allowed: tuple[Path, ...] = ()
+        self._folders: dict[Path, Path] = {}
+        self._admitted: dict[tuple[str, str], Path] = {}
 
+    def resolve(
+        self, relative: Any, *, base: Path | None = None, path: Path, index: object, field: str
+    ) -> Path:
+        """`base / relative` (base defaults to the root), as `resolve_inside` admits or refuses it."""
+        key = (str(base) if base is not None else "", relative) if isinstance(relative, str) else None
+        if key is not None and key in self._admitted:
+            return self._admitted[key]
+
+        def refuse(message: str) -> BadInput:
+            return BadInput(message, path=path, record=index, field=field)
+
+        rel, parts = _relative_parts(relative, refuse)
+        try:
+            real_root = self._resolved_root()
+            full = (Path(base) if base is not None else self.root).joinpath(*parts)
+            in_snapshot = self._folder(full.parent) / full.name  # the file's own name, its folders resolved
+            real = in_snapshot.resolve() if _is_symlink(in_snapshot) else in_snapshot
+        except RuntimeError:  # Python 3.11 reports a symlink loop this way
+            raise refuse(f"image path {rel!r} is a symlink loop; refused") from None
+        except (OSError, ValueError) as exc:
+            raise refuse(f"image path {rel!r} cannot be resolved ({type(exc).__name__}: {exc})") from None
+        if real.is_relative_to(real_root):
+            found = real
+        elif not any(real.is_relative_to(folder) for folder in self._allowed):
+            raise refuse(
+                f"image path {rel!r} leads outside the data root through a symlink (to {real}); refused"
+            )
+        elif in_snapshot.is_relative_to(real_root):
+            # a hub snapshot's file (a link into blobs/): keep its path and name inside the snapshot, which
+            # image ids, seeds and suffixes are made from (a blob's name is a hash)
+            found = in_snapshot
+        else:
+            found = real
+        if key is not None:
+            self._admitted[key] = found
+        return found
+
+    def _resolved_root(self) -> Path:
+        if self._real_root is None:
+            real_root = self.root.resolve()
+            self._allowed = confinement_roots(real_root)
+            self._real_root = real_root
+        return self._real_root
+
+    def _folder(self, folder: Path) -> Path:
+        """`folder.resolve()`, once per folder (a failure is not kept: it is raised again)."""
+        if folder not in self._folders:
+            self._folders[folder] = folder.resolve()
+        return self._folders[folder]
+
+
+def _relative_parts(relative: Any, refuse: Callable[[str], BadInput]) -> tuple[str, tuple[str, ...]]:
+    """The stripped text and its parts, refused if it could name anything outside its base by itself:
+    empty, NUL, not encodable, absolute (POSIX or Windows, a drive), `..`, an over-long name."""
     if not isinstance(relative, str) or not relative.strip():
         raise refuse("image path must be non-empty text")
     rel = relative.strip()
@@ -56,7 +130,8 @@ def resolve_inside(
         os.fsencode(rel)
     except UnicodeEncodeError:
         raise refuse(f"image path {rel[:80]!r} is not valid text for a file name; refused") from None
-    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+    windows = PureWindowsPath(rel)
+    if PurePosixPath(rel).is_absolute() or windows.is_absolute() or windows.drive:
         raise refuse(f"absolute image path {rel!r} refused (paths must stay inside the data root)")
     parts = PurePosixPath(rel.replace("\\", "/")).parts
     if ".." in parts:
@@ -64,23 +139,15 @@ def resolve_inside(
     too_long = next((p for p in parts if len(os.fsencode(p)) > 255), None)
     if too_long is not None or len(os.fsencode(rel)) > 4096:
         raise refuse(f"image path {rel[:60]!r}... is too long ({len(rel)} characters); refused")
+    return rel, parts
+
+
+def _is_symlink(path: Path) -> bool:
+    """Whether `path` itself is a symlink; unreadable counts as not (what `os.path.realpath` does)."""
     try:
-        real_root = Path(root).resolve()
-        full = (Path(base) if base is not None else Path(root)).joinpath(*parts)
-        real = full.resolve()
-        in_snapshot = full.parent.resolve() / full.name  # the file's own name, its folders resolved
-    except RuntimeError:  # Python 3.11 reports a symlink loop this way
-        raise refuse(f"image path {rel!r} is a symlink loop; refused") from None
-    except (OSError, ValueError) as exc:
-        raise refuse(f"image path {rel!r} cannot be resolved ({type(exc).__name__}: {exc})") from None
-    allowed = confinement_roots(real_root)
-    if not any(real.is_relative_to(folder) for folder in allowed):
-        raise refuse(f"image path {rel!r} leads outside the data root through a symlink (to {real}); refused")
-    if not real.is_relative_to(real_root) and in_snapshot.is_relative_to(real_root):
-        # a hub snapshot's file (a link into blobs/): keep its path and name inside the snapshot, which
-        # image ids, seeds and suffixes are made from (a blob's name is a hash)
-        return in_snapshot
-    return real
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def confinement_roots(real_root: Path) -> tuple[Path, ...]:

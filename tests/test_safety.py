@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import pickle
 import pickletools
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 from medvqa.errors import BadInput
 from medvqa.registry import benchmarks
-from medvqa.safety import resolve_inside, safe_load_pickle
+from medvqa.safety import PathGuard, confinement_roots, resolve_inside, safe_load_pickle
 
 from tests import real_fixtures as fx
 
@@ -115,6 +115,121 @@ def test_paths_escaping_the_root_are_refused(tmp_path: Path) -> None:
     assert (
         resolve_inside(root, "inside/y.jpg", base=root / "imgs", **kw) == (root / "real" / "y.jpg").resolve()
     )
+
+
+def _resolved_whole(root: Path, rel: str) -> Path | str:
+    """The oracle: what `resolve_inside` did before `PathGuard` (every path resolved whole, the root
+    and the file's folders with it), or "refused" for an escape / "loop"."""
+    real_root = root.resolve()
+    full = root.joinpath(*PurePosixPath(rel).parts)
+    try:
+        real, in_snapshot = full.resolve(), full.parent.resolve() / full.name
+    except RuntimeError:
+        return "loop"
+    if not any(real.is_relative_to(folder) for folder in confinement_roots(real_root)):
+        return "refused"
+    if not real.is_relative_to(real_root) and in_snapshot.is_relative_to(real_root):
+        return in_snapshot
+    return real
+
+
+def _guarded(guard: PathGuard, rel: str) -> Path | str:
+    try:
+        return guard.resolve(rel, path=guard.root / "samples.jsonl", index="line 1", field="image")
+    except BadInput as exc:
+        return "loop" if "symlink loop" in str(exc) else "refused" if "symlink" in str(exc) else str(exc)
+
+
+def test_a_guard_admits_and_refuses_exactly_what_each_path_resolved_whole_did(tmp_path: Path) -> None:
+    # One load's guard resolves each folder once and remembers what it admitted; every file is still
+    # judged by itself: a link out, a folder link out, a chain, a loop, a hub snapshot's blob link, a
+    # missing file, in two orders (a folder already seen, then a link beside the file it admitted)
+    secret = fx.write_image(tmp_path / "secret" / "x.jpg", 1)
+    cache = tmp_path / "hub" / "datasets--o--n"
+    root = cache / "snapshots" / "abc"
+    imgs = root / "imgs"
+    fx.write_image(imgs / "a.jpg", 2)
+    fx.write_image(root / "real" / "y.jpg", 3)
+    blob = fx.write_image(cache / "blobs" / "0123abcd", 4)
+    links = {
+        "out.jpg": secret,  # a file link out, beside a.jpg
+        "sub": tmp_path / "secret",  # a folder link out
+        "in.jpg": root / "real" / "y.jpg",  # stays inside
+        "chain.jpg": imgs / "in.jpg",  # a link to a link inside
+        "chain_out.jpg": imgs / "out.jpg",  # a link to a link out
+        "loop.jpg": imgs / "loop.jpg",  # itself
+        "realdir": root / "real",  # a folder link inside
+        "blob.jpg": blob,  # what huggingface_hub writes: a snapshot file links into blobs/
+        "dangling.jpg": tmp_path / "nowhere.jpg",
+    }
+    for name, target in links.items():
+        (imgs / name).symlink_to(target)
+    (root / "real" / "up").symlink_to(tmp_path / "secret")  # out, two links deep
+    rels = [
+        "imgs/a.jpg",
+        *(f"imgs/{name}" for name in links),
+        "imgs/sub/x.jpg",
+        "imgs/realdir/y.jpg",
+        "imgs/realdir/up/x.jpg",
+        "imgs/missing.jpg",
+        "imgs/a.jpg/x.jpg",
+        "nowhere/z.jpg",
+        "real/y.jpg",
+    ]
+    expected = {rel: _resolved_whole(root, rel) for rel in rels}
+    assert (
+        expected["imgs/out.jpg"] == expected["imgs/sub/x.jpg"] == expected["imgs/chain_out.jpg"] == "refused"
+    )
+    assert expected["imgs/realdir/up/x.jpg"] == expected["imgs/dangling.jpg"] == "refused"
+    assert expected["imgs/loop.jpg"] == "loop"
+    assert expected["imgs/blob.jpg"] == imgs.resolve() / "blob.jpg"  # kept in the snapshot
+    assert expected["imgs/chain.jpg"] == (root / "real" / "y.jpg").resolve()
+    for order in (rels, rels[::-1], rels + rels):
+        guard = PathGuard(root)
+        assert {rel: _guarded(guard, rel) for rel in order} == expected
+
+
+def test_a_guard_resolves_the_root_and_each_folder_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    for i in range(40):
+        fx.write_image(root / f"d{i % 2}" / f"{i}.jpg", i)
+    calls: list[Path] = []
+    resolve = Path.resolve
+
+    def counted(self: Path, strict: bool = False) -> Path:
+        calls.append(self)
+        return resolve(self, strict)
+
+    monkeypatch.setattr(Path, "resolve", counted)
+    guard = PathGuard(root)
+    got = [
+        guard.resolve(f"d{i % 2}/{i}.jpg", path=root, index=i, field="image") for i in range(40) for _ in "ab"
+    ]
+    assert got == [resolve(root / f"d{i % 2}" / f"{i}.jpg") for i in range(40) for _ in "ab"]
+    assert len(calls) == 3  # the root, d0, d1 (no file here is a link)
+
+
+def test_a_phantom_image_linked_out_is_refused_among_admitted_ones(tmp_path: Path) -> None:
+    # the loader's guard has resolved train/images/ for the images before it; the link is still judged
+    from medvqa.benchmarks.phantom import Phantom, PhantomConfig, write_phantom
+
+    root = tmp_path / "phantom"
+    write_phantom(root, PhantomConfig(seed=0, train_images=6, test_images=2, size=16))
+    images = sorted((root / "train" / "images").iterdir())
+    secret = fx.write_image(tmp_path / "secret" / "x.png", 1, "PNG")
+    images[-1].unlink()
+    images[-1].symlink_to(secret)
+    bench = Phantom()
+    with pytest.raises(
+        BadInput, match=r"samples\.jsonl, record line \d+, field 'image': .*through a symlink"
+    ):
+        bench.load("train", root)
+    kept = bench.load("train", root, skip_bad=True)
+    assert kept and all(Path(s.image).parent == (root / "train" / "images").resolve() for s in kept)
+    assert {Path(s.image).name for s in kept} == {p.name for p in images[:-1]}
+    assert bench.skipped and all("through a symlink" in r.error for r in bench.skipped)
 
 
 def test_slake_image_symlink_escape_is_refused(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from medvqa.benchmarks.phantom.grammar import corpus_texts
 from medvqa.benchmarks.phantom.taxonomy import GENERATOR_VERSION, SPLITS
 from medvqa.errors import BadInput
 from medvqa.registry import benchmarks
-from medvqa.safety import ImageChecker
+from medvqa.safety import ImageChecker, PathGuard
 from medvqa.types import VQASample
 
 
@@ -57,15 +57,22 @@ class Phantom(FileBenchmark):
 
         path = split_file(root, split, "samples.jsonl")
         seen: set[str] = set()
+        guard = PathGuard(root)
 
         def make(file: Path, lineno: Any, record: Any) -> VQASample:
-            return self._sample(root, file, lineno, record, split, seen, checker)
+            return self._sample(guard, file, lineno, record, split, seen, checker)
 
         return collect(((path, lineno, record) for lineno, record in iter_jsonl(path)), make, problems)
 
     @staticmethod
     def _sample(
-        root: Path, path: Path, lineno: int, record: Any, split: str, seen: set[str], checker: ImageChecker
+        guard: PathGuard,
+        path: Path,
+        lineno: int,
+        record: Any,
+        split: str,
+        seen: set[str],
+        checker: ImageChecker,
     ) -> VQASample:
         where = {"path": path, "record": f"line {lineno}"}
         if not isinstance(record, dict):
@@ -84,7 +91,7 @@ class Phantom(FileBenchmark):
         if record["id"] in seen:
             raise BadInput(f"duplicate question id {record['id']!r}", **where, field="id")
         seen.add(record["id"])
-        image = inside(root, record["image"], path, lineno, "image")
+        image = inside(guard, record["image"], path, lineno, "image")
         checker.check(image, path=path, index=f"line {lineno}", field="image")
         meta = record.get("meta") or {}
         if not isinstance(meta, dict):

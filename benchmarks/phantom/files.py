@@ -1,7 +1,7 @@
 """Writing and reading a Phantom folder (the layout is in the package docstring).
 
 `write_phantom` builds one (same config, same bytes); the readers check the manifest and keep every
-image path inside the root (`medvqa.safety.resolve_inside`).
+image path inside the root (`medvqa.safety.PathGuard`, one per load).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from medvqa.benchmarks.phantom.render import render_scene
 from medvqa.benchmarks.phantom.scenes import Scene, sample_scene
 from medvqa.benchmarks.phantom.taxonomy import BUILD_HINT, GENERATOR_VERSION, SPLITS, PhantomConfig
 from medvqa.errors import BadInput
-from medvqa.safety import resolve_inside
+from medvqa.safety import PathGuard
 from medvqa.types import VQASample
 
 _SPLIT_STREAM = {"train": 1, "test": 2}
@@ -198,9 +198,10 @@ def split_file(root: Path, split: str, name: str) -> Path:
     return path
 
 
-def inside(root: Path, rel: Any, path: Path, lineno: int, key: str) -> Path:
-    """`rel` (from line `lineno` of `path`) resolved inside `root`: the loaders' one path confinement."""
-    return resolve_inside(root, rel, path=path, index=f"line {lineno}", field=key)
+def inside(guard: PathGuard, rel: Any, path: Path, lineno: int, key: str) -> Path:
+    """`rel` (from line `lineno` of `path`) resolved inside the guard's root: the loaders' one path
+    confinement (`medvqa.safety`), one guard per load."""
+    return guard.resolve(rel, path=path, index=f"line {lineno}", field=key)
 
 
 def load_scenes(root: str | Path, split: str) -> dict[str, Scene]:
@@ -228,12 +229,13 @@ def scenes_by_image(root: str | Path, splits: Sequence[str] | None = None) -> di
     from medvqa.io import iter_jsonl
 
     root = Path(root)
+    guard = PathGuard(root)
     out: dict[str, Scene] = {}
     for split in splits or SPLITS:
         path = split_file(root, split, "scenes.jsonl")
         for lineno, record in iter_jsonl(path):
             image = inside(
-                root, record.get("image") if isinstance(record, dict) else None, path, lineno, "image"
+                guard, record.get("image") if isinstance(record, dict) else None, path, lineno, "image"
             )
             try:
                 out[str(image)] = Scene.from_json(record)
@@ -250,11 +252,12 @@ def load_captions(root: str | Path, split: str) -> list[dict[str, Any]]:
 
     root = Path(root)
     path = split_file(root, split, "captions.jsonl")
+    guard = PathGuard(root)
     out = []
     for lineno, record in iter_jsonl(path):
         for key in ("image_id", "image", "caption"):
             if not isinstance(record, dict) or key not in record:
                 raise BadInput("missing field", path=path, record=f"line {lineno}", field=key)
-        image = inside(root, record["image"], path, lineno, "image")
+        image = inside(guard, record["image"], path, lineno, "image")
         out.append({"image_id": record["image_id"], "image": str(image), "caption": record["caption"]})
     return out
