@@ -1,6 +1,6 @@
 """`python -m medvqa` is the `medvqa` command (also under `accelerate launch -m medvqa`)."""
 
-from medvqa.cli import main
+from medvqa.cli import exit_process, main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

@@ -9,12 +9,15 @@ Exit codes: 0 ok, 2 bad input or usage (one clear message), 1 anything unexpecte
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import importlib
 import logging
 import os
 import pkgutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import NoReturn
 
 from medvqa import __version__
 from medvqa.errors import BadInput, EndpointError
@@ -63,7 +66,49 @@ def _configure_logging() -> None:
     logging.getLogger("medvqa").setLevel(logging.INFO)
 
 
+# gen-1 collections before a full one is due: ~7 billion allocations, i.e. only when asked for.
+_NO_AUTOMATIC_FULL_COLLECTION = 1_000_000
+
+
+@contextlib.contextmanager
+def one_job_collector() -> Iterator[None]:
+    """No automatic full garbage collection for the duration of one command, then CPython's own again.
+
+    A command that runs a model imports torch, transformers and trl: ~450,000 objects that live as
+    long as the process. CPython starts a full collection whenever the tracked heap has grown by a
+    quarter, so the imports alone pay ~8 walks of an ever larger heap, 0.9 s of CPU in a 10-step
+    `medvqa train` (measured; about a tenth of the job). Young collections keep their thresholds:
+    the cycles a training step or a generation batch leaves die young and are found there. A full
+    collection still runs where a library asks for one (transformers before training); a 300-step
+    run ends with the same uncollected garbage and the same peak RSS either way (measured).
+    """
+    before = gc.get_threshold()
+    gc.set_threshold(before[0], before[1], _NO_AUTOMATIC_FULL_COLLECTION)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the `medvqa` process with `code`, without the interpreter's last walk of the whole heap.
+
+    Objects alive now are frozen (`gc.freeze`), so the collection at interpreter exit skips them
+    instead of walking and freeing ~450,000 of them one by one: 0.5-1 s of a job's CPU (measured),
+    given back to the operating system at once instead. Nothing of ours waits for that teardown:
+    every file is written and closed (or fsynced) before `main` returns, which is what lets any job
+    survive `kill -9` (docs/guarantees.md), and `atexit` handlers (logging's flush among them) still run.
+    """
+    gc.freeze()
+    sys.exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with one_job_collector():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     _quiet_library_progress_bars()
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -85,4 +130,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
