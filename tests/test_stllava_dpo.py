@@ -113,3 +113,18 @@ def test_same_seed_same_dpo_bytes(tiny_model_dir, pair_rows, tmp_path):
     assert weights[0] != (Path(tiny_model_dir) / "model.safetensors").read_bytes()
     losses = [[r["loss"] for r in read_jsonl(out / "train_log.jsonl") if "loss" in r] for out in runs]
     assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+def test_report_pairs_are_a_seeded_sample_of_the_pairs_only():
+    """The after-DPO margin is measured on <= dpo_report_pairs pairs, never on replay rows; same
+    pairs and seed → same rows, another seed → other rows; 0 = every pair."""
+    from medvqa.trainers.stllava_med.dpo import report_indices
+
+    rows = [{"replay": i % 3 == 0} for i in range(300)]
+    pairs = [i for i, r in enumerate(rows) if not r["replay"]]
+    picked = report_indices(rows, 50, seed=0)
+    assert len(picked) == 50 and picked == sorted(picked) and set(picked) <= set(pairs)
+    assert report_indices(rows, 50, seed=0) == picked
+    assert report_indices(rows, 50, seed=1) != picked
+    assert report_indices(rows, 0, seed=0) == pairs
+    assert report_indices(rows, 1000, seed=0) == pairs

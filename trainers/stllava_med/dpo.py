@@ -11,7 +11,7 @@ when trl starts to accept it).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ def train_dpo(
 
     (trl would otherwise reload an implicit reference from the policy's `name_or_path`, not from
     memory.) With LoRA the reference is the adapter-disabled policy, i.e. stage 1 as well.
-    Returns DPO metrics: reward margin/accuracy on the self-generated pairs after training, steps,
+    Returns DPO metrics: reward margin/accuracy on (a sample of) the self-generated pairs after training, steps,
     loss names, and how many rows were pairs and how many labeled replay.
     """
     from medvqa.trainers.checkpoints import save_model
@@ -124,7 +124,7 @@ def train_dpo(
         stage1_dir, rows_in, cfg, seed=seed, work_dir=work_dir, log_path=log_path
     )
     run_trainer(trainer, work_dir)
-    pair_set = dataset.select([i for i, p in enumerate(rows_in) if not p.get("replay")])
+    pair_set = dataset.select(report_indices(rows_in, cfg.dpo_report_pairs, seed))
     metrics = trainer.evaluate(eval_dataset=pair_set, metric_key_prefix="pairs")
     save_model(trainer.model, processor, out_dir)
     drop_trl_checkpoints(work_dir)
@@ -135,8 +135,22 @@ def train_dpo(
         "reward_margin": _metric(metrics, "rewards/margins"),
         "reward_accuracy": _metric(metrics, "rewards/accuracies"),
         "n_pairs": len(pairs),
+        "n_report_pairs": len(pair_set),
         "n_replay": len(rows_in) - len(pairs),
     }
+
+
+def report_indices(rows: Sequence[Mapping[str, Any]], limit: int, seed: int) -> list[int]:
+    """Row numbers of the pairs (not replay rows) the after-training margin is measured on: all, or a
+    seeded sample of `limit` in file order (the same rows for the same pairs file and seed)."""
+    import random
+
+    from medvqa.trainers.stllava_med.stagefiles import seed_for
+
+    idx = [i for i, p in enumerate(rows) if not p.get("replay")]
+    if limit and len(idx) > limit:
+        idx = sorted(random.Random(seed_for("dpo-report", seed)).sample(idx, limit))
+    return idx
 
 
 def _metric(metrics: Mapping[str, Any], name: str) -> float | None:
