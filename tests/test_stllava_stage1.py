@@ -84,3 +84,45 @@ def test_vision_lr_scale_slows_the_vision_tower_only(tiny_model_dir, builder, tr
     assert vision and language
     assert all(torch.equal(before[n], after[n].detach()) for n in vision)
     assert sum(not torch.equal(before[n], after[n].detach()) for n in language) > len(language) // 2
+
+
+@pytest.mark.slow
+def test_sq_schedule_after_learns_to_ask_with_the_vision_tower_frozen(
+    tiny_model_dir, train_samples, tmp_path
+):
+    """`sq_schedule="after"`: phase 1 trains the QA rows alone (max_steps), phase 2 (sq_steps) adds
+    the ask rows and leaves the vision tower and projector exactly as phase 1 left them, while the
+    language model moves; the stage-1 checkpoint says which schedule made it."""
+    import torch
+    from medvqa.fractions import fraction_request
+    from medvqa.trainers.checkpoints import read_checkpoint
+    from medvqa.trainers.models import load_model_and_processor
+    from medvqa.trainers.stllava_med import STLLaVAMedConfig
+    from medvqa.trainers.stllava_med.stage1 import train_stage1
+    from medvqa.trainers.trl_run import VISION_PARTS
+
+    cfg = dataclasses.replace(
+        STLLaVAMedConfig(), use_lora=False, learning_rate=1e-3, warmup_ratio=0.0, max_steps=3,
+        per_device_train_batch_size=8, sq_schedule="after", sq_steps=3, sq_ratio=0.5,
+    )  # fmt: skip
+    request = fraction_request(
+        train_samples[:40], 0.5, 0, base_model=f"hf:{tiny_model_dir}", out_dir=tmp_path, config=cfg
+    )
+    stage_dir = tmp_path / "stages" / "stage1"
+    meta = train_stage1(request, cfg, stage_dir, log_path=tmp_path / "log.jsonl")
+    assert meta["sq_schedule"] == "after" and meta["n_self_questioning"] > 0
+    assert read_checkpoint(tmp_path / "stages" / "stage1-qa")["n_rows"] == len(request.train_samples)
+    base = dict(load_model_and_processor(f"hf:{tiny_model_dir}")[0].named_parameters())
+    qa = dict(load_model_and_processor(f"hf:{tmp_path / 'stages' / 'stage1-qa'}")[0].named_parameters())
+    final = dict(load_model_and_processor(f"hf:{stage_dir}")[0].named_parameters())
+    vision = [n for n in qa if any(v in n for v in VISION_PARTS)]
+    language = [n for n in qa if n not in vision]
+    assert vision and language
+    assert any(not torch.equal(base[n], qa[n]) for n in vision)  # phase 1 trains the vision tower
+    assert all(torch.equal(qa[n], final[n]) for n in vision)  # phase 2 does not
+    assert sum(not torch.equal(qa[n], final[n]) for n in language) > len(language) // 2
+    stages = {
+        r.get("stage")
+        for r in map(__import__("json").loads, (tmp_path / "log.jsonl").read_text().splitlines())
+    }
+    assert {"stage1", "stage1-ask"} <= stages

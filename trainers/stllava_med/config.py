@@ -60,6 +60,18 @@ class STLLaVAMedConfig(TrainConfig):
             "questions become targets with p = sq_ratio; 'rows' = separate ask rows beside the QA rows"
         },
     )
+    sq_schedule: Literal["mixed", "after"] = field(
+        default="mixed",
+        metadata={
+            "help": "'mixed' = ask rows beside the QA rows for all of stage 1 (the original); 'after' = the "
+            "QA rows alone for max_steps (SFT's own recipe), then sq_steps over QA + ask rows with the "
+            "vision tower and projector frozen, so learning to ask cannot cost perception"
+        },
+    )
+    sq_steps: int = field(
+        default=200,
+        metadata={"help": "steps of the ask phase with sq_schedule='after' (on top of max_steps)"},
+    )
     ask_instruction: str = field(
         default=ASK_INSTRUCTION,
         metadata={"help": "instruction that asks the model for a question about the image"},
@@ -185,6 +197,7 @@ class STLLaVAMedConfig(TrainConfig):
         super().__post_init__()
         checks = [
             ("sq_ratio", 0 <= self.sq_ratio <= 1, "in [0, 1]"),
+            ("sq_steps", self.sq_steps >= 1, ">= 1"),
             ("k_questions", self.k_questions >= 1, ">= 1"),
             ("min_distinct_questions", self.min_distinct_questions >= 0, ">= 0"),
             ("max_question_rounds", self.max_question_rounds >= 1, ">= 1"),
