@@ -95,6 +95,7 @@ def test_sq_schedule_after_learns_to_ask_with_the_vision_tower_frozen(
     language model moves; the stage-1 checkpoint says which schedule made it."""
     import torch
     from medvqa.fractions import fraction_request
+    from medvqa.io import read_jsonl
     from medvqa.trainers.checkpoints import read_checkpoint
     from medvqa.trainers.models import load_model_and_processor
     from medvqa.trainers.stllava_med import STLLaVAMedConfig
@@ -121,8 +122,5 @@ def test_sq_schedule_after_learns_to_ask_with_the_vision_tower_frozen(
     assert any(not torch.equal(base[n], qa[n]) for n in vision)  # phase 1 trains the vision tower
     assert all(torch.equal(qa[n], final[n]) for n in vision)  # phase 2 does not
     assert sum(not torch.equal(qa[n], final[n]) for n in language) > len(language) // 2
-    stages = {
-        r.get("stage")
-        for r in map(__import__("json").loads, (tmp_path / "log.jsonl").read_text().splitlines())
-    }
+    stages = {r.get("stage") for r in read_jsonl(tmp_path / "log.jsonl")}
     assert {"stage1", "stage1-ask"} <= stages
