@@ -3,7 +3,8 @@
 - `trl_kwargs`: CPU-safe trl `SFTConfig`/`DPOConfig` arguments from a `TrainConfig` (bf16 and
   gradient checkpointing off on CPU, no worker processes, reporting only where asked).
 - `run_trainer`: `trainer.train()` resuming from the newest trl `checkpoint-N` (on CPU with the
-  heap built before training frozen, `frozen_heap`).
+  heap built before training frozen, `frozen_heap`; trl's LM-head tiles no wider than the
+  vocabulary, `vocabulary_wide_tiles`).
 - `progress_callback`: appends each trl log record to `train_log.jsonl`.
 - `fit_sft`: one trl `SFTTrainer` run on prompt/completion rows (loss on the completion only).
 """
@@ -127,7 +128,7 @@ def run_trainer(trainer: Any, output_dir: Path) -> Any:
     if resume:
         log.info("resuming from %s", resume)
     t0 = time.perf_counter()
-    with frozen_heap(trainer.args.device.type == "cpu"):
+    with frozen_heap(trainer.args.device.type == "cpu"), vocabulary_wide_tiles(trainer.model):
         result = trainer.train(resume_from_checkpoint=resume)
     log.info("trained %d steps in %.1f s", trainer.state.global_step, time.perf_counter() - t0)
     return result
@@ -152,6 +153,41 @@ def frozen_heap(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+# trl's fused LM head (`trl.trainer.utils.add_fused_lm_head`, used by SFTTrainer and DPOTrainer)
+# reads the width of its vocabulary tiles from this module constant at every forward.
+_TRL_TILE_WIDTH = ("trl.trainer.utils", "_CHUNKED_LOGPROB_CHUNK_SIZE")
+
+
+@contextlib.contextmanager
+def vocabulary_wide_tiles(model: Any) -> Iterator[None]:
+    """trl's LM-head tiles no wider than the model's vocabulary while it trains (the same numbers).
+
+    trl computes the per-token log-probabilities (and the entropy and token accuracy it logs) tile by
+    tile, each tile a `[tokens, 32768]` buffer of which the first `vocab` columns are used. With the
+    tiny model's 136-token vocabulary that is a 99.6%-empty buffer: a fresh 150 MB allocation per
+    forward and per backward, one page touched per row, and matrix products written 128 KB apart,
+    4x the cost of the plain LM head; a quarter of the gap between `medvqa train` and a raw PyTorch
+    loop (tests/perf/test_training_perf.py). A vocabulary under the default width is one tile either
+    way, so a tile exactly as wide computes the same bits (tests/test_process_cost.py); a larger
+    vocabulary keeps trl's width. Without the constant (another trl) nothing changes.
+    """
+    import importlib
+
+    module_name, name = _TRL_TILE_WIDTH
+    module = importlib.import_module(module_name)
+    default = getattr(module, name, None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = int(head.weight.shape[0]) if head is not None else 0
+    if not isinstance(default, int) or not 0 < vocab < default:
+        yield
+        return
+    setattr(module, name, vocab)
+    try:
+        yield
+    finally:
+        setattr(module, name, default)
 
 
 def _progress_callback_class() -> type:
