@@ -125,7 +125,7 @@ def train_stage1(
     from medvqa.trainers.checkpoints import checkpoint_meta, read_checkpoint, save_model, write_checkpoint
     from medvqa.trainers.models import load_model_and_processor
     from medvqa.trainers.rows import RowBuilder
-    from medvqa.trainers.trl_run import seed_everything
+    from medvqa.trainers.trl_run import VISION_PARTS, seed_everything
 
     done = read_checkpoint(stage_dir)
     if done is not None:
@@ -148,7 +148,10 @@ def train_stage1(
             save_model(model, processor, qa_dir)
             write_checkpoint(qa_dir, {"trainer": "stllava-med/stage1-qa", "n_rows": len(qa_rows)})
         model, processor = load_model_and_processor(f"hf:{qa_dir}")
-        ask_cfg = dataclasses.replace(cfg, max_steps=cfg.sq_steps, max_epochs=0.0, vision_lr_scale=0.0)
+        for name, param in model.named_parameters():  # frozen: no gradient, no optimizer state
+            if any(part in name for part in VISION_PARTS):
+                param.requires_grad_(False)
+        ask_cfg = dataclasses.replace(cfg, max_steps=cfg.sq_steps, max_epochs=0.0, vision_lr_scale=1.0)
         model = _fit(
             model, processor, rows, ask_cfg, trl_root / "stage1-ask", log_path, request.seed, "stage1-ask"
         )
