@@ -8,6 +8,9 @@
   bootstrap distribution of the mean difference re-centred under the null.
 - `seed_mean_ci(values)`: mean ± Student-t 95% interval over seeds; with one seed there is no spread
   to measure, and the caller shows that seed's bootstrap CI and says n_seeds = 1.
+- `seed_paired_t(a, b)`: paired t-test over seeds (per seed A − B, same seed, benchmark and metric).
+  The seed is the unit of replication (one training run): the item-level tests say whether a
+  difference holds over the questions of these runs, this one whether it holds over runs.
 - `paired_rows(...)`: match `scored.jsonl` rows of two runs by (seed, question id).
 - `holm(ps)`: Holm's step-down adjustment of a report's p-values (a table of many tests finds
   "significant" differences by chance; Holm controls the family-wise error without assuming
@@ -20,7 +23,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +121,55 @@ def t_quantile(df: int, q: float = 0.975) -> float:
     from scipy.stats import t  # a declared dependency; imported here so `import stats` stays fast
 
     return float(t.ppf(q, df))
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """P(|T| >= |t|) for Student's T with `df` degrees of freedom."""
+    from scipy.stats import t as student_t
+
+    return float(min(1.0, 2.0 * student_t.sf(abs(t), df)))
+
+
+MIN_PAIRED_SEEDS = 2  # a t-test needs a spread, so at least two differences
+NO_SPREAD = 1e-9  # points: a spread of the differences below this is rounding, not variation
+
+
+@dataclass(frozen=True)
+class SeedTest:
+    """Paired t-test over seeds of A − B (percent points); without a test, `note` says why."""
+
+    diffs: tuple[tuple[int, float], ...]  # (seed, A − B), seeds ascending
+    mean: float | None = None
+    ci_low: float | None = None  # 95% Student-t interval of the mean difference, df = n − 1
+    ci_high: float | None = None
+    t: float | None = None
+    p: float | None = None  # two-sided
+    note: str = ""
+
+    @property
+    def n(self) -> int:
+        return len(self.diffs)
+
+
+def seed_paired_t(a: Mapping[int, float], b: Mapping[int, float]) -> SeedTest:
+    """Pair the seeds both sides have (seed with seed, never a stand-in) and test mean(A − B) = 0."""
+    diffs = tuple((s, float(a[s]) - float(b[s])) for s in sorted(set(a) & set(b)))
+    n = len(diffs)
+    if n < MIN_PAIRED_SEEDS:
+        return SeedTest(
+            diffs,
+            mean=diffs[0][1] if diffs else None,
+            note=f"{n} paired seed{'' if n == 1 else 's'}, a seed-level test needs {MIN_PAIRED_SEEDS}",
+        )
+    vals = [d for _, d in diffs]
+    mean = math.fsum(vals) / n
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1))
+    if sd < NO_SPREAD:
+        return SeedTest(diffs, mean=mean, note="the same difference on every seed, no spread to test against")
+    se = sd / math.sqrt(n)
+    half = t_quantile(n - 1) * se
+    t = mean / se
+    return SeedTest(diffs, mean, mean - half, mean + half, t, t_two_sided_p(t, n - 1))
 
 
 def seed_mean_ci(

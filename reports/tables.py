@@ -5,7 +5,11 @@ user-stated data amount, the base model with none). Columns: the medical data us
 preference pairs, and its share of the full SFT set), then for each benchmark closed accuracy and
 open recall — mean ± 95% CI over seeds under the `llava-med` scorer, the `strict` scorer beside it —
 and a paired test of the line against SFT@100% (McNemar on closed questions, paired bootstrap on
-open ones, questions matched by id), and the loss that produced the line.
+open ones, questions matched by id), and the loss that produced the line. A trainer line is also
+compared with the baseline trainer at its own fraction (same labeled data): the same item-level
+test, a paired t-test over seeds (the seed, one training run, is the unit of replication: a
+method comparison claims nothing from one run's questions alone), and the share of the gap
+between the two baseline-trainer lines that it recovers.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from medvqa.errors import BadInput
 from medvqa.io import atomic_write_text, read_json
 from medvqa.reports.results import EvalRecord, Gap, collect_run
 from medvqa.reports.stats import (
+    MIN_PAIRED_SEEDS,
     SeedSummary,
+    SeedTest,
     TestResult,
     format_p,
     holm,
@@ -30,6 +36,7 @@ from medvqa.reports.stats import (
     min_detectable_effect,
     paired_test,
     seed_mean_ci,
+    seed_paired_t,
 )
 
 METRICS: tuple[str, ...] = ("closed_accuracy", "open_recall")
@@ -43,6 +50,21 @@ METRIC_LABELS = {
 
 
 ALPHA = 0.05
+# per benchmark and metric, after the same-fraction item-level columns: the paired t over seeds
+# against the same-fraction line (mean difference, its CI, t, p, Holm p, n, each seed's difference,
+# why no test) and the gap recovered toward the baseline
+SEED_COLUMNS: tuple[str, ...] = (
+    "seed_diff_vs_same_fraction",
+    "seed_ci_low_vs_same_fraction",
+    "seed_ci_high_vs_same_fraction",
+    "seed_t_vs_same_fraction",
+    "seed_p_vs_same_fraction",
+    "seed_p_holm_vs_same_fraction",
+    "seed_n_vs_same_fraction",
+    "seed_diffs_vs_same_fraction",
+    "seed_no_test_reason",
+    "gap_recovered_pct_vs_baseline",
+)
 
 
 @dataclass
@@ -51,8 +73,13 @@ class Cell:
     test: TestResult | None = None  # against the baseline (SFT@100%)
     same_fraction_test: TestResult | None = None  # against the baseline trainer at this line's fraction
     test_note: str = ""  # why there is no test against the baseline (when the baseline is there)
+    same_fraction_note: str = ""  # why there is no item-level same-fraction test (when the peer is there)
+    seed_test: SeedTest | None = None  # paired t over seeds against the same-fraction line
     p_holm: float | None = None  # Holm-adjusted over every p-value of the table
     same_fraction_p_holm: float | None = None
+    seed_p_holm: float | None = None
+    gap_recovered: float | None = None  # % of (baseline − same-fraction line) this line recovers
+    gap_note: str = ""  # why there is no gap recovered (when both comparators are there)
 
 
 @dataclass
@@ -179,12 +206,14 @@ def build_table(
                 out[r.seed if r.seed is not None else 0] = scored_cache[r.eval_dir]
         return out
 
-    def no_test_reason(a_recs: list[EvalRecord], bench: str) -> str:
+    def no_test_reason(
+        a_recs: list[EvalRecord], bench: str, b_recs: list[EvalRecord], b_name: str = "the baseline"
+    ) -> str:
         if not scored_by_seed(a_recs, bench):
             return "no scored.jsonl"
-        if not scored_by_seed(base_records, bench):
-            return f"the baseline has no scored.jsonl for {bench}"
-        return "no question in common with the baseline"
+        if not scored_by_seed(b_recs, bench):
+            return f"{b_name} has no scored.jsonl for {bench}"
+        return f"no question in common with {b_name}"
 
     base_records = groups.get(("sweep", base_key[0], base_key[1]), [])
     for key in list(gaps_of):  # a line whose every eval is missing is still a line
@@ -264,7 +293,7 @@ def build_table(
                         n_boot=n_boot,
                     )
                     if cell.test is None:
-                        cell.test_note = no_test_reason(brecs, bench)
+                        cell.test_note = no_test_reason(brecs, bench, base_records)
                 peer = groups.get(("sweep", base_key[0], fraction))
                 if kind == "sweep" and label != base_key[0] and peer and scorer in cell.summaries:
                     cell.same_fraction_test = paired_test(
@@ -274,6 +303,13 @@ def build_table(
                         metric,
                         n_boot=n_boot,
                     )
+                    if cell.same_fraction_test is None:
+                        cell.same_fraction_note = no_test_reason(
+                            brecs, bench, peer, f"{base_key[0]}@{float(fraction)!r}"
+                        )
+                    cell.seed_test = seed_paired_t(
+                        _seed_values(brecs, bench, scorer, metric), _seed_values(peer, bench, scorer, metric)
+                    )
                 if cell.summaries:
                     line.cells[(bench, metric)] = cell
         lines.append(line)
@@ -281,9 +317,48 @@ def build_table(
     table.baseline_present = bool(base_records)
     table.scored = scored_cache
     table.run_dir = run_dir
+    _gap_recovered(table)
     _adjust_holm(table)
     table.mde = _mde(table, base_records, scored_by_seed)
     return table
+
+
+def _seed_values(recs: list[EvalRecord], bench: str, scorer: str, metric: str) -> dict[int, float]:
+    """The stored value of `metric` on `bench` per seed (each run's own score, from scores.json)."""
+    out = {}
+    for r in recs:
+        if r.benchmark != bench:
+            continue
+        mv = (r.scores["scorers"].get(scorer) or {}).get(metric)
+        if isinstance(mv, dict) and mv.get("value") is not None:
+            out[r.seed if r.seed is not None else 0] = float(mv["value"])
+    return out
+
+
+def _gap_recovered(table: Table) -> None:
+    """Per trainer line and cell: (line − baseline trainer at its fraction) / (baseline − that line),
+    in percent, from the seed means: how much of what the missing labeled data costs the line wins back."""
+    base_label, base_fraction = parse_baseline(table.baseline)
+    by_key = {(ln.kind, ln.label, ln.fraction): ln for ln in table.lines}
+    base = by_key.get(("sweep", base_label, base_fraction))
+    if base is None:
+        return
+    for line in table.lines:
+        peer = by_key.get(("sweep", base_label, line.fraction))
+        if line.kind != "sweep" or line.label == base_label or peer is None or peer is base:
+            continue
+        for key, cell in line.cells.items():
+            means = [
+                c.summaries[table.scorer].mean if c and table.scorer in c.summaries else None
+                for c in (cell, peer.cells.get(key), base.cells.get(key))
+            ]
+            a, p, b = means
+            if a is None or p is None or b is None:
+                continue
+            if b - p <= 0:
+                cell.gap_note = f"{peer.name} is not below {base.name}: no gap to recover"
+                continue
+            cell.gap_recovered = 100.0 * (a - p) / (b - p)
 
 
 def _gap_text(g: Gap) -> str:
@@ -292,7 +367,8 @@ def _gap_text(g: Gap) -> str:
 
 
 def _adjust_holm(table: Table) -> None:
-    """Holm over every p-value the table shows (tests against the baseline and same-fraction tests)."""
+    """Holm over every p-value the table shows (tests against the baseline, same-fraction tests over
+    questions and over seeds)."""
     slots = []
     for line in table.lines:
         for cell in line.cells.values():
@@ -300,6 +376,8 @@ def _adjust_holm(table: Table) -> None:
                 slots.append((cell, "p_holm", cell.test.p))
             if cell.same_fraction_test is not None:
                 slots.append((cell, "same_fraction_p_holm", cell.same_fraction_test.p))
+            if cell.seed_test is not None and cell.seed_test.p is not None:
+                slots.append((cell, "seed_p_holm", cell.seed_test.p))
     for (cell, attr, _), adjusted in zip(slots, holm([p for _, _, p in slots])):
         setattr(cell, attr, adjusted)
 
@@ -434,9 +512,11 @@ def to_markdown(table: Table) -> str:
         (line, bench, metric, cell)
         for line in table.lines
         for (bench, metric), cell in line.cells.items()
-        if cell.test is not None or cell.same_fraction_test is not None
+        if cell.test is not None or cell.same_fraction_test is not None or _seed_p(cell) is not None
     ]
-    n_p = sum((c.test is not None) + (c.same_fraction_test is not None) for *_, c in tests)
+    n_items = sum((c.test is not None) + (c.same_fraction_test is not None) for *_, c in tests)
+    n_p = n_items + sum(_seed_p(c) is not None for *_, c in tests)
+    base_label = base_key[0]
     singles = any(
         s.n_seeds == 1 for ln in table.lines for c in ln.cells.values() for s in c.summaries.values()
     )
@@ -452,26 +532,38 @@ def to_markdown(table: Table) -> str:
             f"No p-values against the baseline {table.baseline}: it has no scores in this run "
             "(name another line with --baseline)."
         )
-    if n_p:
+    if n_items:
         notes.append(
-            "p: paired test"
+            "p: paired test over questions"
             + (f" against {base_name}" if tested else "")
-            + " on the same questions (McNemar for closed accuracy, exact "
-            "binomial below 25 discordant pairs; paired bootstrap over images for open recall), "
-            "seeds paired with seeds."
+            + " and of each same-fraction comparison, on the same questions (McNemar for closed "
+            "accuracy, exact binomial below 25 discordant pairs; paired bootstrap over images for "
+            "open recall), seeds paired with seeds: does the difference hold over these runs' questions."
+        )
+    if any(c.seed_test is not None for ln in table.lines for c in ln.cells.values()):
+        notes.append(
+            f"seeds: paired t-test over seeds, the unit of replication (per seed the line's score minus "
+            f"{base_label}'s at the same fraction, same seed, benchmark and metric): mean difference "
+            f"[95% Student-t CI, df = n − 1], two-sided p, n paired seeds, no test below "
+            f"{MIN_PAIRED_SEEDS}: does the difference hold over training runs."
+        )
+    if any(c.gap_recovered is not None or c.gap_note for ln in table.lines for c in ln.cells.values()):
+        notes.append(
+            f"Gap recovered: (line − {base_label}@f) / ({base_name} − {base_label}@f) from the seed means, "
+            f"the share of what {base_label} loses by training on fraction f alone that the line wins back."
         )
     if n_p:
         flagged = [
             (
-                f"{line.name} {bench} {METRIC_LABELS.get(metric, metric)}"
-                + (" (same fraction)" if which else ""),
+                f"{line.name} {bench} {METRIC_LABELS.get(metric, metric)}" + which,
                 p,
                 adj,
             )
             for line, bench, metric, cell in tests
             for which, t, adj in (
-                (0, cell.test, cell.p_holm),
-                (1, cell.same_fraction_test, cell.same_fraction_p_holm),
+                ("", cell.test, cell.p_holm),
+                (" (same fraction)", cell.same_fraction_test, cell.same_fraction_p_holm),
+                (" (same fraction, seeds)", cell.seed_test, cell.seed_p_holm),
             )
             if t is not None and (p := t.p) is not None and adj is not None
         ]
@@ -511,20 +603,44 @@ def to_markdown(table: Table) -> str:
     return "\n".join(out + notes) + "\n"
 
 
+def _seed_p(cell: Cell) -> float | None:
+    return cell.seed_test.p if cell.seed_test is not None else None
+
+
+def _seed_part(t: SeedTest, adjusted: float | None) -> str:
+    """`seeds: +11.4 [-4.2, 27.0], p 0.089, n 3`, or what there is and why there is no test."""
+    if t.p is None or t.ci_low is None or t.ci_high is None:
+        mean = f"{t.mean:+.1f}, " if t.mean is not None else ""
+        return f"seeds: {mean}n {t.n}, no test ({t.note})"
+    return f"seeds: {t.mean:+.1f} [{t.ci_low:.1f}, {t.ci_high:.1f}], p {_p_cell(t.p, adjusted)}, n {t.n}"
+
+
 def _same_fraction_notes(table: Table) -> list[str]:
-    """One sentence per non-baseline trainer line against the baseline trainer on the same labeled data."""
+    """One sentence per non-baseline trainer line against the baseline trainer on the same labeled
+    data: the item-level test, the seed-level test and the gap recovered, per benchmark and metric."""
     base_label = parse_baseline(table.baseline)[0]
+    base_name = table.baseline.replace("@1.0", "@100%")
     out = []
     for line in table.lines:
         parts = []
         for (bench, metric), cell in line.cells.items():
-            t = cell.same_fraction_test
-            if t is None:
+            t, st = cell.same_fraction_test, cell.seed_test
+            if t is None and st is None:
                 continue
-            parts.append(
-                f"{bench} {METRIC_LABELS.get(metric, metric)} {t.diff:+.1f} points "
-                f"(p {_p_cell(t.p, cell.same_fraction_p_holm)})"
-            )
+            name = f"{bench} {METRIC_LABELS.get(metric, metric)}"
+            if t is not None:
+                head = f"{name} {t.diff:+.1f} points"
+                inner = [f"p {_p_cell(t.p, cell.same_fraction_p_holm)} over questions"]
+            else:
+                head = name
+                inner = [f"no test over questions: {cell.same_fraction_note}"]
+            if st is not None:
+                inner.append(_seed_part(st, cell.seed_p_holm))
+            if cell.gap_recovered is not None:
+                inner.append(f"{cell.gap_recovered:.0f}% of the gap to {base_name} recovered")
+            elif cell.gap_note:
+                inner.append(cell.gap_note)
+            parts.append(f"{head} ({'; '.join(inner)})")
         if parts:
             out.append(
                 f"{line.name} vs {base_label}@{float(line.fraction)!r} (same labeled data): "
@@ -562,6 +678,7 @@ def csv_columns(table: Table) -> list[str]:
                 f"{bench}/{metric}/{x}"
                 for x in ("diff_vs_same_fraction", "p_vs_same_fraction", "p_holm_vs_same_fraction")
             ]
+            cols += [f"{bench}/{metric}/{x}" for x in SEED_COLUMNS]
     return [*cols, "missing"]
 
 
@@ -602,6 +719,19 @@ def to_csv(table: Table) -> str:
                 row[f"{bench}/{metric}/diff_vs_same_fraction"] = _num(cell.same_fraction_test.diff, 4)
                 row[f"{bench}/{metric}/p_vs_same_fraction"] = f"{cell.same_fraction_test.p:.6g}"
                 row[f"{bench}/{metric}/p_holm_vs_same_fraction"] = f"{cell.same_fraction_p_holm:.6g}"
+            if (st := cell.seed_test) is not None:
+                pre = f"{bench}/{metric}/"
+                row[pre + "seed_diff_vs_same_fraction"] = _num(st.mean, 4)
+                row[pre + "seed_ci_low_vs_same_fraction"] = _num(st.ci_low, 4)
+                row[pre + "seed_ci_high_vs_same_fraction"] = _num(st.ci_high, 4)
+                row[pre + "seed_t_vs_same_fraction"] = _num(st.t, 4)
+                if st.p is not None and cell.seed_p_holm is not None:
+                    row[pre + "seed_p_vs_same_fraction"] = f"{st.p:.6g}"
+                    row[pre + "seed_p_holm_vs_same_fraction"] = f"{cell.seed_p_holm:.6g}"
+                row[pre + "seed_n_vs_same_fraction"] = st.n
+                row[pre + "seed_diffs_vs_same_fraction"] = ";".join(f"{s}:{d:.4f}" for s, d in st.diffs)
+                row[pre + "seed_no_test_reason"] = st.note
+            row[f"{bench}/{metric}/gap_recovered_pct_vs_baseline"] = _num(cell.gap_recovered, 2)
         w.writerow({k: row.get(k, "") for k in cols})
     return buf.getvalue()
 

@@ -13,7 +13,15 @@ import pytest
 from medvqa.cli import main
 from medvqa.errors import BadInput
 from medvqa.reports.results import COLUMNS, collect, fraction_dirname
-from medvqa.reports.stats import mcnemar, paired_bootstrap, paired_test, seed_mean_ci
+from medvqa.reports.stats import (
+    mcnemar,
+    paired_bootstrap,
+    paired_test,
+    seed_mean_ci,
+    seed_paired_t,
+    t_quantile,
+    t_two_sided_p,
+)
 from medvqa.reports.tables import build_table, to_csv, to_markdown
 from medvqa.scoring import metric_names
 
@@ -162,6 +170,41 @@ def test_seed_mean_ci():
     assert s.ci_high - s.mean == pytest.approx(12.706 * 2.0, rel=1e-3)  # sd 2.83 / sqrt(2) = 2
     one = seed_mean_ci([70.0], (65.0, 75.0))
     assert (one.ci_low, one.ci_high, one.n_seeds) == (65.0, 75.0, 1) and "1 seed" in one.method
+
+
+def test_t_two_sided_p_known_values():
+    assert t_two_sided_p(1.0, 1) == pytest.approx(0.5)  # df 1 is Cauchy: P(|T| > 1) = 1/2
+    for t in (0.5, 3.136, 10.0):  # df 2 has a closed form: p = 1 − t / sqrt(2 + t²)
+        assert t_two_sided_p(t, 2) == pytest.approx(1 - t / (2 + t * t) ** 0.5, rel=1e-9)
+    for df in (1, 2, 4, 30):
+        assert t_two_sided_p(t_quantile(df), df) == pytest.approx(0.05, rel=1e-9)
+        assert t_two_sided_p(-2.5, df) == t_two_sided_p(2.5, df)
+    assert t_two_sided_p(0.0, 3) == 1.0
+
+
+def test_seed_paired_t_by_hand():
+    # docs/trainers.md: STLLaVA-Med@9% and SFT@9% closed accuracy on seeds 0, 1, 2 (and a seed 3
+    # only one side has, which must not be paired with anything)
+    a = {0: 79.0, 1: 85.7, 2: 79.7, 3: 90.0}
+    b = {2: 73.2, 0: 69.8, 1: 67.2}
+    r = seed_paired_t(a, b)
+    assert [s for s, _ in r.diffs] == [0, 1, 2] and r.n == 3
+    assert [d for _, d in r.diffs] == pytest.approx([9.2, 18.5, 6.5])
+    # mean 11.4; sd = sqrt((2.2² + 7.1² + 4.9²) / 2) = 6.2952; se = 3.6346; t = 3.1365
+    assert r.mean == pytest.approx(11.4)
+    assert r.t == pytest.approx(3.1365, abs=1e-4)
+    assert r.p == pytest.approx(0.0884, abs=1e-4)  # 1 − t / sqrt(2 + t²), df 2
+    half = 4.302653 * 3.634556  # t_{0.975, 2} · se
+    assert (r.ci_low, r.ci_high) == pytest.approx((11.4 - half, 11.4 + half), abs=1e-4)
+    assert r.note == ""
+    # one paired seed: a difference but no test, and it says so
+    one = seed_paired_t({0: 80.0, 1: 70.0}, {0: 70.0})
+    assert one.n == 1 and one.mean == pytest.approx(10.0) and one.p is None and one.ci_low is None
+    assert "1 paired seed, a seed-level test needs 2" in one.note
+    assert seed_paired_t({}, {0: 1.0}).mean is None
+    # the same difference on every seed: no spread, so no t (not p = 0)
+    flat = seed_paired_t({0: 75.0, 1: 80.0}, {0: 70.0, 1: 75.0})
+    assert flat.mean == pytest.approx(5.0) and flat.p is None and "no spread" in flat.note
 
 
 def test_paired_test_matches_by_id_not_order():
@@ -391,8 +434,86 @@ def test_a_missing_scored_jsonl_says_so_instead_of_a_blank_p(tmp_path):
     assert row.count("n/a‡") == 2  # closed and open
     assert "‡ no test: stllava-med@0.09 phantom closed acc: no scored.jsonl" in md
     assert "- sft@0.25: seed 1 phantom: no scored.jsonl" in md  # the test used seed 0 only
-    assert "stllava-med@0.09 vs sft@0.09" not in md  # no same-fraction test was run
+    # no same-fraction test over questions, but the seed-level one needs only scores.json
+    assert (
+        "stllava-med@0.09 vs sft@0.09 (same labeled data): phantom closed acc "
+        "(no test over questions: no scored.jsonl; seeds: "
+    ) in md
     assert "McNemar" in md  # the other lines were tested
+
+
+def _stored(run: Path, trainer: str, fraction: float, seed: int, metric: str) -> float:
+    path = run / trainer / fraction_dirname(fraction) / f"s{seed}" / "eval" / "phantom" / "scores.json"
+    return json.loads(path.read_text())["scorers"]["llava-med"][metric]["value"]
+
+
+def test_same_fraction_comparison_has_the_seed_level_test_and_the_gap_recovered(tmp_path):
+    seeds = (0, 1, 2)
+    run = fabricate(tmp_path / "r", seeds=seeds, benches=("phantom",), references=False)
+    table = build_table(run, n_boot=200)
+    md = to_markdown(table)
+    wide = {r["model"]: r for r in csv.DictReader(io.StringIO(to_csv(table)))}
+    st = wide["stllava-med@0.09"]
+    for metric, label in (("closed_accuracy", "closed acc"), ("open_recall", "open recall")):
+        # per seed, from each run's own scores.json: STLLaVA-Med@9% minus SFT@9% on that seed
+        line = {s: _stored(run, "stllava-med", 0.09, s, metric) for s in seeds}
+        peer = {s: _stored(run, "sft", 0.09, s, metric) for s in seeds}
+        full = {s: _stored(run, "sft", 1.0, s, metric) for s in seeds}
+        diffs = [line[s] - peer[s] for s in seeds]
+        expected = seed_paired_t(line, peer)
+        assert [d for _, d in expected.diffs] == pytest.approx(diffs) and expected.p is not None
+        cell = (
+            f"seeds: {expected.mean:+.1f} [{expected.ci_low:.1f}, {expected.ci_high:.1f}], p {expected.p:.3f}"
+        )
+        mean = sum(line.values()) / 3
+        peer_mean, full_mean = sum(peer.values()) / 3, sum(full.values()) / 3
+        gap = 100 * (mean - peer_mean) / (full_mean - peer_mean)
+        assert (
+            f"phantom {label} " in md and f"{cell}, n 3; {gap:.0f}% of the gap to sft@100% recovered)" in md
+        )
+        pre = f"phantom/{metric}/"
+        assert float(st[pre + "seed_diff_vs_same_fraction"]) == pytest.approx(sum(diffs) / 3, abs=1e-4)
+        assert float(st[pre + "seed_p_vs_same_fraction"]) == pytest.approx(expected.p, rel=1e-5)
+        assert float(st[pre + "seed_t_vs_same_fraction"]) == pytest.approx(expected.t, abs=1e-4)
+        assert float(st[pre + "seed_ci_low_vs_same_fraction"]) == pytest.approx(expected.ci_low, abs=1e-4)
+        assert st[pre + "seed_n_vs_same_fraction"] == "3" and st[pre + "seed_no_test_reason"] == ""
+        assert st[pre + "seed_diffs_vs_same_fraction"] == ";".join(
+            f"{s}:{d:.4f}" for s, d in zip(seeds, diffs)
+        )
+        assert float(st[pre + "seed_p_holm_vs_same_fraction"]) >= expected.p
+        assert float(st[pre + "gap_recovered_pct_vs_baseline"]) == pytest.approx(gap, abs=0.01)
+        # the SFT lines are the comparators, not compared
+        assert wide["sft@0.09"][pre + "seed_p_vs_same_fraction"] == ""
+        assert wide["sft@0.09"][pre + "gap_recovered_pct_vs_baseline"] == ""
+    assert "seeds: paired t-test over seeds, the unit of replication" in md
+    assert "p: paired test over questions against sft@100%" in md
+    assert "Gap recovered: (line − sft@f) / (sft@100% − sft@f)" in md
+    # the seed-level p-values enter the one Holm correction
+    n_p = sum(1 for ln in table.lines for c in ln.cells.values() for t in (c.test, c.same_fraction_test) if t)
+    assert f"Holm's correction over all {n_p + 2} p-values" in md
+    # the new columns sit with their benchmark and metric, after the existing same-fraction ones
+    header = next(csv.reader(io.StringIO(to_csv(table))))
+    at = header.index("phantom/closed_accuracy/p_holm_vs_same_fraction")
+    assert header[at + 1 : at + 3] == [
+        "phantom/closed_accuracy/seed_diff_vs_same_fraction",
+        "phantom/closed_accuracy/seed_ci_low_vs_same_fraction",
+    ]
+    assert header[at + 10] == "phantom/closed_accuracy/gap_recovered_pct_vs_baseline"
+    assert header[at + 11] == "phantom/open_recall/llava-med/mean"
+
+
+def test_fewer_than_two_paired_seeds_means_no_seed_level_test_said_so(tmp_path):
+    run = fabricate(tmp_path / "r", seeds=(0,), benches=("phantom",), references=False)
+    table = build_table(run, n_boot=100)
+    md = to_markdown(table)
+    diff = _stored(run, "stllava-med", 0.09, 0, "closed_accuracy") - _stored(
+        run, "sft", 0.09, 0, "closed_accuracy"
+    )
+    assert f"seeds: {diff:+.1f}, n 1, no test (1 paired seed, a seed-level test needs 2)" in md
+    st = next(r for r in csv.DictReader(io.StringIO(to_csv(table))) if r["model"] == "stllava-med@0.09")
+    assert st["phantom/closed_accuracy/seed_p_vs_same_fraction"] == ""
+    assert st["phantom/closed_accuracy/seed_n_vs_same_fraction"] == "1"
+    assert "needs 2" in st["phantom/closed_accuracy/seed_no_test_reason"]
 
 
 def test_holm_adjustment():
@@ -418,7 +539,13 @@ def test_table_marks_what_survives_holm_and_states_the_mde(tmp_path):
     cells = [c for ln in table.lines for c in ln.cells.values() if c.test]
     assert cells and all(c.p_holm >= c.test.p for c in cells)
     md = to_markdown(table)
-    n_p = sum(1 for ln in table.lines for c in ln.cells.values() for t in (c.test, c.same_fraction_test) if t)
+    n_p = sum(
+        1
+        for ln in table.lines
+        for c in ln.cells.values()
+        for t in (c.test, c.same_fraction_test, c.seed_test)
+        if t and t.p is not None
+    )
     assert f"Holm's correction over all {n_p} p-values" in md
     sft9 = next(ln for ln in md.splitlines() if ln.startswith("| sft@0.09"))
     assert "<0.001*" in sft9  # 62% vs 93% on 120 closed questions survives any correction
