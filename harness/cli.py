@@ -76,11 +76,11 @@ def one_job_collector() -> Iterator[None]:
 
     A command that runs a model imports torch, transformers and trl: ~450,000 objects that live as
     long as the process. CPython considers a full collection after every 10 middle-generation ones
-    and runs it when the old generation has grown by a quarter, so the imports alone pay ~8 walks of an ever larger
-    heap, ~0.9 s of CPU in a 10-step `medvqa train` (measured; about a tenth of the job); at 100
-    it is one walk. Young collections keep their thresholds (the cycles a training step or a
-    generation batch leaves die young and are found there), and the quarter-growth rule still
-    starts a full collection in a long loop whose garbage reaches the old generation.
+    and runs it when the old generation has grown by a quarter, so the imports alone pay ~8 walks
+    of an ever larger heap, ~0.9 s of CPU in a 10-step `medvqa train` (measured; about a tenth of
+    the job); at 100 it is one walk. Young collections keep their thresholds (the cycles a training
+    step or a generation batch leaves die young and are found there), and the quarter-growth rule
+    still starts a full collection in a long loop whose garbage reaches the old generation.
     """
     before = gc.get_threshold()
     gc.set_threshold(before[0], before[1], max(before[2], OLD_GENERATION_THRESHOLD))
