@@ -51,6 +51,19 @@ def parse_seed_dirname(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+STALE_MARK = ".stale-"
+
+
+def stale_name(name: str, key: str) -> str:
+    """Where a sweep moves output made by other settings: `<name>.stale-<key>` beside it (kept, never read)."""
+    return f"{name}{STALE_MARK}{key}"
+
+
+def is_stale(name: str) -> bool:
+    """A folder a sweep moved aside (`stale_name`): not a result, whatever it holds."""
+    return STALE_MARK in name
+
+
 def is_reserved(name: str) -> bool:
     """A top-level run folder the report does not read as a trainer line."""
     return name in RESERVED_NAMES or name.startswith((".", "_"))

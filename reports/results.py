@@ -28,7 +28,7 @@ from typing import Any
 from medvqa.errors import BadInput
 from medvqa.io import read_json
 from medvqa.layout import fraction_dirname as fraction_dirname  # the run layout's names, defined once
-from medvqa.layout import is_reserved, parse_fraction_dirname, parse_seed_dirname
+from medvqa.layout import is_reserved, is_stale, parse_fraction_dirname, parse_seed_dirname
 
 COLUMNS: tuple[str, ...] = (
     "run",
@@ -200,7 +200,7 @@ def _eval_dirs(parent: Path) -> list[Path]:
     root = parent / "eval"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if (p / "scores.json").is_file())
+    return sorted(p for p in root.iterdir() if (p / "scores.json").is_file() and not is_stale(p.name))
 
 
 def _load_scores(eval_dir: Path) -> dict[str, Any]:
@@ -226,7 +226,9 @@ def _unscored_dirs(parent: Path) -> list[Path]:
     root = parent / "eval"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and not (p / "scores.json").is_file())
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and not (p / "scores.json").is_file() and not is_stale(p.name)
+    )
 
 
 def _sweep_records(run_dir: Path, gaps: list[Gap]) -> list[EvalRecord]:

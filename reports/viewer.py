@@ -23,6 +23,7 @@ from typing import Any
 
 from medvqa.errors import BadInput
 from medvqa.io import atomic_write_text, read_json, read_jsonl
+from medvqa.layout import is_stale
 from medvqa.reports.stats import load_scored
 from medvqa.scoring import HEADLINE
 
@@ -42,13 +43,17 @@ class EvalView:
 
 
 def find_evals(path: str | Path) -> list[Path]:
-    """The eval folders at or under `path`: folders holding a scored.jsonl (stale/ copies skipped)."""
+    """The eval folders at or under `path`: folders holding a scored.jsonl (ones a sweep moved aside skipped)."""
     path = Path(path)
     if not path.is_dir():
         raise BadInput("not a folder: expected an eval folder or a run folder", path=path)
     if (path / "scored.jsonl").is_file():
         return [path]
-    found = sorted(p.parent for p in path.rglob("scored.jsonl") if "stale" not in p.relative_to(path).parts)
+    found = sorted(
+        p.parent
+        for p in path.rglob("scored.jsonl")
+        if not any(is_stale(part) for part in p.relative_to(path).parts)
+    )
     if not found:
         raise BadInput("no scored.jsonl at or under this folder (run medvqa eval first)", path=path)
     return found

@@ -700,3 +700,21 @@ def test_a_sweep_json_that_is_not_an_object_does_not_break_the_report(tmp_path):
     run = fabricate(tmp_path / "r", seeds=(0,), benches=("phantom",), references=False)
     (run / "sweep.json").write_text("[1, 2]")
     assert main(["report", str(run), "--format", "md", "--quiet"]) == 0
+
+
+def test_evals_a_sweep_moved_aside_are_not_results(tmp_path):
+    """A rerun with other settings moves the old eval to `<name>.stale-<key>` (sweeps.state): the
+    report and the viewer read only the current one, not both as two evals of one benchmark."""
+    import shutil
+
+    from medvqa.layout import stale_name
+    from medvqa.reports.viewer import find_evals
+
+    run = fabricate(tmp_path / "myrun")
+    before = collect(run)
+    seed_dir = run / "stllava-med" / "f0.09" / "s1"
+    current = seed_dir / "eval" / "vqa-rad"
+    shutil.copytree(current, current.with_name(stale_name("vqa-rad", "0123abcd")))
+    assert collect(run) == before
+    evals = find_evals(seed_dir)
+    assert current in evals and not any(".stale-" in p.name for p in evals)

@@ -15,6 +15,7 @@ from typing import IO, Any
 
 from medvqa.errors import BadInput
 from medvqa.io import atomic_write_json, read_json
+from medvqa.layout import stale_name
 from medvqa.sweeps.plan import Job
 
 
@@ -80,7 +81,7 @@ class SweepState:
                 if old != job.key:
                     break
         if old is not None and old != job.key and job.output.exists():
-            stale = job.output.with_name(f"{job.output.name}.stale-{old}")
+            stale = job.output.with_name(stale_name(job.output.name, old))
             shutil.rmtree(stale, ignore_errors=True)
             job.output.rename(stale)
             self.log(f"  {job.id}: settings changed since the last run; old output moved to {stale.name}")
