@@ -250,3 +250,23 @@ def test_a_job_found_running_with_other_settings_is_cancelled(tmp_path):
         30,
     )
     assert _wait_for(lambda: running.poll() is not None, 120) and running.poll() == 0
+
+
+def test_cancelling_a_local_controller_that_ignores_sigint_still_stops_it(monkeypatch):
+    """A reattached local job's controller that ignores SIGINT (inherited from where it started) is
+    stopped by the SIGTERM that follows; the sweep never starts a replacement beside it."""
+    import subprocess
+
+    from medvqa.sweeps.executors import slurm
+
+    monkeypatch.setattr(slurm, "CANCEL_GRACE_S", 1.0)
+    stubborn = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", stubborn], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        found = slurm._Submitted(None, pid=proc.pid)
+        found.cancel()
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()

@@ -18,6 +18,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,9 @@ def _fill(arg: str, fill: Mapping[str, str]) -> str:
     return arg
 
 
+CANCEL_GRACE_S = 10.0
+
+
 class _Submitted:
     def __init__(self, job: submitit.Job[int], pid: int | None = None):
         self.job, self.pid = job, pid
@@ -97,12 +101,20 @@ class _Submitted:
         return f"submitit job {self.job.job_id}"
 
     def cancel(self) -> None:
-        """scancel (or, for a local job found again, SIGINT to its controller)."""
-        if self.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGINT)
-        else:
+        """scancel (or, for a local job found again, its controller stopped: SIGINT, then SIGTERM, then
+        SIGKILL, CANCEL_GRACE_S apart; its command dies with it). A controller started where SIGINT
+        was ignored inherits that, so SIGINT alone could leave the old job writing."""
+        if self.pid is None:
             self.job.cancel(check=False)
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+            deadline = time.monotonic() + CANCEL_GRACE_S
+            while _alive(self.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not _alive(self.pid):
+                return
 
 
 def _alive(pid: int) -> bool:
