@@ -6,6 +6,7 @@ to the local executor's uninterrupted run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -254,19 +255,26 @@ def test_a_job_found_running_with_other_settings_is_cancelled(tmp_path):
 
 def test_cancelling_a_local_controller_that_ignores_sigint_still_stops_it(monkeypatch):
     """A reattached local job's controller that ignores SIGINT (inherited from where it started) is
-    stopped by the SIGTERM that follows; the sweep never starts a replacement beside it."""
+    stopped by the SIGTERM that follows, and so is the task it started (which would not die with
+    the controller); the sweep never starts a replacement beside them."""
     import subprocess
 
     from medvqa.sweeps.executors import slurm
 
     monkeypatch.setattr(slurm, "CANCEL_GRACE_S", 1.0)
-    stubborn = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"
+    stubborn = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        "task = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        "print(task.pid, flush=True); time.sleep(120)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", stubborn], stdout=subprocess.PIPE, text=True)
+    task = int(proc.stdout.readline())
     try:
-        assert proc.stdout.readline().strip() == "ready"
-        found = slurm._Submitted(None, pid=proc.pid)
-        found.cancel()
+        slurm._Submitted(None, pid=proc.pid).cancel()
         assert proc.wait(timeout=10) == -signal.SIGTERM
+        assert _wait_for(lambda: not slurm._alive(task), 10)
     finally:
         proc.kill()
         proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(task, signal.SIGKILL)

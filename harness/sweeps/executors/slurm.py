@@ -101,20 +101,39 @@ class _Submitted:
         return f"submitit job {self.job.job_id}"
 
     def cancel(self) -> None:
-        """scancel (or, for a local job found again, its controller stopped: SIGINT, then SIGTERM, then
-        SIGKILL, CANCEL_GRACE_S apart; its command dies with it). A controller started where SIGINT
-        was ignored inherits that, so SIGINT alone could leave the old job writing."""
+        """scancel (or, for a local job found again, its controller stopped: SIGINT, then SIGTERM and
+        SIGKILL to it and every process under it, CANCEL_GRACE_S apart). A controller started where
+        SIGINT was ignored inherits that, so SIGINT alone could leave the old job writing."""
         if self.pid is None:
             self.job.cancel(check=False)
             return
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
+            # SIGINT lets the controller stop its tasks; the harder signals go to the whole tree
+            for pid in [self.pid] if sig == signal.SIGINT else [self.pid, *_descendants(self.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
             deadline = time.monotonic() + CANCEL_GRACE_S
             while _alive(self.pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
             if not _alive(self.pid):
                 return
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process under `pid` (Linux /proc; empty elsewhere), children before grandchildren."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(0), [])
+        out += kids
+        todo += kids
+    return out
 
 
 def _alive(pid: int) -> bool:
