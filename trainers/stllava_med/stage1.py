@@ -125,7 +125,7 @@ def train_stage1(
     from medvqa.trainers.checkpoints import checkpoint_meta, read_checkpoint, save_model, write_checkpoint
     from medvqa.trainers.models import load_model_and_processor
     from medvqa.trainers.rows import RowBuilder
-    from medvqa.trainers.trl_run import VISION_PARTS, seed_everything
+    from medvqa.trainers.trl_run import VISION_PARTS, drop_trl_checkpoints, seed_everything
 
     done = read_checkpoint(stage_dir)
     if done is not None:
@@ -147,6 +147,7 @@ def train_stage1(
             )
             save_model(model, processor, qa_dir)
             write_checkpoint(qa_dir, {"trainer": "stllava-med/stage1-qa", "n_rows": len(qa_rows)})
+            drop_trl_checkpoints(trl_root / "stage1")
         model, processor = load_model_and_processor(f"hf:{qa_dir}")
         for name, param in model.named_parameters():  # frozen: no gradient, no optimizer state
             if any(part in name for part in VISION_PARTS):
@@ -158,6 +159,7 @@ def train_stage1(
     else:
         model = _fit(model, processor, rows, cfg, trl_root / "stage1", log_path, request.seed, "stage1")
     save_model(model, processor, stage_dir)
+    drop_trl_checkpoints(trl_root / "stage1-ask" if cfg.sq_schedule == "after" else trl_root / "stage1")
     meta = checkpoint_meta(
         trainer="stllava-med/stage1",
         request=request,
@@ -184,10 +186,9 @@ def _fit(
     seed: int,
     stage: str,
 ) -> Any:
-    """One SFT pass of stage 1 (LoRA merged: the next phase or stage 2 starts from a full model)."""
-    from medvqa.trainers.trl_run import drop_trl_checkpoints, fit_sft
+    """One SFT pass of stage 1 (LoRA merged: the next phase or stage 2 starts from a full model).
+    Its trl checkpoints stay until the caller has saved the result (a kill before that resumes)."""
+    from medvqa.trainers.trl_run import fit_sft
 
-    model = fit_sft(model, processor, rows, cfg, work_dir=work_dir, log_path=log_path, seed=seed, stage=stage,
-                    merge_lora=True)  # fmt: skip
-    drop_trl_checkpoints(work_dir)
-    return model
+    return fit_sft(model, processor, rows, cfg, work_dir=work_dir, log_path=log_path, seed=seed, stage=stage,
+                   merge_lora=True)  # fmt: skip
