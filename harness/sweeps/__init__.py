@@ -6,6 +6,7 @@ the core never imports `medvqa.reports`. One module per concern:
 ```
 config.py     the sweep TOML: one dataclass per table, each validating its own values
 plan.py       the jobs and their keys; every job's full settings checked before any runs
+made.py       what a [[prepare]] step made: its path and the digest its readers' keys hold
 state.py      done/started markers and the lock under <out>/.sweep/
 executors/    where jobs run: local subprocesses, or SLURM jobs through submitit
 run.py        the scheduler (dependencies, priorities, resume) and the report at the end
@@ -24,8 +25,8 @@ report    (in process) results.csv, data_efficiency.{md,csv,png} under <out>/rep
 ```
 
 Resumability: a job that finishes writes a done-marker (`<out>/.sweep/done/<job>.json`) holding its
-key — the hash of its command, of the keys of the jobs it depends on, and for training of the data
-manifest hash of its fraction. A job whose marker has the same key (and whose outputs exist, with
+key — the hash of its command, of the keys of the jobs it depends on, of the digest of what the
+[[prepare]] steps it reads made, and for training of the data manifest hash of its fraction. A job whose marker has the same key (and whose outputs exist, with
 the same manifest hash in `checkpoint.json`) is skipped; anything else is (re)run, and `medvqa
 train`/`medvqa eval` resume their own partial work. So `kill -9` at any moment and a rerun gives
 the same `results.csv` as an uninterrupted run. One sweep at a time per folder (an flock).

@@ -1,6 +1,7 @@
 """The job plan of a sweep: prepare → base → train × fraction × seed → eval, each an ordinary
 `medvqa` command with a key (the hash of its command, its settings files, the keys of the jobs it
-depends on, and for training the data manifest of its fraction)."""
+depends on, the digest of what the `[[prepare]]` steps it reads made, and for training the data
+manifest of its fraction)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 from medvqa.errors import BadInput
 from medvqa.layout import fraction_dirname, seed_dirname
 from medvqa.sweeps.config import EvalSpec, SweepConfig, check_trainer_settings, settings_toml
+from medvqa.sweeps.made import made_digest, made_path
 from medvqa.types import stable_hash
 
 SWEEP_FORMAT = 1
@@ -34,10 +36,23 @@ class Job:
     launcher: str = ""
     manifest_hash: str = ""
     creates: str = ""
-    key: str = ""  # filled by `plan`: hash of the command and the keys of its dependencies
+    key: str = (
+        ""  # filled by `plan`: hash of the command, its dependencies' keys, what its prepare steps made
+    )
+    # the key the previous release computed (no prepare digests): a marker of that release holding it
+    # still counts as done; "" once a job this one reads has run again (then only `key` counts)
+    legacy_key: str = ""
+    made: dict[str, str] = field(
+        default_factory=dict
+    )  # prepare step id -> digest of what it made (in the key)
     priority: int = 0  # among ready jobs, higher starts first (then config order)
     after: list[str] = field(default_factory=list)  # jobs it waits for without depending on (not in the key)
     early: bool = False  # a set-up step run before the plan (the training data may come from it)
+
+    @property
+    def reads(self) -> list[str]:
+        """The jobs whose output this one reads: its dependencies, and for a set-up step its `needs`."""
+        return [*self.deps, *self.after] if self.kind == "prepare" else list(self.deps)
 
     @property
     def file_stem(self) -> str:
@@ -60,6 +75,8 @@ class Planner:
         self._samples: list[Any] | None = None
         self.n_train_full: int | None = None
         self.files: dict[Path, str] = {}  # settings files the planned commands read
+        self._made: dict[str, str] = {}  # prepare job id -> digest of its output on disk (cached)
+        self._by_id: dict[str, Job] = {}  # the last plan, for `rekey`
 
     # -- data manifests (computed here, compared with what the trainer recorded) -------------
 
@@ -87,6 +104,18 @@ class Planner:
             subset = select_fraction(self._samples, float(fraction), int(seed))
             self._manifest_cache[key] = (manifest_hash(subset), len(subset))
         return self._manifest_cache[key]
+
+    # -- what the set-up steps made --------------------------------------------------------------
+
+    def made(self, job: Job) -> str:
+        """Digest of what a prepare step made, as it is on disk now ("" if nothing yet)."""
+        if job.id not in self._made:
+            self._made[job.id] = made_digest(made_path(job.creates, self.run_dir))
+        return self._made[job.id]
+
+    def forget_made(self, job_id: str) -> None:
+        """A prepare step ran: its output is read again when next asked for."""
+        self._made.pop(job_id, None)
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -275,24 +304,34 @@ class Planner:
                         r.launcher or eval_launcher,
                     )
                 )
-        by_id = {j.id: j for j in jobs}
-        for j in jobs:  # keys in dependency order (deps always come first in the list)
-            dep_keys = [by_id[d].key for d in j.deps]
-            # a settings file may name the run folder too (`stage_cache = "{out}/stage-cache"`)
-            files = {
-                self._portable(str(p)): self._portable(t) for p, t in self.files.items() if str(p) in j.args
-            }
-            j.key = stable_hash(
-                {
-                    "args": [self._portable(a) for a in j.args],
-                    "files": files,
-                    "deps": dep_keys,
-                    "manifest": j.manifest_hash,
-                    "versions": self._versions(j),
-                    "format": SWEEP_FORMAT,
-                }
-            )
+        self._by_id = {j.id: j for j in jobs}
+        for j in jobs:  # keys in dependency order (deps, and a step's needs, always come first)
+            self.rekey(j)
         return jobs
+
+    def rekey(self, job: Job) -> None:
+        """(Re)compute a job's key from its dependencies' current keys and what the prepare steps it
+        reads made now: the scheduler calls it again when the job's turn comes, after they ran."""
+        by_id = self._by_id
+        # a settings file may name the run folder too (`stage_cache = "{out}/stage-cache"`)
+        files = {
+            self._portable(str(p)): self._portable(t) for p, t in self.files.items() if str(p) in job.args
+        }
+        fields = {
+            "args": [self._portable(a) for a in job.args],
+            "files": files,
+            "manifest": job.manifest_hash,
+            "versions": self._versions(job),
+            "format": SWEEP_FORMAT,
+        }
+        job.legacy_key = stable_hash({**fields, "deps": [by_id[d].legacy_key for d in job.deps]})
+        job.made = {
+            d: self.made(by_id[d]) for d in job.reads if by_id[d].kind == "prepare" and by_id[d].creates
+        }
+        key_fields = {**fields, "deps": [by_id[d].key for d in job.deps]}
+        if job.made:  # left out when empty: the keys of jobs that read no set-up output did not change
+            key_fields["made"] = job.made
+        job.key = stable_hash(key_fields)
 
     def _versions(self, job: Job) -> dict[str, str]:
         """Versions of the benchmarks a job reads (a new generator or loader version reruns it)."""

@@ -16,7 +16,7 @@ from medvqa.io import atomic_write_json, atomic_write_text
 from medvqa.sweeps.config import SweepConfig, load_config
 from medvqa.sweeps.executors import Executor, Running, check_available, make_executor, thread_env
 from medvqa.sweeps.plan import SWEEP_FORMAT, Job, Planner, slug
-from medvqa.sweeps.state import SweepState, check_outputs
+from medvqa.sweeps.state import Status, SweepState, blocked_message, check_outputs, same_settings
 
 HEARTBEAT_S = 30.0  # print what is running (and the training step) this often
 
@@ -31,6 +31,12 @@ class Sweep:
         # (kind, wall seconds, CPU seconds or None) of every job that ran this time
         self.timings: list[tuple[str, float, float | None]] = []
         self._n_ok = 0
+        self._ran: set[str] = (
+            set()
+        )  # jobs started by this sweep process (their readers' legacy keys no longer count)
+        # --dry-run: the prepare steps that would run, and per job the ones whose output its key waits for
+        self._would_make: set[str] = set()
+        self._undecided: dict[str, set[str]] = {}
 
     def jobs(self, *, with_manifests: bool = True) -> list[Job]:
         return self.planner.jobs(with_manifests=with_manifests)
@@ -76,6 +82,11 @@ class Sweep:
         check_available(self.cfg)
         plan = self.jobs(with_manifests=False)
         self.planner.check_jobs(plan)  # every job's settings, before anything runs
+        self._ran, self._would_make, self._undecided = set(), set(), {}
+        for job in plan:  # a set-up step the sweep cannot rebuild stops it before anything runs
+            status = self.state.status(job) if job.kind == "prepare" else None
+            if status is not None and status.kind == "blocked":
+                raise BadInput(blocked_message(job, status))
         if dry_run:
             return self._run_all(plan, None, dry_run=True, verbose=verbose)
         lock = self.state.lock(self.run_dir)
@@ -104,12 +115,22 @@ class Sweep:
         if failed:
             return failed
         try:
-            plan = self.jobs(with_manifests=not dry_run)
+            plan = self.jobs(with_manifests=True)  # a dry run too: the keys a real run compares
         except BadInput as exc:
             # Set-up output that the current code refuses (e.g. data built by an older generator):
             # rebuild it once, then plan again (a second failure is the user's to see).
-            if not prepare or dry_run:
+            if not prepare:
                 raise
+            if dry_run:
+                self.log(
+                    f"the training data does not load ({exc}); a real run would rerun the [[prepare]] steps"
+                )
+                self._would_make.update(j.id for j in prepare)
+                plan = self.jobs(with_manifests=False)
+                rest = [j for j in plan if not j.early]
+                return self._execute(
+                    rest, None, dry_run=True, verbose=verbose, total=len(plan), offset=len(prepare)
+                )
             self.log(f"the training data does not load ({exc}); rerunning the [[prepare]] steps")
             for job in prepare:
                 self.state.marker(job).unlink(missing_ok=True)
@@ -141,7 +162,7 @@ class Sweep:
         """(the running job, whether it was found running from an earlier sweep process)."""
         found = executor.reattach(job, self.state.read_started(job))
         if found is not None:
-            if self.state.read_started(job).get("key") == job.key:
+            if same_settings(self.state.read_started(job), job):
                 return found, True
             # still running with other settings: it must not write beside the job that replaces it
             self.log(f"  {job.id}: cancelling {found.describe()} (started with other settings)")
@@ -196,19 +217,26 @@ class Sweep:
                 pending.remove(job)
                 counter += 1
                 progressed = True
-                if not force and self.is_done(job):
-                    done.add(job.id)
-                    self.log(f"[{counter}/{total}] {job.title}: done before, skipped")
-                    continue
+                status = self._status(job)
                 if dry_run or executor is None:
                     done.add(job.id)
-                    self.log(f"[{counter}/{total}] {job.title}: would run: {shlex.join(self._command(job))}")
+                    self.log(f"[{counter}/{total}] {job.title}: {self._dry_run_line(job, status, force)}")
+                    continue
+                if not force and status.skip:
+                    done.add(job.id)
+                    if status.kind == "kept":
+                        self.log(f"[{counter}/{total}] {job.title}: {_KEPT.format(job.creates)}")
+                    else:
+                        self.state.upgrade_marker(job)
+                        self.log(f"[{counter}/{total}] {job.title}: done before, skipped")
                     continue
                 if failed and self.cfg.run.stop_on_error:
                     failed.add(job.id)
                     self.log(f"[skip] {job.title}: not started after a failure (stop_on_error)")
                     continue
+                self._ran.add(job.id)
                 proc, again = self._start(job, executor, verbose=verbose)
+                job.legacy_key = ""  # from now on its markers hold its current key
                 where = "" if self.cfg.run.executor == "local" else f" ({proc.describe()})"
                 self.log(
                     f"[{counter}/{total}] {job.title} ...{' still running from the last sweep' if again else ''}{where}"
@@ -224,7 +252,11 @@ class Sweep:
                 dt = time.perf_counter() - t0
                 problem = check_outputs(job) if rc == 0 else f"exit code {rc}{_detail(proc)}"
                 if problem is None:
-                    self.state.mark_done(job, dt, cpu=getattr(proc, "cpu_s", None))
+                    made = None
+                    if job.kind == "prepare":  # what it made now: the keys of the jobs reading it follow
+                        self.planner.forget_made(job.id)
+                        made = self.planner.made(job)
+                    self.state.mark_done(job, dt, cpu=getattr(proc, "cpu_s", None), made=made)
                     self.timings.append((job.kind, dt, getattr(proc, "cpu_s", None)))
                     done.add(jid)
                     self.log(f"  done: {job.title} ({dt:.0f} s)")
@@ -240,6 +272,46 @@ class Sweep:
                 self.log("  running: " + "; ".join(_progress(j, t0) for _, j, t0 in running.values()))
         self._n_ok += len(done)
         return len(failed)
+
+    def _status(self, job: Job) -> Status:
+        """The job's key from what the jobs it reads hold now (a prepare step it reads may have just
+        run), then what its records say to do with it."""
+        self.planner.rekey(job)
+        if any(d in self._ran for d in job.reads):
+            job.legacy_key = ""  # the previous release's marker cannot tell whether that output changed
+        waits = set()
+        for d in job.reads:
+            waits |= {d} if d in self._would_make else self._undecided.get(d, set())
+        if waits:
+            self._undecided[job.id] = waits
+        status = self.state.status(job)
+        if job.kind == "prepare" and not status.skip:
+            self._would_make.add(job.id)
+        return status
+
+    def _dry_run_line(self, job: Job, status: Status, force: bool) -> str:
+        """What a real run would do with the job, as `--dry-run` prints it."""
+        command = shlex.join(self._command(job))
+        if status.kind == "kept" and not force:
+            return _KEPT.format(job.creates)
+        waits = sorted(self._undecided.get(job.id, ()))
+        if status.kind == "done" and not force:
+            if waits:
+                return (
+                    f"done before; decided after {', '.join(waits)} ran: skipped if what it makes is "
+                    f"unchanged, else rerun: {command}"
+                )
+            return "done before, skipped"
+        if status.kind == "blocked":
+            return f"would stop the sweep: {blocked_message(job, status)}"
+        if status.kind == "stale" and status.stale_path is not None:
+            return f"would rerun ({status.why}; old output moved to {status.stale_path.name}): {command}"
+        if status.kind == "resume":
+            return f"would resume (cut short last time): {command}"
+        return f"would run{f' ({status.why})' if status.why else ''}: {command}"
+
+
+_KEPT = "{} exists and the sweep has no record of making it: kept as it is, not run"
 
 
 def timing_summary(timings: list[tuple[str, float, float | None]], wall: float, capacity: int) -> str:

@@ -1,8 +1,12 @@
-"""What a sweep remembers between runs, under `<out>/.sweep/`: done-markers, started-markers, the lock.
+"""What a sweep remembers between runs, under `<out>/.sweep/`: done-markers, started-markers, the lock,
+and what each job's records say a rerun must do with it (`SweepState.status`).
 
 A job is done when its marker holds the job's current key and its outputs exist (for training, with
 the expected manifest hash in `checkpoint.json`). Whatever the executor, the same markers decide
 what a rerun skips, so `kill -9` of the sweep (or of one job) and a rerun give the same results.
+A `[[prepare]]` step's `creates` that exists with no record of the sweep making it (the user's own
+data or model) is kept as it is; what the sweep made and recorded is moved aside and rebuilt when
+the step's command changes, like a train job's checkpoint.
 """
 
 from __future__ import annotations
@@ -10,13 +14,34 @@ from __future__ import annotations
 import fcntl
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from medvqa.errors import BadInput
 from medvqa.io import atomic_write_json, read_json
 from medvqa.layout import stale_name
+from medvqa.sweeps.made import inside, made_path
 from medvqa.sweeps.plan import Job
+
+KEY_FORMAT = 2  # markers that say it hold keys with prepare digests; older ones hold `legacy_key`s
+
+
+@dataclass(frozen=True)
+class Status:
+    """What a run does with a job, from its records: skip it (`done`; `kept`: a set-up output made
+    outside the sweep), or run it (`new`; `resume`: the same command was cut short; `stale`: its
+    output came from other settings and moves to `stale_path` first). `blocked`: a set-up output
+    the sweep made outside its run folder with another command: it moves nothing there, so it stops."""
+
+    kind: str
+    why: str = ""
+    stale_path: Path | None = None
+    output: Path | None = None
+
+    @property
+    def skip(self) -> bool:
+        return self.kind in ("done", "kept")
 
 
 class SweepState:
@@ -34,20 +59,69 @@ class SweepState:
         return self.state_dir / "logs" / (job.file_stem + ".log")
 
     def is_done(self, job: Job) -> bool:
-        marker = self.marker(job)
-        if not marker.is_file():
-            return False
-        try:
-            if read_json(marker).get("key") != job.key:
-                return False
-        except BadInput:
-            return False
-        return check_outputs(job) is None
+        return self.status(job).skip
 
-    def mark_done(self, job: Job, seconds: float, *, cpu: float | None = None) -> None:
-        record = {"id": job.id, "key": job.key, "args": job.args, "seconds": round(seconds, 1)}
+    def status(self, job: Job) -> Status:
+        """What a run does with `job` now (the same answer for `--dry-run` and a real run)."""
+        done, started = self._record(self.marker(job)), self._record(self.started(job))
+        if done is not None and same_settings(done, job) and check_outputs(job) is None:
+            return Status("done")
+        unrecorded = done is None and started is None
+        if job.kind == "prepare" and unrecorded and job.creates and Path(job.creates).exists():
+            return Status("kept")  # no record of making it: the user's own data or model, kept as it is
+        old = next((r for r in (done, started) if r is not None and not same_settings(r, job)), None)
+        output = self.output(job)
+        if old is None:
+            resumed = started is not None and output is not None and output.exists()
+            return Status("resume" if resumed else "new", output=output)
+        why = _why_changed(old, job)
+        if output is None or not output.exists():
+            return Status("new", why, output=output)
+        if job.kind == "prepare" and not inside(output, self.run_dir):
+            return Status("blocked", why, output=output)
+        stale = output.with_name(stale_name(output.name, str(old.get("key", "unknown"))))
+        return Status("stale", why, stale, output)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.state_dir.parent
+
+    def output(self, job: Job) -> Path | None:
+        """What a rerun with other settings moves aside: the job's folder; for a set-up step what its
+        `creates` stands for (`made_path`), none without `creates`."""
+        if job.kind == "prepare":
+            return made_path(job.creates, self.run_dir)
+        return job.output
+
+    def _record(self, path: Path) -> dict[str, Any] | None:
+        """A marker's content; {"key": "unknown"} if unreadable (it counts as other settings)."""
+        if not path.is_file():
+            return None
+        try:
+            data = read_json(path)
+        except BadInput:
+            return {"key": "unknown", "key_format": KEY_FORMAT}
+        return data if isinstance(data, dict) else {"key": "unknown", "key_format": KEY_FORMAT}
+
+    def mark_done(
+        self, job: Job, seconds: float, *, cpu: float | None = None, made: str | None = None
+    ) -> None:
+        record: dict[str, Any] = {"id": job.id, "key": job.key, "key_format": KEY_FORMAT, "args": job.args}
+        record["made_by_prepare"] = job.made
+        if made is not None:
+            record["made"] = made  # a set-up step: the digest of what it made (what its readers' keys hold)
+        record["seconds"] = round(seconds, 1)
         if cpu is not None:
             record["cpu_seconds"] = round(cpu, 1)
+        atomic_write_json(self.marker(job), record)
+
+    def upgrade_marker(self, job: Job) -> None:
+        """A done-marker of the previous release (legacy key) rewritten with the job's current key, so
+        from now on what its prepare steps made is checked too."""
+        record = self._record(self.marker(job))
+        if record is None or "key_format" in record:
+            return
+        record.update({"key": job.key, "key_format": KEY_FORMAT, "made_by_prepare": job.made})
         atomic_write_json(self.marker(job), record)
 
     def read_started(self, job: Job) -> dict[str, Any]:
@@ -62,29 +136,24 @@ class SweepState:
         return data if isinstance(data, dict) else {}
 
     def mark_started(self, job: Job, **extra: Any) -> None:
-        atomic_write_json(self.started(job), {"id": job.id, "key": job.key, **extra})
+        record = {"id": job.id, "key": job.key, "key_format": KEY_FORMAT, "made_by_prepare": job.made}
+        atomic_write_json(self.started(job), {**record, **extra})
 
     def clear_stale(self, job: Job) -> None:
-        """Output left by a different command (the config changed): move it out of the way.
-
-        The same command's partial output (a killed job) stays: `medvqa train`/`eval` resume it.
-        """
-        if job.kind == "prepare":
-            return
-        old = None
-        for marker in (self.marker(job), self.started(job)):
-            if marker.is_file():
-                try:
-                    old = read_json(marker).get("key")
-                except BadInput:
-                    old = "unknown"
-                if old != job.key:
-                    break
-        if old is not None and old != job.key and job.output.exists():
-            stale = job.output.with_name(stale_name(job.output.name, old))
-            shutil.rmtree(stale, ignore_errors=True)
-            job.output.rename(stale)
-            self.log(f"  {job.id}: settings changed since the last run; old output moved to {stale.name}")
+        """Output left by a different command (the config, or what a prepare step it reads made,
+        changed): move it out of the way. The same command's partial output (a killed job) stays:
+        `medvqa train`/`eval` resume it."""
+        status = self.status(job)
+        if status.kind == "blocked":
+            raise BadInput(blocked_message(job, status))
+        if status.kind == "stale" and status.output is not None and status.stale_path is not None:
+            stale = status.stale_path
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+            status.output.rename(stale)
+            self.log(f"  {job.id}: {status.why} since the last run; old output moved to {stale.name}")
         self.marker(job).unlink(missing_ok=True)
         self.mark_started(job)
 
@@ -119,3 +188,29 @@ def check_outputs(job: Job) -> str | None:
     elif job.kind == "prepare" and job.creates and not Path(job.creates).exists():
         return f"did not create {job.creates}"
     return None
+
+
+def same_settings(record: dict[str, Any], job: Job) -> bool:
+    """A marker made by this job's current settings (or, written by the previous release, by the same
+    settings as far as that release's key tells)."""
+    key = record.get("key")
+    if key == job.key:
+        return True
+    return "key_format" not in record and bool(job.legacy_key) and key == job.legacy_key
+
+
+def _why_changed(old: dict[str, Any], job: Job) -> str:
+    before = old.get("made_by_prepare")
+    if isinstance(before, dict):
+        changed = sorted(d for d, digest in job.made.items() if before.get(d) != digest)
+        if changed:
+            return f"what {', '.join(changed)} made changed"
+    return "its command changed" if job.kind == "prepare" else "settings changed"
+
+
+def blocked_message(job: Job, status: Status) -> str:
+    return (
+        f"{job.id}: {status.why} since the sweep made {status.output}, which is outside the run folder, "
+        "so the sweep does not move it aside: move or delete it yourself (the step then rebuilds it), "
+        "or restore the step's old args, and rerun"
+    )
