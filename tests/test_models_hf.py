@@ -198,7 +198,8 @@ def test_generate_many_prepares_the_next_batch_beside_generation(
     tiny, requests_, tmp_path, monkeypatch
 ) -> None:
     """Same answers as batch-by-batch `generate`; batch i+1 is prepared in a worker thread while the
-    model answers batch i; a batch with a bad image comes back as its BadInput and the stream goes on."""
+    model answers batch i (the first, due before anything generates, in the calling thread); a batch
+    with a bad image comes back as its BadInput and the stream goes on."""
     import threading
 
     settings = GenerationSettings(max_new_tokens=6)
@@ -209,11 +210,11 @@ def test_generate_many_prepares_the_next_batch_beside_generation(
     overlapped: list[bool] = []
     prepare, generate_tokens = tiny.prepare, tiny._generate_tokens
 
-    def traced_prepare(batch):
+    def traced_prepare(batch, **kwargs):
         threads.add(threading.current_thread().name)
         if batch[0].id == batches[1][0].id:
             second_started.set()
-        return prepare(batch)
+        return prepare(batch, **kwargs)
 
     def traced_generate(inputs, kwargs):
         if not overlapped:  # batch 1: batch 2 is being prepared meanwhile (else this waits in vain)
@@ -223,7 +224,7 @@ def test_generate_many_prepares_the_next_batch_beside_generation(
     monkeypatch.setattr(tiny, "prepare", traced_prepare)
     monkeypatch.setattr(tiny, "_generate_tokens", traced_generate)
     assert list(tiny.generate_many(batches, settings)) == expected
-    assert threads == {"medvqa-prepare_0"} and overlapped == [True]
+    assert threads == {threading.current_thread().name, "medvqa-prepare_0"} and overlapped == [True]
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
@@ -231,3 +232,57 @@ def test_generate_many_prepares_the_next_batch_beside_generation(
     out = list(tiny.generate_many([batches[0], broken, batches[2]], settings))
     assert out[0] == expected[0] and out[2] == expected[2]
     assert isinstance(out[1], BadInput) and out[1].field == "image" and str(bad) in str(out[1])
+
+
+def test_each_distinct_image_and_prompt_is_prepared_once_with_the_same_inputs(tiny, requests_) -> None:
+    """A batch repeating images and questions gives the same tensors as the processor on every one."""
+    import torch
+    from medvqa.models import hf
+
+    reqs = [*requests_[:6], *requests_[:3], requests_[0]]
+    assert len({r.image for r in reqs}) < len(reqs)
+    texts = [render_prompt_text(tiny.processor, r.prompt) for r in reqs]
+    plain = tiny.processor(
+        images=[hf.load_image(r.image) for r in reqs],
+        text=texts,
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
+    calls: list[int] = []
+    inner = tiny.processor.image_processor
+
+    def counted(images, *args, **kwargs):
+        calls.append(len(images))
+        return inner(images, *args, **kwargs)
+
+    rendered: dict[str, str] = {}
+    distinct = hf._DistinctImages(inner)
+    distinct.inner = counted
+    images = hf._decode_images(reqs)
+    pairs = [(i, j) for i in range(len(reqs)) for j in range(len(reqs))]
+    assert all((images[i] is images[j]) == (reqs[i].image == reqs[j].image) for i, j in pairs)
+    out = distinct(images, return_tensors="pt")
+    assert calls == [len({r.image for r in reqs})]
+    assert torch.equal(out["pixel_values"], plain["pixel_values"])
+    inputs = tiny.encode(reqs, rendered=rendered)
+    assert tiny.processor.image_processor is inner  # put back
+    assert set(inputs) == set(plain) and all(torch.equal(inputs[k], plain[k]) for k in plain)
+    assert len(rendered) == len({json.dumps(r.prompt.messages) for r in reqs})
+    assert tiny._render_texts(reqs, rendered) == texts
+
+
+def test_distinct_images_fall_back_where_outputs_are_not_rows_per_image() -> None:
+    """An image processor whose outputs are not one tensor row per image gets every image, as before."""
+    import torch
+    from medvqa.models import hf
+
+    seen: list[list[object]] = []
+
+    def sizes(images, **kwargs):
+        seen.append(list(images))
+        return {"pixel_values": torch.zeros(len(images), 2), "image_sizes": [[1, 1]] * len(images)}
+
+    a, b = object(), object()
+    out = hf._DistinctImages(sizes)([a, b, a])
+    assert [len(x) for x in seen] == [2, 3] and len(out["image_sizes"]) == 3

@@ -211,6 +211,54 @@ def load_image(image: str | bytes, *, record: object = None) -> Any:
         raise BadInput(f"image does not decode ({exc})", path=where, record=record, field="image") from None
 
 
+def _decode_images(requests: Sequence[GenerationRequest]) -> list[Any]:
+    """The batch's images, each distinct image decoded once (benchmarks ask several questions about
+    one image; Phantom's test split 5, VQA-RAD's 11): a repeated image is the same PIL object."""
+    decoded: dict[str | bytes, Any] = {}
+    out = []
+    for r in requests:
+        image = decoded.get(r.image)
+        if image is None:
+            image = decoded[r.image] = load_image(r.image, record=r.id or None)
+        out.append(image)
+    return out
+
+
+class _DistinctImages:
+    """An image processor that processes each distinct image of a batch once (`_decode_images` gives
+    a repeated image as the same object) and repeats its rows, so the processor's output is the
+    same tensors as processing every image (a test asserts it).
+
+    Only where every output is a tensor with one row per image; anything else (lists of sizes,
+    tiles counted per image...) is processed image by image as before. Padding to the batch's largest
+    image (LLaVA-NeXT's patches) is unchanged: the distinct images are the same set.
+    """
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __call__(self, images: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        if not isinstance(images, list):
+            return self.inner(images, *args, **kwargs)
+        slots: dict[int, int] = {}
+        index = [slots.setdefault(id(image), len(slots)) for image in images]
+        if len(slots) == len(images):
+            return self.inner(images, *args, **kwargs)
+        distinct = list({id(image): image for image in images}.values())
+        out = self.inner(distinct, *args, **kwargs)
+        if not all(isinstance(v, torch.Tensor) and v.ndim and len(v) == len(distinct) for v in out.values()):
+            return self.inner(images, *args, **kwargs)
+        rows = torch.tensor(index)
+        for name in list(out.keys()):
+            out[name] = out[name].index_select(0, rows)
+        return out
+
+
 @models.register("hf")
 class HFModel:
     """A transformers image-text-to-text model (+ optional PEFT adapter, not merged)."""
@@ -430,27 +478,64 @@ class HFModel:
 
     # --- inputs and generation ---------------------------------------------------------------
 
-    def encode(self, requests: Sequence[GenerationRequest], texts: Sequence[str] | None = None) -> Any:
+    def encode(
+        self,
+        requests: Sequence[GenerationRequest],
+        texts: Sequence[str] | None = None,
+        *,
+        rendered: dict[str, str] | None = None,
+    ) -> Any:
         """Processor inputs for a batch (left padding), on the model's device.
 
         `texts` overrides the rendered prompt strings (e.g. prompt + answer for scoring).
+        `rendered`: the chat-template texts of earlier batches by prompt, filled as it goes (see
+        `_render_texts`).
         """
         if not requests:
             raise ValueError("empty batch")
         kinds = {adds_special_tokens(r.prompt) for r in requests}
         if len(kinds) > 1:
             raise ValueError("a batch mixes chat-message and raw-text prompts")
-        images = [load_image(r.image, record=r.id or None) for r in requests]
+        images = _decode_images(requests)
         if texts is None:
-            texts = [render_prompt_text(self.processor, r.prompt) for r in requests]
-        inputs = self.processor(
-            images=images,
-            text=list(texts),
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=kinds.pop(),
-        )
+            texts = self._render_texts(requests, rendered)
+        processor = self.processor
+        inner = processor.image_processor
+        processor.image_processor = _DistinctImages(inner)  # see _DistinctImages: the same tensors
+        try:
+            inputs = processor(
+                images=images,
+                text=list(texts),
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=kinds.pop(),
+            )
+        finally:
+            processor.image_processor = inner
         return inputs.to(self.device)
+
+    def _render_texts(
+        self, requests: Sequence[GenerationRequest], rendered: dict[str, str] | None = None
+    ) -> list[str]:
+        """Each prompt's text, each distinct chat prompt rendered once per batch, or once per stream
+        of batches with `rendered` (benchmarks ask one question of many images: Phantom's 128 test
+        questions are 45 texts). Keyed by the messages as JSON, so only an equal prompt hits."""
+        rendered = {} if rendered is None else rendered
+        out = []
+        for r in requests:
+            if r.prompt.text is not None:
+                out.append(r.prompt.text)
+                continue
+            try:
+                key = json.dumps(r.prompt.messages, ensure_ascii=False)
+            except (TypeError, ValueError):  # not plain JSON: render it as it is, uncached
+                out.append(render_prompt_text(self.processor, r.prompt))
+                continue
+            text = rendered.get(key)
+            if text is None:
+                text = rendered[key] = render_prompt_text(self.processor, r.prompt)
+            out.append(text)
+        return out
 
     def _usable_stops(self, stops: tuple[str, ...]) -> tuple[str, ...]:
         """`stops` if transformers' StopStringCriteria works with this tokenizer, else () (an
@@ -468,9 +553,11 @@ class HFModel:
                 cache[stops] = False
         return stops if cache[stops] else ()
 
-    def prepare(self, requests: Sequence[GenerationRequest]) -> Any:
+    def prepare(
+        self, requests: Sequence[GenerationRequest], *, rendered: dict[str, str] | None = None
+    ) -> Any:
         """The model inputs of a batch: images decoded, prompts rendered and tokenized, on the device."""
-        inputs = self.encode(requests)
+        inputs = self.encode(requests, rendered=rendered)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
@@ -534,32 +621,47 @@ class HFModel:
     ) -> Iterator[list[str] | BadInput]:
         """`generate` over a stream of batches, preparing batch i+1 while the model answers batch i.
 
-        Image decoding, prompt rendering and tokenization run in one worker thread beside
-        generation (their cost stops adding to the model's). The tokenizer is never used by both
-        threads at once: the worker is joined before a batch is decoded. A batch whose inputs fail
-        (e.g. an image that does not decode) is yielded as its BadInput, and the stream goes on.
-        Same answers as `generate` batch by batch.
+        Image decoding, prompt rendering and tokenization of the next batch run in one worker thread
+        beside generation (their cost stops adding to the model's where they leave the GIL: the
+        tokenizer, image file decoding, and a model whose kernels run long, as on a GPU). A batch
+        due while nothing generates (the first, the one after a failed batch) is prepared in this
+        thread: a hand-over to the worker would only add its wake-ups. Each distinct image of a
+        batch is decoded and processed once, each distinct chat prompt of the stream rendered once.
+        The tokenizer is never used by both threads at once: the worker is joined before a batch
+        is decoded. A batch whose inputs fail (e.g. an image that does not decode) is yielded as
+        its BadInput, and the stream goes on. Same answers as `generate` batch by batch.
         """
-        from concurrent.futures import ThreadPoolExecutor, wait
+        from concurrent.futures import Future, ThreadPoolExecutor, wait
 
         stream = iter(batches)
+        rendered: dict[str, str] = {}  # the stream's prompt texts (one thread at a time prepares)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvqa-prepare") as pool:
 
-            def submit() -> tuple[Sequence[GenerationRequest], Any] | None:
-                batch = next(stream, None)
-                return None if batch is None else (batch, pool.submit(self.prepare, batch))
+            def here(batch: Sequence[GenerationRequest]) -> Future[Any]:
+                done: Future[Any] = Future()
+                try:
+                    done.set_result(self.prepare(batch, rendered=rendered))
+                except BadInput as exc:
+                    done.set_exception(exc)
+                return done
 
-            current = submit()
+            def submit(*, now: bool) -> tuple[Sequence[GenerationRequest], Future[Any]] | None:
+                batch = next(stream, None)
+                if batch is None:
+                    return None
+                return batch, here(batch) if now else pool.submit(self.prepare, batch, rendered=rendered)
+
+            current = submit(now=True)
             while current is not None:
                 batch, future = current
                 try:
                     inputs = future.result()
                 except BadInput as exc:
-                    current = submit()
+                    current = submit(now=True)
                     yield exc
                     continue
                 gen_kwargs = self._gen_kwargs(batch, settings)  # uses the tokenizer: before the worker starts
-                upcoming = submit()
+                upcoming = submit(now=False)
                 new_tokens = self._generate_tokens(inputs, gen_kwargs)
                 if upcoming is not None:
                     wait([upcoming[1]])
