@@ -257,8 +257,7 @@ def test_each_distinct_image_and_prompt_is_prepared_once_with_the_same_inputs(ti
         return inner(images, *args, **kwargs)
 
     rendered: dict[str, str] = {}
-    distinct = hf._DistinctImages(inner)
-    distinct.inner = counted
+    distinct = hf._DistinctRows(counted, hf._by_identity)
     images = hf._decode_images(reqs)
     pairs = [(i, j) for i in range(len(reqs)) for j in range(len(reqs))]
     assert all((images[i] is images[j]) == (reqs[i].image == reqs[j].image) for i, j in pairs)
@@ -266,13 +265,25 @@ def test_each_distinct_image_and_prompt_is_prepared_once_with_the_same_inputs(ti
     assert calls == [len({r.image for r in reqs})]
     assert torch.equal(out["pixel_values"], plain["pixel_values"])
     inputs = tiny.encode(reqs, rendered=rendered)
-    assert tiny.processor.image_processor is inner  # put back
+    assert tiny.processor.image_processor is inner and tiny.processor.tokenizer is tiny.tokenizer  # put back
+    assert type(tiny.tokenizer).__name__ != "_DistinctRows"
+    words = [t.replace("<image>", "<image>" * 4) for t in texts]
+    calls.clear()
+
+    def counted_texts(batch, *args, **kwargs):
+        calls.append(len(batch))
+        return tiny.tokenizer(batch, *args, **kwargs)
+
+    tokens = hf._DistinctRows(counted_texts, hf._by_value)(words, return_tensors="pt", padding=True)
+    every = tiny.tokenizer(words, return_tensors="pt", padding=True)
+    assert calls == [len(set(words))] < [len(words)]
+    assert set(tokens) == set(every) and all(torch.equal(tokens[k], every[k]) for k in every)
     assert set(inputs) == set(plain) and all(torch.equal(inputs[k], plain[k]) for k in plain)
     assert len(rendered) == len({json.dumps(r.prompt.messages) for r in reqs})
     assert tiny._render_texts(reqs, rendered) == texts
 
 
-def test_distinct_images_fall_back_where_outputs_are_not_rows_per_image() -> None:
+def test_distinct_rows_fall_back_where_outputs_are_not_rows_per_item() -> None:
     """An image processor whose outputs are not one tensor row per image gets every image, as before."""
     import torch
     from medvqa.models import hf
@@ -284,5 +295,5 @@ def test_distinct_images_fall_back_where_outputs_are_not_rows_per_image() -> Non
         return {"pixel_values": torch.zeros(len(images), 2), "image_sizes": [[1, 1]] * len(images)}
 
     a, b = object(), object()
-    out = hf._DistinctImages(sizes)([a, b, a])
+    out = hf._DistinctRows(sizes, hf._by_identity)([a, b, a])
     assert [len(x) for x in seen] == [2, 3] and len(out["image_sizes"]) == 3

@@ -18,7 +18,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,39 +224,55 @@ def _decode_images(requests: Sequence[GenerationRequest]) -> list[Any]:
     return out
 
 
-class _DistinctImages:
-    """An image processor that processes each distinct image of a batch once (`_decode_images` gives
-    a repeated image as the same object) and repeats its rows, so the processor's output is the
-    same tensors as processing every image (a test asserts it).
+class _DistinctRows:
+    """An image processor or tokenizer that processes each distinct item of a batch once and repeats
+    its rows, so the output is the same tensors as processing every item (a test asserts it).
 
-    Only where every output is a tensor with one row per image; anything else (lists of sizes,
-    tiles counted per image...) is processed image by image as before. Padding to the batch's largest
-    image (LLaVA-NeXT's patches) is unchanged: the distinct images are the same set.
+    Benchmarks ask several questions about one image and one question about many: a batch of 32
+    Phantom questions holds ~7 images and ~12 prompt texts. `key` tells the items apart: the object
+    for images (`_decode_images` gives a repeated image as the same one), the string for texts.
+    Only where every output is a tensor with one row per item; anything else (lists of sizes, tiles
+    counted per image...) is processed item by item as before. Padding to the batch's longest text
+    or largest image (LLaVA-NeXT's patches) is unchanged: the distinct items are the same set.
     """
 
-    def __init__(self, inner: Any):
-        self.inner = inner
+    def __init__(self, inner: Any, key: Callable[[Any], Hashable]):
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "key", key)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def __call__(self, images: Any, *args: Any, **kwargs: Any) -> Any:
+    def __setattr__(self, name: str, value: Any) -> None:  # a setting reaches the real one
+        setattr(self.inner, name, value)
+
+    def __call__(self, items: Any = None, *args: Any, **kwargs: Any) -> Any:
         import torch
 
-        if not isinstance(images, list):
-            return self.inner(images, *args, **kwargs)
-        slots: dict[int, int] = {}
-        index = [slots.setdefault(id(image), len(slots)) for image in images]
-        if len(slots) == len(images):
-            return self.inner(images, *args, **kwargs)
-        distinct = list({id(image): image for image in images}.values())
+        if not isinstance(items, list):
+            return self.inner(items, *args, **kwargs)
+        slots: dict[Hashable, int] = {}
+        index = [slots.setdefault(self.key(item), len(slots)) for item in items]
+        if len(slots) == len(items):
+            return self.inner(items, *args, **kwargs)
+        distinct = list({self.key(item): item for item in items}.values())
         out = self.inner(distinct, *args, **kwargs)
         if not all(isinstance(v, torch.Tensor) and v.ndim and len(v) == len(distinct) for v in out.values()):
-            return self.inner(images, *args, **kwargs)
+            return self.inner(items, *args, **kwargs)
         rows = torch.tensor(index)
         for name in list(out.keys()):
             out[name] = out[name].index_select(0, rows)
+        if getattr(out, "_encodings", None) is not None:  # a fast tokenizer's per-row encodings
+            out._encodings = [out._encodings[i] for i in index]
         return out
+
+
+def _by_identity(item: Any) -> Hashable:
+    return id(item)
+
+
+def _by_value(item: Any) -> Hashable:
+    return item if isinstance(item, str) else id(item)
 
 
 @models.register("hf")
@@ -500,8 +516,10 @@ class HFModel:
         if texts is None:
             texts = self._render_texts(requests, rendered)
         processor = self.processor
-        inner = processor.image_processor
-        processor.image_processor = _DistinctImages(inner)  # see _DistinctImages: the same tensors
+        image_processor, tokenizer = processor.image_processor, processor.tokenizer
+        # each distinct image and text processed once: the same tensors (see _DistinctRows)
+        processor.image_processor = _DistinctRows(image_processor, _by_identity)
+        processor.tokenizer = _DistinctRows(tokenizer, _by_value)
         try:
             inputs = processor(
                 images=images,
@@ -511,7 +529,7 @@ class HFModel:
                 add_special_tokens=kinds.pop(),
             )
         finally:
-            processor.image_processor = inner
+            processor.image_processor, processor.tokenizer = image_processor, tokenizer
         return inputs.to(self.device)
 
     def _render_texts(
