@@ -505,7 +505,9 @@ class HFModel:
 
         `texts` overrides the rendered prompt strings (e.g. prompt + answer for scoring).
         `rendered`: the chat-template texts of earlier batches by prompt, filled as it goes (see
-        `_render_texts`).
+        `_render_texts`). Each distinct image and text of the batch is processed once, its rows
+        repeated (`_DistinctRows`): the same tensors as processing every one. Not thread-safe: the
+        processor's image processor and tokenizer are wrapped while it runs.
         """
         if not requests:
             raise ValueError("empty batch")
@@ -644,7 +646,8 @@ class HFModel:
         tokenizer, image file decoding, and a model whose kernels run long, as on a GPU). A batch
         due while nothing generates (the first, the one after a failed batch) is prepared in this
         thread: a hand-over to the worker would only add its wake-ups. Each distinct image of a
-        batch is decoded and processed once, each distinct chat prompt of the stream rendered once.
+        batch is decoded and processed once, each distinct text tokenized once, and each distinct
+        chat prompt of the stream rendered once (`encode`).
         The tokenizer is never used by both threads at once: the worker is joined before a batch
         is decoded. A batch whose inputs fail (e.g. an image that does not decode) is yielded as
         its BadInput, and the stream goes on. Same answers as `generate` batch by batch.

@@ -5,8 +5,8 @@
    `model.generate`, decoding). Batched generation pads on the left and must give exactly the same
    text as batch size 1; asserted >= 5x the samples/s, with identical outputs.
 2. `medvqa eval`'s generation step vs raw `model.generate` on the same pre-encoded batches (128
-   questions, batch 32, interleaved rounds): asserted >= 0.9x on the generating thread's CPU time,
-   wall-time ratio printed beside it (issue 15).
+   questions, batch 32, interleaved rounds): asserted >= 0.9x on wall time (throughput), the
+   generating thread's CPU-time ratio printed beside it (issue 15).
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ def test_batched_is_5x_faster_with_identical_outputs(benchmark):
 # eval: `generate_predictions` — what `medvqa eval` runs for each batch: render the prompts, decode
 # the images, process and tokenize, generate, decode the text, apply the policy, build the answer
 # rows and append + fsync them to predictions.jsonl. HFModel.generate_many prepares batch i+1 in a
-# worker thread while the model answers batch i, so that work overlaps the model's where a core is free.
+# worker thread while the model answers batch i, so that work overlaps the model's where it leaves the
+# GIL, and prepares each distinct image and prompt once.
 
 N_THROUGHPUT = 128
 MIN_EVAL_VS_RAW = 0.9
@@ -144,18 +145,18 @@ def _raw_generate(model, encoded):
 
 
 def _eval_generate(model, plan, out):
+    """The predictions file written; read back after the clock stops, as raw's tokens are decoded."""
     import dataclasses
 
     from medvqa.distributed import Dist
     from medvqa.evaluation.generate import generate_predictions
-    from medvqa.io import read_jsonl
 
     run = dataclasses.replace(plan, out=out)
     generate_predictions(
         run, model, run.key(model.fingerprint), Dist(), batch_size=BATCH_SIZE, skip_bad=False,
         progress=False, log=lambda m: None,
     )  # fmt: skip
-    return [row["text"] for row in read_jsonl(out / "predictions.jsonl")]
+    return out / "predictions.jsonl"
 
 
 class _BatchByBatch:
@@ -172,8 +173,9 @@ ROUNDS = 7
 
 
 def _timed(fn, *args):
-    """(wall seconds, this thread's CPU seconds, result). The thread's CPU time is what the loop costs on
-    its own critical path, whatever the neighbours do; the prefetch worker runs on another core."""
+    """(wall seconds, this thread's CPU seconds, result). Wall time is the throughput asserted; the
+    thread's CPU time (what the loop costs on its own critical path, leaving out waits for the GIL, the
+    prefetch worker and fsync) is printed beside it to tell the two kinds of overhead apart."""
     wall, cpu = time.perf_counter(), time.thread_time()
     result = fn(*args)
     return time.perf_counter() - wall, time.thread_time() - cpu, result
@@ -201,7 +203,11 @@ def test_eval_generation_vs_raw_model_generate(benchmark, model, eval_plan, tmp_
     for out, (inputs, _) in zip(outputs["raw"], encoded):
         new = out[:, inputs["input_ids"].shape[1] :]
         texts += [eval_plan.generation_policy.postprocess(t) for t in model._decode(new)]
-    assert outputs["eval"] == texts == outputs["eval_no_prefetch"], "the eval path changed the answers"
+    from medvqa.io import read_jsonl
+
+    answers = {k: [row["text"] for row in read_jsonl(outputs[k])] for k in ("eval", "eval_no_prefetch")}
+    assert answers["eval"] == texts == answers["eval_no_prefetch"], "the eval path changed the answers"
+    assert outputs["eval"].read_bytes() == outputs["eval_no_prefetch"].read_bytes()
     best_wall = {k: min(v) for k, v in wall.items()}
     best_cpu = {k: min(v) for k, v in cpu.items()}
     ratio_cpu = {k: best_cpu["raw"] / best_cpu[k] for k in sides}
@@ -221,6 +227,7 @@ def test_eval_generation_vs_raw_model_generate(benchmark, model, eval_plan, tmp_
         f"({ratio_wall['eval_no_prefetch']:.2f}x raw), {best_cpu['eval_no_prefetch']:.2f} s CPU "
         f"({ratio_cpu['eval_no_prefetch']:.2f}x raw)"
     )
-    assert ratio_cpu["eval"] >= MIN_EVAL_VS_RAW, (
-        f"eval generation at {ratio_cpu['eval']:.2f}x raw model.generate"
+    assert ratio_wall["eval"] >= MIN_EVAL_VS_RAW, (
+        f"eval generation at {ratio_wall['eval']:.2f}x raw model.generate's wall-clock throughput "
+        f"({ratio_cpu['eval']:.2f}x on the generating thread's CPU time)"
     )
