@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def test_vision_lr_scale_slows_the_vision_tower_only(tiny_model_dir, builder, tr
     from medvqa.trainers.config import TrainConfig
     from medvqa.trainers.models import load_model_and_processor
     from medvqa.trainers.rows import qa_rows
-    from medvqa.trainers.trl_run import VISION_PARTS, fit_sft
+    from medvqa.trainers.trl_run import fit_sft, is_vision_param
 
     model, processor = load_model_and_processor(f"hf:{tiny_model_dir}")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -79,7 +80,7 @@ def test_vision_lr_scale_slows_the_vision_tower_only(tiny_model_dir, builder, tr
     model = fit_sft(model, processor, rows, cfg, work_dir=tmp_path / "trl", log_path=tmp_path / "log.jsonl",
                     seed=0, stage="test")  # fmt: skip
     after = dict(model.named_parameters())
-    vision = [n for n in before if any(v in n for v in VISION_PARTS)]
+    vision = [n for n in before if is_vision_param(n)]
     language = [n for n in before if n not in vision]
     assert vision and language
     assert all(torch.equal(before[n], after[n].detach()) for n in vision)
@@ -100,7 +101,7 @@ def test_sq_schedule_after_learns_to_ask_with_the_vision_tower_frozen(
     from medvqa.trainers.models import load_model_and_processor
     from medvqa.trainers.stllava_med import STLLaVAMedConfig
     from medvqa.trainers.stllava_med.stage1 import train_stage1
-    from medvqa.trainers.trl_run import VISION_PARTS
+    from medvqa.trainers.trl_run import is_vision_param
 
     cfg = dataclasses.replace(
         STLLaVAMedConfig(), use_lora=False, learning_rate=1e-3, warmup_ratio=0.0, max_steps=3,
@@ -116,7 +117,7 @@ def test_sq_schedule_after_learns_to_ask_with_the_vision_tower_frozen(
     base = dict(load_model_and_processor(f"hf:{tiny_model_dir}")[0].named_parameters())
     qa = dict(load_model_and_processor(f"hf:{tmp_path / 'stages' / 'stage1-qa'}")[0].named_parameters())
     final = dict(load_model_and_processor(f"hf:{stage_dir}")[0].named_parameters())
-    vision = [n for n in qa if any(v in n for v in VISION_PARTS)]
+    vision = [n for n in qa if is_vision_param(n)]
     language = [n for n in qa if n not in vision]
     assert vision and language
     assert any(not torch.equal(base[n], qa[n]) for n in vision)  # phase 1 trains the vision tower
@@ -124,3 +125,11 @@ def test_sq_schedule_after_learns_to_ask_with_the_vision_tower_frozen(
     assert sum(not torch.equal(qa[n], final[n]) for n in language) > len(language) // 2
     stages = {r.get("stage") for r in read_jsonl(tmp_path / "log.jsonl")}
     assert {"stage1", "stage1-ask"} <= stages
+
+    # killed after phase 1: phase 2 starts from the saved phase 1 without loading the base model
+    # (a base that is gone now), and gives the same bytes as the uninterrupted run
+    first = (stage_dir / "model.safetensors").read_bytes()
+    shutil.rmtree(stage_dir)
+    gone = dataclasses.replace(request, base_model=f"hf:{tmp_path / 'no-such-base'}")
+    train_stage1(gone, cfg, stage_dir, log_path=tmp_path / "log2.jsonl")
+    assert (stage_dir / "model.safetensors").read_bytes() == first

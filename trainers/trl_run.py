@@ -228,6 +228,11 @@ def progress_callback(path: Path, stage: str) -> Any:
 VISION_PARTS = ("vision_tower", "multi_modal_projector", "mm_projector")
 
 
+def is_vision_param(name: str) -> bool:
+    """A parameter of the vision tower or the projector (by its name in `named_parameters()`)."""
+    return any(part in name for part in VISION_PARTS)
+
+
 def scale_vision_lr(trainer: Any, scale: float) -> None:
     """Give the vision tower's and projector's parameters `scale` x the learning rate.
 
@@ -235,7 +240,7 @@ def scale_vision_lr(trainer: Any, scale: float) -> None:
     groups split in two (vision, the rest); the scheduler, created at `train()`, scales both alike.
     """
     opt = trainer.create_optimizer()
-    vision = {id(p) for n, p in trainer.model.named_parameters() if any(v in n for v in VISION_PARTS)}
+    vision = {id(p) for n, p in trainer.model.named_parameters() if is_vision_param(n)}
     groups = []
     for group in opt.param_groups:
         settings = {k: v for k, v in group.items() if k != "params"}

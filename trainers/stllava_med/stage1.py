@@ -125,22 +125,24 @@ def train_stage1(
     from medvqa.trainers.checkpoints import checkpoint_meta, read_checkpoint, save_model, write_checkpoint
     from medvqa.trainers.models import load_model_and_processor
     from medvqa.trainers.rows import RowBuilder
-    from medvqa.trainers.trl_run import VISION_PARTS, drop_trl_checkpoints, seed_everything
+    from medvqa.trainers.trl_run import drop_trl_checkpoints, is_vision_param, seed_everything
 
     done = read_checkpoint(stage_dir)
     if done is not None:
         log.info("stage 1 already done: %s", stage_dir)
         return done
     seed_everything(request.seed)
-    model, processor = load_model_and_processor(request.base_model)
+    qa_dir = stage_dir.parent / "stage1-qa"  # "after": phase 1 kept, so a kill in phase 2 resumes there
+    phase1_done = cfg.sq_schedule == "after" and read_checkpoint(qa_dir) is not None
+    # a finished phase 1 is the starting point: the base model is not loaded at all (minutes on a 7B)
+    model, processor = load_model_and_processor(f"hf:{qa_dir}" if phase1_done else request.base_model)
     builder = RowBuilder(processor, cfg.prompt_policy)
     rows = stage1_rows(request.train_samples, builder, cfg, request.seed)
     n_ask = sum(int(r.pop("_asks", r["kind"] == "ask")) for r in rows)
     log_path = log_path or stage_dir / "train_log.jsonl"
     trl_root = stage_dir.parent / "_trl"
     if cfg.sq_schedule == "after":
-        qa_dir = stage_dir.parent / "stage1-qa"  # phase 1 kept, so a kill in phase 2 resumes there
-        if read_checkpoint(qa_dir) is None:
+        if not phase1_done:
             qa_rows = [r for r in rows if r["kind"] == "qa"]
             model = _fit(
                 model, processor, qa_rows, cfg, trl_root / "stage1", log_path, request.seed, "stage1"
@@ -148,9 +150,9 @@ def train_stage1(
             save_model(model, processor, qa_dir)
             write_checkpoint(qa_dir, {"trainer": "stllava-med/stage1-qa", "n_rows": len(qa_rows)})
             drop_trl_checkpoints(trl_root / "stage1")
-        model, processor = load_model_and_processor(f"hf:{qa_dir}")
+            model, processor = load_model_and_processor(f"hf:{qa_dir}")  # as a resumed run starts
         for name, param in model.named_parameters():  # frozen: no gradient, no optimizer state
-            if any(part in name for part in VISION_PARTS):
+            if is_vision_param(name):
                 param.requires_grad_(False)
         ask_cfg = dataclasses.replace(cfg, max_steps=cfg.sq_steps, max_epochs=0.0, vision_lr_scale=1.0)
         model = _fit(
