@@ -257,7 +257,7 @@ def test_each_distinct_image_and_prompt_is_prepared_once_with_the_same_inputs(ti
         return inner(images, *args, **kwargs)
 
     rendered: dict[str, str] = {}
-    distinct = hf._DistinctRows(counted, hf._by_identity)
+    distinct = hf._DistinctRows(counted, id)
     images = hf._decode_images(reqs)
     pairs = [(i, j) for i in range(len(reqs)) for j in range(len(reqs))]
     assert all((images[i] is images[j]) == (reqs[i].image == reqs[j].image) for i, j in pairs)
@@ -295,5 +295,5 @@ def test_distinct_rows_fall_back_where_outputs_are_not_rows_per_item() -> None:
         return {"pixel_values": torch.zeros(len(images), 2), "image_sizes": [[1, 1]] * len(images)}
 
     a, b = object(), object()
-    out = hf._DistinctRows(sizes, hf._by_identity)([a, b, a])
+    out = hf._DistinctRows(sizes, id)([a, b, a])
     assert [len(x) for x in seen] == [2, 3] and len(out["image_sizes"]) == 3

@@ -251,11 +251,17 @@ class _DistinctRows:
 
         if not isinstance(items, list):
             return self.inner(items, *args, **kwargs)
-        slots: dict[Hashable, int] = {}
-        index = [slots.setdefault(self.key(item), len(slots)) for item in items]
-        if len(slots) == len(items):
+        slots: dict[Hashable, int] = {}  # an item's key -> its row among the distinct items
+        distinct: list[Any] = []
+        index = []
+        for item in items:
+            key = self.key(item)
+            if key not in slots:
+                slots[key] = len(distinct)
+                distinct.append(item)
+            index.append(slots[key])
+        if len(distinct) == len(items):
             return self.inner(items, *args, **kwargs)
-        distinct = list({self.key(item): item for item in items}.values())
         out = self.inner(distinct, *args, **kwargs)
         if not all(isinstance(v, torch.Tensor) and v.ndim and len(v) == len(distinct) for v in out.values()):
             return self.inner(items, *args, **kwargs)
@@ -265,10 +271,6 @@ class _DistinctRows:
         if getattr(out, "_encodings", None) is not None:  # a fast tokenizer's per-row encodings
             out._encodings = [out._encodings[i] for i in index]
         return out
-
-
-def _by_identity(item: Any) -> Hashable:
-    return id(item)
 
 
 def _by_value(item: Any) -> Hashable:
@@ -520,7 +522,7 @@ class HFModel:
         processor = self.processor
         image_processor, tokenizer = processor.image_processor, processor.tokenizer
         # each distinct image and text processed once: the same tensors (see _DistinctRows)
-        processor.image_processor = _DistinctRows(image_processor, _by_identity)
+        processor.image_processor = _DistinctRows(image_processor, id)
         processor.tokenizer = _DistinctRows(tokenizer, _by_value)
         try:
             inputs = processor(

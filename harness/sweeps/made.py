@@ -33,8 +33,7 @@ def made_path(creates: str, run_dir: Path) -> Path | None:
 
 def inside(path: Path, run_dir: Path) -> bool:
     """`path` lies strictly below the run folder (the only place a sweep moves things aside)."""
-    run = Path(os.path.abspath(run_dir))
-    return Path(os.path.abspath(path)) != run and run in Path(os.path.abspath(path)).parents
+    return Path(os.path.abspath(run_dir)) in Path(os.path.abspath(path)).parents
 
 
 def made_digest(path: Path | None) -> str:

@@ -36,15 +36,13 @@ class Job:
     launcher: str = ""
     manifest_hash: str = ""
     creates: str = ""
-    key: str = (
-        ""  # filled by `plan`: hash of the command, its dependencies' keys, what its prepare steps made
-    )
+    # filled by `plan`: hash of the command, its dependencies' keys, what its prepare steps made
+    key: str = ""
     # the key the previous release computed (no prepare digests): a marker of that release holding it
     # still counts as done; "" once a job this one reads has run again (then only `key` counts)
     legacy_key: str = ""
-    made: dict[str, str] = field(
-        default_factory=dict
-    )  # prepare step id -> digest of what it made (in the key)
+    # prepare step id -> digest of what it made (in the key)
+    made: dict[str, str] = field(default_factory=dict)
     priority: int = 0  # among ready jobs, higher starts first (then config order)
     after: list[str] = field(default_factory=list)  # jobs it waits for without depending on (not in the key)
     early: bool = False  # a set-up step run before the plan (the training data may come from it)

@@ -31,9 +31,8 @@ class Sweep:
         # (kind, wall seconds, CPU seconds or None) of every job that ran this time
         self.timings: list[tuple[str, float, float | None]] = []
         self._n_ok = 0
-        self._ran: set[str] = (
-            set()
-        )  # jobs started by this sweep process (their readers' legacy keys no longer count)
+        # jobs started by this sweep process (their readers' legacy keys no longer count)
+        self._ran: set[str] = set()
         # --dry-run: the prepare steps that would run, and per job the ones whose output its key waits for
         self._would_make: set[str] = set()
         self._undecided: dict[str, set[str]] = {}
