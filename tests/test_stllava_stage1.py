@@ -133,3 +133,53 @@ def test_sq_schedule_after_learns_to_ask_with_the_vision_tower_frozen(
     gone = dataclasses.replace(request, base_model=f"hf:{tmp_path / 'no-such-base'}")
     train_stage1(gone, cfg, stage_dir, log_path=tmp_path / "log2.jsonl")
     assert (stage_dir / "model.safetensors").read_bytes() == first
+
+
+@pytest.mark.slow
+def test_sq_schedule_separate_answers_with_sft_weights_and_asks_with_the_mixed_ones(
+    tiny_model_dir, train_samples, tmp_path
+):
+    """`sq_schedule="separate"`: stage 1's answering model is SFT on the labeled fraction byte for
+    byte (`--trainer sft`, same TrainConfig fields, same seed), its asker is the model a "mixed"
+    stage 1 trains, and a run killed after the asker resumes to the same bytes."""
+    from medvqa.fractions import fraction_request
+    from medvqa.registry import trainers
+    from medvqa.trainers.checkpoints import read_checkpoint
+    from medvqa.trainers.config import TrainConfig
+    from medvqa.trainers.stllava_med import STLLaVAMedConfig
+    from medvqa.trainers.stllava_med.stage1 import asker_dir, question_model, train_stage1
+
+    cfg = dataclasses.replace(
+        STLLaVAMedConfig(), use_lora=False, learning_rate=1e-3, warmup_ratio=0.0, max_steps=3,
+        per_device_train_batch_size=8, sq_schedule="separate", sq_ratio=0.5,
+    )  # fmt: skip
+
+    def request(config, out):
+        return fraction_request(
+            train_samples[:40], 0.5, 0, base_model=f"hf:{tiny_model_dir}", out_dir=out, config=config
+        )
+
+    stage_dir = tmp_path / "separate" / "stages" / "stage1"
+    meta = train_stage1(request(cfg, tmp_path / "separate"), cfg, stage_dir)
+    asker = asker_dir(stage_dir)
+    assert question_model(stage_dir, cfg) == asker and meta["asker"] == str(asker)
+    assert meta["sq_schedule"] == "separate" and meta["n_self_questioning"] > 0
+    assert read_checkpoint(asker)["n_self_questioning"] == meta["n_self_questioning"]
+
+    mixed_cfg = dataclasses.replace(cfg, sq_schedule="mixed")
+    mixed_dir = tmp_path / "mixed" / "stages" / "stage1"
+    train_stage1(request(mixed_cfg, tmp_path / "mixed"), mixed_cfg, mixed_dir)
+    assert question_model(mixed_dir, mixed_cfg) == mixed_dir
+    sft = trainers.get("sft")
+    sft_cfg = sft.config_class(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)})
+    sft().train(request(sft_cfg, tmp_path / "sft"))
+
+    weights = "model.safetensors"
+    assert (stage_dir / weights).read_bytes() == (tmp_path / "sft" / weights).read_bytes()
+    assert (asker / weights).read_bytes() == (mixed_dir / weights).read_bytes()
+    assert (asker / weights).read_bytes() != (stage_dir / weights).read_bytes()
+
+    first = (stage_dir / weights).read_bytes()  # killed after the asker: the answerer is retrained
+    shutil.rmtree(stage_dir)
+    train_stage1(request(cfg, tmp_path / "separate"), cfg, stage_dir)
+    assert (stage_dir / weights).read_bytes() == first

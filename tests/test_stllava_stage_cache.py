@@ -431,3 +431,37 @@ def test_an_entry_edited_after_completion_is_refused(first_run, tiny_model_dir, 
             open_entry(tmp_path / "cache", request, cfg, images, Dist()),
         ):
             pass
+
+
+@pytest.mark.slow
+def test_a_separate_asker_samples_the_questions_and_is_part_of_the_entry(
+    tiny_model_dir, train_samples, tmp_path, monkeypatch
+):
+    """`sq_schedule="separate"`: the asker samples the questions, the answering model the answers
+    and DPO starts from it; the entry's digests cover the asker, so an edited asker is refused."""
+    from medvqa.trainers.stllava_med import trainer
+    from medvqa.trainers.stllava_med.questions import unlabeled_pool
+    from medvqa.trainers.stllava_med.stagecache import open_entry
+
+    loaded: list[str] = []
+    real_load = trainer.load_generator
+    monkeypatch.setattr(trainer, "load_generator", lambda spec: loaded.append(spec) or real_load(spec))
+    cfg = _cfg(stage_cache=str(tmp_path / "cache"), sq_schedule="separate")
+    request = _request(train_samples, tiny_model_dir, tmp_path / "out", cfg)
+    checkpoint = _train(request)
+    entry = Path(checkpoint.meta["stage_cache"]["dir"])
+    assert loaded == [f"hf:{entry / 'stage1-asker'}", f"hf:{entry / 'stage1'}"]
+    assert checkpoint.meta["stage1"] == str(entry / "stage1") == checkpoint.meta["dpo"]["reference"]
+    assert {"stage1-asker", "stage1"} <= _log_stages(checkpoint.path)
+    assert "stage1-asker" in read_json(entry / "complete.json")["digests"]
+
+    weights = entry / "stage1-asker" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(bytes(data))
+    images = unlabeled_pool(request.unlabeled_images, cfg, request.seed)
+    with (
+        pytest.raises(BadInput, match="changed after it was completed"),
+        open_entry(tmp_path / "cache", request, cfg, images, Dist()),
+    ):
+        pass

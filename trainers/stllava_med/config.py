@@ -60,12 +60,14 @@ class STLLaVAMedConfig(TrainConfig):
             "questions become targets with p = sq_ratio; 'rows' = separate ask rows beside the QA rows"
         },
     )
-    sq_schedule: Literal["mixed", "after"] = field(
+    sq_schedule: Literal["mixed", "separate", "after"] = field(
         default="mixed",
         metadata={
-            "help": "'mixed' = ask rows beside the QA rows for all of stage 1 (the original); 'after' = the "
-            "QA rows alone for max_steps (SFT's own recipe), then sq_steps over QA + ask rows with the "
-            "vision tower and projector frozen, so learning to ask cannot cost perception"
+            "help": "'mixed' = ask rows beside the QA rows for all of stage 1, one model (the original); "
+            "'separate' = those rows train an asker that only samples the questions, and the QA rows alone "
+            "(SFT's own run) train the model that answers, starts DPO and is its reference, so asking "
+            "cannot cost answering; 'after' = the QA rows alone for max_steps, then sq_steps over QA + "
+            "ask rows with the vision tower and projector frozen"
         },
     )
     sq_steps: int = field(

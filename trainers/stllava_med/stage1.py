@@ -5,10 +5,14 @@ Two forms (`sq_format`):
   ask-instruction → the question itself).
 - "conversation" (the original's `preprocess_v1_sq2`): see `conversation_rows`.
 
-Two schedules (`sq_schedule`): "mixed" trains those rows together for all of stage 1; "after"
-first trains the QA rows alone (exactly SFT on the labeled fraction), then `sq_steps` more on all
-rows with the vision tower and projector frozen: the asking is learned by the language model only,
-so stage 1 keeps the perception SFT reaches (on Phantom the mixed form cost 1-5 points on some seeds).
+Three schedules (`sq_schedule`):
+- "mixed" trains those rows together for all of stage 1 (the original);
+- "separate" trains them into an asker (`stage1-asker/`, used only to sample stage 2's questions)
+  and the QA rows alone into the answering model (`stage1/`: SFT on the labeled fraction, byte for
+  byte), which answers, starts DPO and is its reference. On Phantom training the answering weights
+  to ask cost 2-5 closed points in every seed (docs/trainers.md); apart, asking costs none;
+- "after" first trains the QA rows alone, then `sq_steps` more on all rows with the vision tower and
+  projector frozen (the asking learned by the language model only).
 """
 
 from __future__ import annotations
@@ -118,6 +122,16 @@ def _text_of(message: Any) -> str:
     return " ".join(part["text"] for part in content if part.get("type") == "text")
 
 
+def asker_dir(stage_dir: Path) -> Path:
+    """Where `sq_schedule="separate"` keeps the asking model: beside stage 1's answering model."""
+    return stage_dir.parent / "stage1-asker"
+
+
+def question_model(stage_dir: Path, cfg: STLLaVAMedConfig) -> Path:
+    """The stage-1 model that samples stage 2's questions (the answering model unless separate)."""
+    return asker_dir(stage_dir) if cfg.sq_schedule == "separate" else stage_dir
+
+
 def train_stage1(
     request: TrainRequest, cfg: STLLaVAMedConfig, stage_dir: Path, *, log_path: Path | None = None
 ) -> dict[str, Any]:
@@ -131,6 +145,8 @@ def train_stage1(
     if done is not None:
         log.info("stage 1 already done: %s", stage_dir)
         return done
+    if cfg.sq_schedule == "separate":
+        _train_asker(request, cfg, asker_dir(stage_dir), log_path or stage_dir / "train_log.jsonl")
     seed_everything(request.seed)
     qa_dir = stage_dir.parent / "stage1-qa"  # "after": phase 1 kept, so a kill in phase 2 resumes there
     phase1_done = cfg.sq_schedule == "after" and read_checkpoint(qa_dir) is not None
@@ -141,7 +157,12 @@ def train_stage1(
     n_ask = sum(int(r.pop("_asks", r["kind"] == "ask")) for r in rows)
     log_path = log_path or stage_dir / "train_log.jsonl"
     trl_root = stage_dir.parent / "_trl"
-    if cfg.sq_schedule == "after":
+    if cfg.sq_schedule == "separate":  # the answering model: the QA rows alone, SFT's own run
+        model = _fit(
+            model, processor, [r for r in rows if r["kind"] == "qa"], cfg, trl_root / "stage1", log_path,
+            request.seed, "stage1",
+        )  # fmt: skip
+    elif cfg.sq_schedule == "after":
         if not phase1_done:
             qa_rows = [r for r in rows if r["kind"] == "qa"]
             model = _fit(
@@ -173,9 +194,34 @@ def train_stage1(
         sq_format=cfg.sq_format,
         sq_schedule=cfg.sq_schedule,
         prompt_policy=builder.policy.name,
+        **({"asker": str(asker_dir(stage_dir))} if cfg.sq_schedule == "separate" else {}),
     )
     write_checkpoint(stage_dir, meta)
     return meta
+
+
+def _train_asker(request: TrainRequest, cfg: STLLaVAMedConfig, out: Path, log_path: Path) -> None:
+    """The asker of `sq_schedule="separate"`: stage 1's mixed rows from the base model into `out`
+    (the same weights a "mixed" stage 1 ends with), skipped if already finished there. It is
+    trained first: the answering model's `checkpoint.json` marks the whole of stage 1 done."""
+    from medvqa.trainers.checkpoints import read_checkpoint, save_model, write_checkpoint
+    from medvqa.trainers.models import load_model_and_processor
+    from medvqa.trainers.rows import RowBuilder
+    from medvqa.trainers.trl_run import drop_trl_checkpoints, seed_everything
+
+    if read_checkpoint(out) is not None:
+        return
+    seed_everything(request.seed)
+    model, processor = load_model_and_processor(request.base_model)
+    rows = stage1_rows(request.train_samples, RowBuilder(processor, cfg.prompt_policy), cfg, request.seed)
+    n_ask = sum(int(r.pop("_asks", r["kind"] == "ask")) for r in rows)
+    work_dir = out.parent / "_trl" / "stage1-asker"
+    model = _fit(model, processor, rows, cfg, work_dir, log_path, request.seed, "stage1-asker")
+    save_model(model, processor, out)
+    write_checkpoint(
+        out, {"trainer": "stllava-med/stage1-asker", "n_rows": len(rows), "n_self_questioning": n_ask}
+    )
+    drop_trl_checkpoints(work_dir)
 
 
 def _fit(

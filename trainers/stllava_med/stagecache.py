@@ -152,7 +152,8 @@ def _sha256(path: Path) -> str:
 
 @dataclass
 class StageEntry:
-    """One cache entry: `<cache>/<key>/` with `stage1/`, `questions.jsonl`, `answers.jsonl`."""
+    """One cache entry: `<cache>/<key>/` with `stage1/` (and `stage1-asker/` or `stage1-qa/` where the
+    schedule keeps one), `questions.jsonl`, `answers.jsonl`."""
 
     dir: Path
     key: str
@@ -176,10 +177,12 @@ class StageEntry:
         from medvqa.models.hf import folder_fingerprint
 
         out: dict[str, Any] = {p.name: _sha256(p) for p in self.files.values()}
-        out["stage1"] = {
-            **folder_fingerprint(self.stage1),
-            "checkpoint.json": _sha256(self.stage1 / "checkpoint.json"),
-        }
+        models = [self.stage1, *sorted(p.parent for p in self.dir.glob("stage1-*/checkpoint.json"))]
+        for folder in models:  # stage 1, and its asker or QA phase where the schedule keeps one
+            out[folder.name] = {
+                **folder_fingerprint(folder),
+                "checkpoint.json": _sha256(folder / "checkpoint.json"),
+            }
         return out
 
     def finish(self, counts: Mapping[str, Any], dist: Dist) -> None:

@@ -16,7 +16,7 @@ from medvqa.trainers.stllava_med.dpo import train_dpo
 from medvqa.trainers.stllava_med.judging import build_expert, judge_answers
 from medvqa.trainers.stllava_med.pairs import make_pairs
 from medvqa.trainers.stllava_med.questions import generate_questions, unlabeled_pool
-from medvqa.trainers.stllava_med.stage1 import train_stage1
+from medvqa.trainers.stllava_med.stage1 import question_model, train_stage1
 from medvqa.trainers.stllava_med.stagecache import open_entry
 from medvqa.trainers.stllava_med.stagefiles import read_rows
 from medvqa.types import Checkpoint, TrainRequest
@@ -48,15 +48,20 @@ def sample_stages(
     plog: Path,
     dist: Dist,
 ) -> dict[str, Any]:
-    """Stage 1, then the sampled questions and answers: the part two runs can share (`stagecache`)."""
+    """Stage 1, then the sampled questions (from its asker) and answers (from its answering model):
+    the part two runs can share (`stagecache`)."""
     train_stage1(request, cfg, stage1, log_path=plog)  # every rank: trl trains data-parallel
     dist.barrier()
-    generator = load_generator(f"hf:{stage1}")
+    asker = question_model(stage1, cfg)
+    generator = load_generator(f"hf:{asker}")
     counts: dict[str, Any] = {}
     counts.update(
         generate_questions(generator, images, files["questions"], cfg, seed=request.seed,
                            progress_log=plog, dist=dist)
     )  # fmt: skip
+    if asker != stage1:  # one model in memory at a time
+        del generator
+        generator = load_generator(f"hf:{stage1}")
     counts.update(
         generate_answers(generator, files["questions"], files["answers"], cfg, seed=request.seed,
                          progress_log=plog, dist=dist)
