@@ -166,6 +166,22 @@ def _caption_samples(args: argparse.Namespace, bench: Any) -> list[Any]:
     return caption_samples(records, benchmark=args.benchmark, split=args.split)
 
 
+def _changed_since(path: Path, trainer: str, cfg: Any, args: argparse.Namespace) -> list[str]:
+    """What differs between a finished checkpoint and this command (trainer, seed, fraction, base
+    model, config fields), as "name: was → now"; fields one side does not record are not compared."""
+    import json
+
+    from medvqa.io import read_json
+
+    meta = read_json(path)
+    now = {"trainer": trainer, "seed": args.seed, "fraction": args.fraction, "base_model": args.model}
+    changed = [f"{k}: {meta[k]!r} → {v!r}" for k, v in now.items() if k in meta and meta[k] != v]
+    was = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    asked = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    changed += [f"{k}: {was[k]!r} → {v!r}" for k, v in asked.items() if k in was and was[k] != v]
+    return changed
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
@@ -189,7 +205,14 @@ def run(args: argparse.Namespace) -> int:
         raise BadInput("--split test: trainers never train on test data")
     out = Path(args.out)
     if (out / "checkpoint.json").is_file() and not args.force:
-        print(f"{out} already holds a finished checkpoint (pass --force to retrain)")
+        changed = _changed_since(out / "checkpoint.json", trainer_cls.name, cfg, args)
+        if changed:
+            raise BadInput(
+                "holds a finished checkpoint trained with other settings (" + "; ".join(changed) + "); "
+                "pass --force to retrain it, or another --out",
+                path=out,
+            )
+        print(f"{out} already holds a finished checkpoint of these settings (pass --force to retrain)")
         return 0
 
     if args.threads:
