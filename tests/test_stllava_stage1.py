@@ -165,6 +165,7 @@ def test_sq_schedule_separate_answers_with_sft_weights_and_asks_with_the_mixed_o
     assert question_model(stage_dir, cfg) == asker and meta["asker"] == str(asker)
     assert meta["sq_schedule"] == "separate" and meta["n_self_questioning"] > 0
     assert read_checkpoint(asker)["n_self_questioning"] == meta["n_self_questioning"]
+    assert meta["n_rows"] == len(request(cfg, tmp_path).train_samples)  # the answering model's: QA only
 
     mixed_cfg = dataclasses.replace(cfg, sq_schedule="mixed")
     mixed_dir = tmp_path / "mixed" / "stages" / "stage1"

@@ -158,10 +158,8 @@ def train_stage1(
     log_path = log_path or stage_dir / "train_log.jsonl"
     trl_root = stage_dir.parent / "_trl"
     if cfg.sq_schedule == "separate":  # the answering model: the QA rows alone, SFT's own run
-        model = _fit(
-            model, processor, [r for r in rows if r["kind"] == "qa"], cfg, trl_root / "stage1", log_path,
-            request.seed, "stage1",
-        )  # fmt: skip
+        rows = [r for r in rows if r["kind"] == "qa"]  # n_self_questioning: the asker's rows
+        model = _fit(model, processor, rows, cfg, trl_root / "stage1", log_path, request.seed, "stage1")
     elif cfg.sq_schedule == "after":
         if not phase1_done:
             qa_rows = [r for r in rows if r["kind"] == "qa"]
