@@ -1,6 +1,9 @@
-"""`medvqa train` refuses out-of-range settings with one line, before it loads data or a model."""
+"""`medvqa train` refuses out-of-range settings with one line, before it loads data or a model, and
+keeps a finished checkpoint only for the settings and data it was trained with."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from medvqa.cli import main
@@ -57,3 +60,8 @@ def test_a_finished_checkpoint_is_kept_only_for_the_settings_it_was_trained_with
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(out) in err[0] and change in err[0] and "--force" in err[0]
     assert (out / "checkpoint.json").read_bytes() == finished
+    meta = json.loads(finished)  # the same settings, but trained on another labeled fraction's data
+    (out / "checkpoint.json").write_text(json.dumps({**meta, "manifest_hash": "0" * 16}))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"manifest_hash: '{'0' * 16}' → '{meta['manifest_hash']}'" in err and "--force" in err

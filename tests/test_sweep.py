@@ -363,3 +363,29 @@ def test_a_prepare_step_needed_by_one_trainer_runs_beside_the_sweep(tmp_path):
     ):
         with pytest.raises(BadInput, match=message):
             load_config(_write(tmp_path, MINIMAL + bad), out=tmp_path / "r")
+
+
+@pytest.mark.slow
+def test_a_finished_checkpoint_of_other_data_is_moved_aside_and_retrained(smoke_run, tmp_path, capsys):
+    """A done job whose checkpoint records another data manifest (its data was swapped by hand, so
+    the key did not change) is not resumable: the dry run and the run say so, the folder moves aside,
+    the job retrains (same bytes as the reference), and nothing else reruns."""
+    ref_run, _, _ = smoke_run
+    run = tmp_path / "phantom-smoke"
+    shutil.copytree(ref_run, run)
+    ckpt = run / "sft" / "f0.25" / "s0" / "checkpoint"
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    right = meta["manifest_hash"]
+    (ckpt / "checkpoint.json").write_text(json.dumps({**meta, "manifest_hash": "0" * len(right)}))
+    assert main(["sweep", str(SMOKE), "--out", str(run), "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert f"train sft @ 0.25 seed 0: would rerun (trained on data manifest {'0' * len(right)}" in dry
+    assert dry.count("done before, skipped") == 9
+    assert main(["sweep", str(SMOKE), "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "old output moved to checkpoint.stale-" in out and out.count("done before, skipped") == 9
+    assert json.loads((ckpt / "checkpoint.json").read_text())["manifest_hash"] == right
+    assert (ckpt / "model.safetensors").read_bytes() == (
+        ref_run / "sft" / "f0.25" / "s0" / "checkpoint" / "model.safetensors"
+    ).read_bytes()
+    assert len(list(ckpt.parent.glob("checkpoint.stale-*"))) == 1

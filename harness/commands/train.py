@@ -166,6 +166,17 @@ def _caption_samples(args: argparse.Namespace, bench: Any) -> list[Any]:
     return caption_samples(records, benchmark=args.benchmark, split=args.split)
 
 
+def _refuse_other_settings(out: Path, changed: list[str]) -> None:
+    from medvqa.errors import BadInput
+
+    if changed:
+        raise BadInput(
+            "holds a finished checkpoint trained with other settings or data (" + "; ".join(changed) + "); "
+            "pass --force to retrain it, or another --out",
+            path=out,
+        )
+
+
 def _changed_since(path: Path, trainer: str, cfg: Any, args: argparse.Namespace) -> list[str]:
     """What differs between a finished checkpoint and this command (trainer, seed, fraction, base
     model, config fields), as "name: was → now"; fields one side does not record are not compared."""
@@ -187,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
 
     from medvqa.errors import BadInput
     from medvqa.fractions import check_fraction, check_seed, fraction_request
+    from medvqa.io import read_json
     from medvqa.registry import benchmarks, trainers
 
     check_seed(args.seed, "--seed")
@@ -204,16 +216,9 @@ def run(args: argparse.Namespace) -> int:
     if args.split == "test":
         raise BadInput("--split test: trainers never train on test data")
     out = Path(args.out)
-    if (out / "checkpoint.json").is_file() and not args.force:
-        changed = _changed_since(out / "checkpoint.json", trainer_cls.name, cfg, args)
-        if changed:
-            raise BadInput(
-                "holds a finished checkpoint trained with other settings (" + "; ".join(changed) + "); "
-                "pass --force to retrain it, or another --out",
-                path=out,
-            )
-        print(f"{out} already holds a finished checkpoint of these settings (pass --force to retrain)")
-        return 0
+    finished = (out / "checkpoint.json").is_file() and not args.force
+    if finished:
+        _refuse_other_settings(out, _changed_since(out / "checkpoint.json", trainer_cls.name, cfg, args))
 
     if args.threads:
         import torch
@@ -236,6 +241,12 @@ def run(args: argparse.Namespace) -> int:
         config=cfg,
         data_root=str(root.resolve()) if root.is_dir() else "",
     )
+    if finished:  # the same settings: the same data too? (the labeled fraction's manifest)
+        recorded = read_json(out / "checkpoint.json").get("manifest_hash")
+        if recorded not in (None, request.manifest_hash):
+            _refuse_other_settings(out, [f"manifest_hash: {recorded!r} → {request.manifest_hash!r}"])
+        print(f"{out} already holds a finished checkpoint of these settings (pass --force to retrain)")
+        return 0
     chosen, unlabeled = request.train_samples, request.unlabeled_images
     print(
         f"train {args.trainer}: {len(chosen)} of {len(samples)} {args.benchmark}/{args.split} samples "

@@ -64,8 +64,20 @@ class SweepState:
     def status(self, job: Job) -> Status:
         """What a run does with `job` now (the same answer for `--dry-run` and a real run)."""
         done, started = self._record(self.marker(job)), self._record(self.started(job))
-        if done is not None and same_settings(done, job) and check_outputs(job) is None:
-            return Status("done")
+        if done is not None and same_settings(done, job):
+            problem = check_outputs(job)
+            if problem is None:
+                return Status("done")
+            output = self.output(job)
+            if (
+                job.kind in ("train", "base")
+                and output is not None
+                and (output / "checkpoint.json").is_file()
+            ):
+                # finished, but not what this job promises (another data manifest): it cannot be
+                # resumed, and `medvqa train` would keep it, so it moves aside and is rebuilt
+                stale = output.with_name(stale_name(output.name, str(done.get("key", "unknown"))))
+                return Status("stale", problem, stale, output)
         unrecorded = done is None and started is None
         if job.kind == "prepare" and unrecorded and job.creates and Path(job.creates).exists():
             return Status("kept")  # no record of making it: the user's own data or model, kept as it is
