@@ -50,6 +50,14 @@ def _count_ticks(ax: Any, lo: float, hi: float) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def _legend_columns(labels: list[str], width_in: float) -> int:
+    """As many legend columns (at most 4) as fit the figure's width when every column is as wide
+    as the longest entry (9 pt text: ~0.075 in a character, ~6 characters of marker and gap)."""
+    per_row = width_in / 0.075
+    widest = max(len(label) for label in labels) + 6
+    return max(1, min(4, len(labels), int(per_row // widest)))
+
+
 def plot_data_efficiency(table: Table, out: str | Path, *, dpi: int = 130) -> Path:
     # A bare Figure (no pyplot): no process-wide backend switch, no global figure registry.
     from matplotlib.figure import Figure
@@ -159,11 +167,12 @@ def plot_data_efficiency(table: Table, out: str | Path, *, dpi: int = 130) -> Pa
             ax.grid(True, which="major", alpha=0.35)
             ax.grid(True, which="minor", alpha=0.12)
     if handles:
+        labels = [h.get_label() for h in handles.values()]
         fig.legend(
             list(handles.values()),
-            [h.get_label() for h in handles.values()],
+            labels,
             loc="outside lower center",
-            ncol=min(4, len(handles)),
+            ncol=_legend_columns(labels, fig.get_figwidth()),
             frameon=False,
             fontsize=9,
         )

@@ -718,3 +718,16 @@ def test_evals_a_sweep_moved_aside_are_not_results(tmp_path):
     assert collect(run) == before
     evals = find_evals(seed_dir)
     assert current in evals and not any(".stale-" in p.name for p in evals)
+
+
+def test_the_legend_has_as_many_columns_as_fit_the_figure():
+    """The demo's six entries (up to 49 characters) made four columns wider than the figure, cut at
+    both edges; the legend now takes as many as fit."""
+    from medvqa.reports.plots import _legend_columns
+
+    demo = ["sft", "stllava-med (loss: sigmoid+sft)", "stllava-med-model-judge (loss: sigmoid+sft)",
+            "sft-compute-control (loss: nll (completion only))", "base model (align), no medical QA"]  # fmt: skip
+    assert _legend_columns(demo, 10.4) == 2
+    assert _legend_columns(["sft", "stllava-med", "base"], 10.4) == 3
+    assert _legend_columns(["a", "b", "c", "d", "e"], 10.4) == 4
+    assert _legend_columns(demo, 2.0) == 1
