@@ -46,7 +46,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         s.add_argument("--out", required=True, help="output file (a folder for dpo)")
         s.add_argument("--preset", default="", help="named settings: paper, phantom (default: the paper's)")
         s.add_argument("--seed", type=int, default=0, help="sampling / training seed (default: 0)")
-        if step in ("questions", "answers", "dpo"):
+        if step == "questions":
+            s.add_argument(
+                "--model",
+                required=True,
+                help="the stage-1 model that asks, e.g. hf:OUT/stages/stage1 (hf:OUT/stages/stage1-asker "
+                "with sq_schedule 'separate')",
+            )
+        if step in ("answers", "dpo"):
             s.add_argument("--model", required=True, help="the stage-1 model spec, e.g. hf:OUT/stages/stage1")
         if step == "questions":
             s.add_argument(
