@@ -199,22 +199,48 @@ def test_generate_many_prepares_the_next_batch_beside_generation(
 ) -> None:
     """Same answers as batch-by-batch `generate`; batch i+1 is prepared in a worker thread while the
     model answers batch i (the first, due before anything generates, in the calling thread); a batch
-    with a bad image comes back as its BadInput and the stream goes on."""
+    with a bad image comes back as its BadInput and the stream goes on, the batch after it prepared
+    in the calling thread. The tokenizer is never used by both threads at once: no preparation is
+    in flight while the generation settings are built or a batch is decoded."""
     import threading
 
     settings = GenerationSettings(max_new_tokens=6)
     batches = [requests_[i : i + 8] for i in range(0, len(requests_), 8)]
     expected = [tiny.generate(b, settings) for b in batches]
     threads: set[str] = set()
+    prepared_in: dict[str, str] = {}  # first request id of a batch -> the thread that prepared it
+    in_flight = [0]
+    overlaps: list[str] = []
+    lock = threading.Lock()
     second_started = threading.Event()
     overlapped: list[bool] = []
     prepare, generate_tokens = tiny.prepare, tiny._generate_tokens
+    decode, gen_kwargs = tiny._decode, tiny._gen_kwargs
 
     def traced_prepare(batch, **kwargs):
         threads.add(threading.current_thread().name)
+        prepared_in[batch[0].id] = threading.current_thread().name
         if batch[0].id == batches[1][0].id:
             second_started.set()
-        return prepare(batch, **kwargs)
+        with lock:
+            in_flight[0] += 1
+        try:
+            return prepare(batch, **kwargs)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    def uses_the_tokenizer(fn, name):
+        def traced(*args):
+            with lock:
+                if in_flight[0]:
+                    overlaps.append(name)
+            return fn(*args)
+
+        return traced
+
+    monkeypatch.setattr(tiny, "_decode", uses_the_tokenizer(decode, "decode"))
+    monkeypatch.setattr(tiny, "_gen_kwargs", uses_the_tokenizer(gen_kwargs, "gen_kwargs"))
 
     def traced_generate(inputs, kwargs):
         if not overlapped:  # batch 1: batch 2 is being prepared meanwhile (else this waits in vain)
@@ -229,9 +255,13 @@ def test_generate_many_prepares_the_next_batch_beside_generation(
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     broken = [*batches[1][:3], GenerationRequest(str(bad), batches[1][3].prompt, "bad"), *batches[1][4:]]
+    prepared_in.clear()
     out = list(tiny.generate_many([batches[0], broken, batches[2]], settings))
     assert out[0] == expected[0] and out[2] == expected[2]
     assert isinstance(out[1], BadInput) and out[1].field == "image" and str(bad) in str(out[1])
+    main = threading.current_thread().name
+    assert prepared_in == {batches[0][0].id: main, broken[0].id: "medvqa-prepare_0", batches[2][0].id: main}
+    assert overlaps == []
 
 
 def test_each_distinct_image_and_prompt_is_prepared_once_with_the_same_inputs(tiny, requests_) -> None:
