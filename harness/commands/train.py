@@ -177,14 +177,12 @@ def _refuse_other_settings(out: Path, changed: list[str]) -> None:
         )
 
 
-def _changed_since(path: Path, trainer: str, cfg: Any, args: argparse.Namespace) -> list[str]:
-    """What differs between a finished checkpoint and this command (trainer, seed, fraction, base
-    model, config fields), as "name: was → now"; fields one side does not record are not compared."""
+def _changed_since(meta: dict[str, Any], trainer: str, cfg: Any, args: argparse.Namespace) -> list[str]:
+    """What differs between a finished checkpoint's `checkpoint.json` and this command (trainer,
+    seed, fraction, base model, config fields), as "name: was → now"; fields one side does not
+    record are not compared."""
     import json
 
-    from medvqa.io import read_json
-
-    meta = read_json(path)
     now = {"trainer": trainer, "seed": args.seed, "fraction": args.fraction, "base_model": args.model}
     changed = [f"{k}: {meta[k]!r} → {v!r}" for k, v in now.items() if k in meta and meta[k] != v]
     was = meta.get("config") if isinstance(meta.get("config"), dict) else {}
@@ -216,9 +214,11 @@ def run(args: argparse.Namespace) -> int:
     if args.split == "test":
         raise BadInput("--split test: trainers never train on test data")
     out = Path(args.out)
-    finished = (out / "checkpoint.json").is_file() and not args.force
-    if finished:
-        _refuse_other_settings(out, _changed_since(out / "checkpoint.json", trainer_cls.name, cfg, args))
+    finished = (
+        read_json(out / "checkpoint.json") if (out / "checkpoint.json").is_file() and not args.force else None
+    )
+    if finished is not None:
+        _refuse_other_settings(out, _changed_since(finished, trainer_cls.name, cfg, args))
 
     if args.threads:
         import torch
@@ -241,8 +241,8 @@ def run(args: argparse.Namespace) -> int:
         config=cfg,
         data_root=str(root.resolve()) if root.is_dir() else "",
     )
-    if finished:  # the same settings: the same data too? (the labeled fraction's manifest)
-        recorded = read_json(out / "checkpoint.json").get("manifest_hash")
+    if finished is not None:  # the same settings: the same data too? (the labeled fraction's manifest)
+        recorded = finished.get("manifest_hash")
         if recorded not in (None, request.manifest_hash):
             _refuse_other_settings(out, [f"manifest_hash: {recorded!r} → {request.manifest_hash!r}"])
         print(f"{out} already holds a finished checkpoint of these settings (pass --force to retrain)")

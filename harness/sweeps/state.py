@@ -64,25 +64,19 @@ class SweepState:
     def status(self, job: Job) -> Status:
         """What a run does with `job` now (the same answer for `--dry-run` and a real run)."""
         done, started = self._record(self.marker(job)), self._record(self.started(job))
+        output = self.output(job)
         if done is not None and same_settings(done, job):
             problem = check_outputs(job)
             if problem is None:
                 return Status("done")
-            output = self.output(job)
-            if (
-                job.kind in ("train", "base")
-                and output is not None
-                and (output / "checkpoint.json").is_file()
-            ):
+            if job.kind in ("train", "base") and (job.output / "checkpoint.json").is_file():
                 # finished, but not what this job promises (another data manifest): it cannot be
                 # resumed, and `medvqa train` would keep it, so it moves aside and is rebuilt
-                stale = output.with_name(stale_name(output.name, str(done.get("key", "unknown"))))
-                return Status("stale", problem, stale, output)
+                return _stale(problem, job.output, done)
         unrecorded = done is None and started is None
         if job.kind == "prepare" and unrecorded and job.creates and Path(job.creates).exists():
             return Status("kept")  # no record of making it: the user's own data or model, kept as it is
         old = next((r for r in (done, started) if r is not None and not same_settings(r, job)), None)
-        output = self.output(job)
         if old is None:
             resumed = started is not None and output is not None and output.exists()
             return Status("resume" if resumed else "new", output=output)
@@ -91,8 +85,7 @@ class SweepState:
             return Status("new", why, output=output)
         if job.kind == "prepare" and not inside(output, self.run_dir):
             return Status("blocked", why, output=output)
-        stale = output.with_name(stale_name(output.name, str(old.get("key", "unknown"))))
-        return Status("stale", why, stale, output)
+        return _stale(why, output, old)
 
     @property
     def run_dir(self) -> Path:
@@ -200,6 +193,13 @@ def check_outputs(job: Job) -> str | None:
     elif job.kind == "prepare" and job.creates and not Path(job.creates).exists():
         return f"did not create {job.creates}"
     return None
+
+
+def _stale(why: str, output: Path, record: dict[str, Any]) -> Status:
+    """Rerun the job, its output first moved aside under the name of the key that made it."""
+    return Status(
+        "stale", why, output.with_name(stale_name(output.name, str(record.get("key", "unknown")))), output
+    )
 
 
 def same_settings(record: dict[str, Any], job: Job) -> bool:

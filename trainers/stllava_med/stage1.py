@@ -136,10 +136,10 @@ def train_stage1(
     request: TrainRequest, cfg: STLLaVAMedConfig, stage_dir: Path, *, log_path: Path | None = None
 ) -> dict[str, Any]:
     """Stage 1 → a full model in `stage_dir` (skipped if already finished there)."""
-    from medvqa.trainers.checkpoints import checkpoint_meta, read_checkpoint, save_model, write_checkpoint
+    from medvqa.trainers.checkpoints import checkpoint_meta, read_checkpoint
     from medvqa.trainers.models import load_model_and_processor
     from medvqa.trainers.rows import RowBuilder
-    from medvqa.trainers.trl_run import drop_trl_checkpoints, is_vision_param, seed_everything
+    from medvqa.trainers.trl_run import is_vision_param, seed_everything
 
     done = read_checkpoint(stage_dir)
     if done is not None:
@@ -154,21 +154,20 @@ def train_stage1(
     model, processor = load_model_and_processor(f"hf:{qa_dir}" if phase1_done else request.base_model)
     builder = RowBuilder(processor, cfg.prompt_policy)
     rows = stage1_rows(request.train_samples, builder, cfg, request.seed)
-    n_ask = sum(int(r.pop("_asks", r["kind"] == "ask")) for r in rows)
+    n_ask = _count_asks(rows)
     log_path = log_path or stage_dir / "train_log.jsonl"
     trl_root = stage_dir.parent / "_trl"
     if cfg.sq_schedule == "separate":  # the answering model: the QA rows alone, SFT's own run
-        rows = [r for r in rows if r["kind"] == "qa"]  # n_self_questioning: the asker's rows
+        rows = _qa_only(rows)  # n_self_questioning: the asker's rows
         model = _fit(model, processor, rows, cfg, trl_root / "stage1", log_path, request.seed, "stage1")
     elif cfg.sq_schedule == "after":
         if not phase1_done:
-            qa_rows = [r for r in rows if r["kind"] == "qa"]
+            qa_rows = _qa_only(rows)
             model = _fit(
                 model, processor, qa_rows, cfg, trl_root / "stage1", log_path, request.seed, "stage1"
             )
-            save_model(model, processor, qa_dir)
-            write_checkpoint(qa_dir, {"trainer": "stllava-med/stage1-qa", "n_rows": len(qa_rows)})
-            drop_trl_checkpoints(trl_root / "stage1")
+            phase1 = {"trainer": "stllava-med/stage1-qa", "n_rows": len(qa_rows)}
+            _keep_phase(model, processor, qa_dir, trl_root / "stage1", phase1)
             model, processor = load_model_and_processor(f"hf:{qa_dir}")  # as a resumed run starts
         for name, param in model.named_parameters():  # frozen: no gradient, no optimizer state
             if is_vision_param(name):
@@ -179,8 +178,6 @@ def train_stage1(
         )
     else:
         model = _fit(model, processor, rows, cfg, trl_root / "stage1", log_path, request.seed, "stage1")
-    save_model(model, processor, stage_dir)
-    drop_trl_checkpoints(trl_root / "stage1-ask" if cfg.sq_schedule == "after" else trl_root / "stage1")
     meta = checkpoint_meta(
         trainer="stllava-med/stage1",
         request=request,
@@ -194,32 +191,51 @@ def train_stage1(
         prompt_policy=builder.policy.name,
         **({"asker": str(asker_dir(stage_dir))} if cfg.sq_schedule == "separate" else {}),
     )
-    write_checkpoint(stage_dir, meta)
+    last_phase = trl_root / ("stage1-ask" if cfg.sq_schedule == "after" else "stage1")
+    _keep_phase(model, processor, stage_dir, last_phase, meta)
     return meta
+
+
+def _count_asks(rows: list[dict]) -> int:
+    """The self-questioning targets among stage-1 rows (ask rows, and those inside conversation
+    rows), their `_asks` marks removed: no row field trl would see."""
+    return sum(int(r.pop("_asks", r["kind"] == "ask")) for r in rows)
+
+
+def _qa_only(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["kind"] == "qa"]
+
+
+def _keep_phase(model: Any, processor: Any, out: Path, work_dir: Path, meta: dict[str, Any]) -> None:
+    """A trained phase saved as a checkpoint folder, its `checkpoint.json` last (= finished), then
+    its trl checkpoints dropped (until then a kill resumes from them)."""
+    from medvqa.trainers.checkpoints import save_model, write_checkpoint
+    from medvqa.trainers.trl_run import drop_trl_checkpoints
+
+    save_model(model, processor, out)
+    write_checkpoint(out, meta)
+    drop_trl_checkpoints(work_dir)
 
 
 def _train_asker(request: TrainRequest, cfg: STLLaVAMedConfig, out: Path, log_path: Path) -> None:
     """The asker of `sq_schedule="separate"`: stage 1's mixed rows from the base model into `out`
     (the same weights a "mixed" stage 1 ends with), skipped if already finished there. It is
     trained first: the answering model's `checkpoint.json` marks the whole of stage 1 done."""
-    from medvqa.trainers.checkpoints import read_checkpoint, save_model, write_checkpoint
+    from medvqa.trainers.checkpoints import read_checkpoint
     from medvqa.trainers.models import load_model_and_processor
     from medvqa.trainers.rows import RowBuilder
-    from medvqa.trainers.trl_run import drop_trl_checkpoints, seed_everything
+    from medvqa.trainers.trl_run import seed_everything
 
     if read_checkpoint(out) is not None:
         return
     seed_everything(request.seed)
     model, processor = load_model_and_processor(request.base_model)
     rows = stage1_rows(request.train_samples, RowBuilder(processor, cfg.prompt_policy), cfg, request.seed)
-    n_ask = sum(int(r.pop("_asks", r["kind"] == "ask")) for r in rows)
+    n_ask = _count_asks(rows)
     work_dir = out.parent / "_trl" / "stage1-asker"
     model = _fit(model, processor, rows, cfg, work_dir, log_path, request.seed, "stage1-asker")
-    save_model(model, processor, out)
-    write_checkpoint(
-        out, {"trainer": "stllava-med/stage1-asker", "n_rows": len(rows), "n_self_questioning": n_ask}
-    )
-    drop_trl_checkpoints(work_dir)
+    meta = {"trainer": "stllava-med/stage1-asker", "n_rows": len(rows), "n_self_questioning": n_ask}
+    _keep_phase(model, processor, out, work_dir, meta)
 
 
 def _fit(
