@@ -18,7 +18,16 @@ class BadInput(Exception):
         if field is not None:
             where.append(f"field {field!r}")
         self.path, self.record, self.field = path, record, field
+        self.message = message
         super().__init__(f"{': '.join([', '.join(where), message]) if where else message}")
+
+    def __reduce__(self) -> tuple:
+        """Pickled whole (path, record and field too): a worker process hands it back as it is."""
+        return _rebuild_bad_input, (type(self), self.message, self.path, self.record, self.field)
+
+
+def _rebuild_bad_input(cls: type, message: str, path: object, record: object, field: str | None) -> BadInput:
+    return cls(message, path=path, record=record, field=field)
 
 
 class EndpointError(RuntimeError):

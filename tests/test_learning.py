@@ -147,7 +147,7 @@ def test_dpo_widens_the_margin_on_heldout_pairs(sft_checkpoint, train_samples, t
     from medvqa.trainers.batching import preference_data
     from medvqa.trainers.rows import RowBuilder
     from medvqa.trainers.stllava_med import STLLaVAMedTrainer
-    from medvqa.trainers.stllava_med.dpo import dpo_trainer
+    from medvqa.trainers.stllava_med.dpo import dpo_trainer, precompute_reference
     from medvqa.trainers.trl_run import run_trainer
 
     images = sorted({str(s.image) for s in train_samples})
@@ -173,6 +173,7 @@ def test_dpo_widens_the_margin_on_heldout_pairs(sft_checkpoint, train_samples, t
         for p in heldout
     ]
     held_set, held_collate = preference_data(rows, trainer.model, processor, mode="once", max_length=None)
+    assert precompute_reference(trainer, held_collate, 16)  # the reference's log-probs of these rows too
 
     def heldout_metrics() -> dict[str, float]:
         train_collate, trainer.data_collator = trainer.data_collator, held_collate

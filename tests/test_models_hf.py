@@ -194,74 +194,67 @@ def test_policy_stop_strings_never_break_generation(tiny, requests_) -> None:
     assert tiny._usable_stops(("###",)) == ()  # the word-level tiny vocabulary
 
 
-def test_generate_many_prepares_the_next_batch_beside_generation(
+def test_generate_many_prepares_the_next_batch_in_a_worker_process(
     tiny, requests_, tmp_path, monkeypatch
 ) -> None:
-    """Same answers as batch-by-batch `generate`; batch i+1 is prepared in a worker thread while the
-    model answers batch i (the first, due before anything generates, in the calling thread); a batch
-    with a bad image comes back as its BadInput and the stream goes on, the batch after it prepared
-    in the calling thread. The tokenizer is never used by both threads at once: no preparation is
-    in flight while the generation settings are built or a batch is decoded."""
-    import threading
+    """Same answers as batch-by-batch `generate`; batch i+1 is prepared in a forked worker process
+    while the model answers batch i (the first, due before anything generates, in this process);
+    a batch with a bad image comes back as its BadInput, whole, and the stream goes on, the batch
+    after it prepared here. If the worker dies, its batch and the rest are prepared here."""
+    import os
+    import time
 
     settings = GenerationSettings(max_new_tokens=6)
     batches = [requests_[i : i + 8] for i in range(0, len(requests_), 8)]
     expected = [tiny.generate(b, settings) for b in batches]
-    threads: set[str] = set()
-    prepared_in: dict[str, str] = {}  # first request id of a batch -> the thread that prepared it
-    in_flight = [0]
-    overlaps: list[str] = []
-    lock = threading.Lock()
-    second_started = threading.Event()
-    overlapped: list[bool] = []
-    prepare, generate_tokens = tiny.prepare, tiny._generate_tokens
-    decode, gen_kwargs = tiny._decode, tiny._gen_kwargs
+    trace = tmp_path / "prepared.txt"  # "<first request id> <pid>" per prepared batch, any process
+    prepare_on_cpu, generate_tokens = tiny._prepare_on_cpu, tiny._generate_tokens
+    die_on = [""]
 
     def traced_prepare(batch, **kwargs):
-        threads.add(threading.current_thread().name)
-        prepared_in[batch[0].id] = threading.current_thread().name
-        if batch[0].id == batches[1][0].id:
-            second_started.set()
-        with lock:
-            in_flight[0] += 1
-        try:
-            return prepare(batch, **kwargs)
-        finally:
-            with lock:
-                in_flight[0] -= 1
+        if batch[0].id == die_on[0] and os.getpid() != parent:
+            os._exit(3)  # the worker process dies mid-stream
+        inputs = prepare_on_cpu(batch, **kwargs)
+        with open(trace, "a", encoding="utf-8") as fh:
+            fh.write(f"{batch[0].id} {os.getpid()}\n")
+        return inputs
 
-    def uses_the_tokenizer(fn, name):
-        def traced(*args):
-            with lock:
-                if in_flight[0]:
-                    overlaps.append(name)
-            return fn(*args)
+    def prepared_by() -> dict[str, int]:
+        lines = trace.read_text(encoding="utf-8").split() if trace.exists() else []
+        return {lines[k]: int(lines[k + 1]) for k in range(0, len(lines), 2)}
 
-        return traced
-
-    monkeypatch.setattr(tiny, "_decode", uses_the_tokenizer(decode, "decode"))
-    monkeypatch.setattr(tiny, "_gen_kwargs", uses_the_tokenizer(gen_kwargs, "gen_kwargs"))
+    overlapped: list[bool] = []
 
     def traced_generate(inputs, kwargs):
-        if not overlapped:  # batch 1: batch 2 is being prepared meanwhile (else this waits in vain)
-            overlapped.append(second_started.wait(timeout=20))
+        if not overlapped:  # batch 1: the worker prepares batch 2 meanwhile (else this waits in vain)
+            deadline = time.monotonic() + 20
+            while batches[1][0].id not in prepared_by() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            overlapped.append(batches[1][0].id in prepared_by())
         return generate_tokens(inputs, kwargs)
 
-    monkeypatch.setattr(tiny, "prepare", traced_prepare)
+    parent = os.getpid()
+    monkeypatch.setattr(tiny, "_prepare_on_cpu", traced_prepare)
     monkeypatch.setattr(tiny, "_generate_tokens", traced_generate)
     assert list(tiny.generate_many(batches, settings)) == expected
-    assert threads == {threading.current_thread().name, "medvqa-prepare_0"} and overlapped == [True]
+    by = prepared_by()
+    assert by[batches[0][0].id] == parent and overlapped == [True]
+    assert {by[b[0].id] for b in batches[1:]} - {parent} and parent not in {by[b[0].id] for b in batches[1:]}
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     broken = [*batches[1][:3], GenerationRequest(str(bad), batches[1][3].prompt, "bad"), *batches[1][4:]]
-    prepared_in.clear()
+    trace.unlink()
     out = list(tiny.generate_many([batches[0], broken, batches[2]], settings))
     assert out[0] == expected[0] and out[2] == expected[2]
     assert isinstance(out[1], BadInput) and out[1].field == "image" and str(bad) in str(out[1])
-    main = threading.current_thread().name
-    assert prepared_in == {batches[0][0].id: main, broken[0].id: "medvqa-prepare_0", batches[2][0].id: main}
-    assert overlaps == []
+    assert out[1].path is not None and out[1].record == "bad"  # pickled back whole from the worker
+    assert prepared_by()[batches[2][0].id] == parent  # after a failed batch: nothing was generating
+
+    trace.unlink()
+    die_on[0] = batches[2][0].id
+    assert list(tiny.generate_many(batches, settings)) == expected
+    assert prepared_by()[batches[2][0].id] == parent  # the dead worker's batch, prepared here
 
 
 def test_each_distinct_image_and_prompt_is_prepared_once_with_the_same_inputs(tiny, requests_) -> None:

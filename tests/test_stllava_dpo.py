@@ -62,17 +62,48 @@ def test_trl_still_refuses_to_precompute_the_reference_on_our_dpo_data(
         _trainer(tiny_model_dir, pair_rows, tmp_path, "precompute")
 
 
-def test_the_reference_forward_runs_on_every_step_of_every_epoch(tiny_model_dir, pair_rows, tmp_path):
-    """The cost trl's precompute would remove: one reference forward per step, in each of the
-    2 epochs (precomputed, it would be 3 forwards before training and none during it)."""
+def test_the_reference_runs_once_before_training_and_the_losses_are_the_same(
+    tiny_model_dir, pair_rows, tmp_path
+):
+    """The reference's log-probs are computed once per row before training (3 batches of 8 rows),
+    never during its 2 epochs, and training gives the losses the per-step reference gives (trl's
+    per-batch collators, where the reference runs on every step), to float rounding."""
+    from medvqa.io import read_jsonl
     from medvqa.trainers.trl_run import run_trainer
 
-    trainer = _trainer(tiny_model_dir, pair_rows, tmp_path, "count")
+    calls: dict[str, list[int]] = {"precomputed": [], "per_step": []}
+    losses = {}
+    for name, preprocess in (("precomputed", "once"), ("per_step", "per_batch")):
+        trainer = _trainer(tiny_model_dir, pair_rows, tmp_path, name, preprocess=preprocess)
+        trainer.ref_model.register_forward_hook(lambda module, args, output, name=name: calls[name].append(1))
+        run_trainer(trainer, tmp_path / name)
+        assert trainer.state.global_step == 2 * len(pair_rows) // BATCH == 6
+        losses[name] = [r["loss"] for r in read_jsonl(tmp_path / name / "log.jsonl") if "loss" in r]
+    assert calls["precomputed"] == [] and len(calls["per_step"]) == 6
+    assert len(losses["precomputed"]) == 6
+    assert losses["precomputed"] == pytest.approx(losses["per_step"], rel=1e-4, abs=1e-5)
+
+
+def test_the_reference_is_precomputed_in_one_forward_per_batch_of_rows(
+    tiny_model_dir, pair_rows, tmp_path, monkeypatch
+):
+    """Precomputing is one reference forward per batch of rows (24 rows, batch 8: 3), at set-up."""
+    import medvqa.trainers.models as models
+    from medvqa.trainers.stllava_med import dpo
+
     calls: list[int] = []
-    trainer.ref_model.register_forward_hook(lambda module, args, output: calls.append(1))
-    run_trainer(trainer, tmp_path / "count")
-    assert trainer.state.global_step == 2 * len(pair_rows) // BATCH == 6
-    assert len(calls) == trainer.state.global_step
+    load = models.load_model_and_processor
+
+    def counted_load(*args, **kwargs):
+        model, processor = load(*args, **kwargs)
+        model.register_forward_hook(lambda module, a, output: calls.append(1))
+        return model, processor
+
+    monkeypatch.setattr(models, "load_model_and_processor", counted_load)
+    trainer = _trainer(tiny_model_dir, pair_rows, tmp_path, "count")
+    assert trainer.precompute_ref_logps and len(calls) == 3
+    assert len(trainer.data_collator.reference) == len(pair_rows)
+    assert dpo.precompute_reference(trainer, object(), BATCH) is False  # trl's collators: nothing to carry
 
 
 def test_dpo_max_epochs_caps_dpo_max_steps_and_stage1s_cap_does_not(tiny_model_dir, pair_rows, tmp_path):

@@ -221,9 +221,12 @@ class EncodedPreferenceCollator:
 
     def __init__(self, encoded: Encoded, max_length: int | None):
         self.encoded, self.max_length = encoded, max_length
+        # per row: the reference model's (chosen, rejected) log-probs, once computed (stllava_med.dpo)
+        self.reference: list[tuple[float, float]] | None = None
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        examples = [self.encoded.examples[int(it["row"])] for it in items]
+        rows = [int(it["row"]) for it in items]
+        examples = [self.encoded.examples[i] for i in rows]
         import torch
         from trl.trainer.utils import pad
 
@@ -237,12 +240,16 @@ class EncodedPreferenceCollator:
         input_ids, attention_mask, completion_mask = _concat(
             *_padded([e["prompt_ids"] for e in examples] * 2, pad_id, "left"), c_ids, c_mask, self.max_length
         )
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "pixel_values": self.encoded.pixels.stack([e["pixel_index"] for e in examples] * 2),
             "completion_mask": completion_mask,
         }
+        if self.reference is not None:  # the keys trl's precomputed-reference loss reads
+            batch["ref_chosen_logps"] = torch.tensor([self.reference[i][0] for i in rows])
+            batch["ref_rejected_logps"] = torch.tensor([self.reference[i][1] for i in rows])
+        return batch
 
 
 def sft_data(

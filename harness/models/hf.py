@@ -502,8 +502,10 @@ class HFModel:
         texts: Sequence[str] | None = None,
         *,
         rendered: dict[str, str] | None = None,
+        on_device: bool = True,
     ) -> Any:
-        """Processor inputs for a batch (left padding), on the model's device.
+        """Processor inputs for a batch (left padding), on the model's device (on the CPU with
+        `on_device=False`).
 
         `texts` overrides the rendered prompt strings (e.g. prompt + answer for scoring).
         `rendered`: the chat-template texts of earlier batches by prompt, filled as it goes (see
@@ -534,7 +536,7 @@ class HFModel:
             )
         finally:
             processor.image_processor, processor.tokenizer = image_processor, tokenizer
-        return inputs.to(self.device)
+        return inputs.to(self.device) if on_device else inputs
 
     def _render_texts(
         self, requests: Sequence[GenerationRequest], rendered: dict[str, str] | None = None
@@ -579,7 +581,17 @@ class HFModel:
         self, requests: Sequence[GenerationRequest], *, rendered: dict[str, str] | None = None
     ) -> Any:
         """The model inputs of a batch: images decoded, prompts rendered and tokenized, on the device."""
-        inputs = self.encode(requests, rendered=rendered)
+        return self._to_model(self._prepare_on_cpu(requests, rendered=rendered))
+
+    def _prepare_on_cpu(
+        self, requests: Sequence[GenerationRequest], *, rendered: dict[str, str] | None = None
+    ) -> Any:
+        """`prepare` up to the device: what a forked worker may do (it must not touch a GPU)."""
+        return self.encode(requests, rendered=rendered, on_device=False)
+
+    def _to_model(self, inputs: Any) -> Any:
+        """Prepared CPU inputs on the model's device, pixels in its dtype."""
+        inputs = inputs.to(self.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
@@ -643,50 +655,41 @@ class HFModel:
     ) -> Iterator[list[str] | BadInput]:
         """`generate` over a stream of batches, preparing batch i+1 while the model answers batch i.
 
-        Image decoding, prompt rendering and tokenization of the next batch run in one worker thread
-        beside generation (their cost stops adding to the model's where they leave the GIL: the
-        tokenizer, image file decoding, and a model whose kernels run long, as on a GPU). A batch
-        due while nothing generates (the first, the one after a failed batch) is prepared in this
-        thread: a hand-over to the worker would only add its wake-ups. Each distinct image of a
+        Image decoding, prompt rendering and tokenization of the next batch run in a forked worker
+        process (`prefetch.Prefetcher`: a thread would share the GIL with a small model's generate
+        loop). A batch due while nothing generates (the first, the one after a failed batch) is
+        prepared in this process: a hand-over would only add a round trip. Each distinct image of a
         batch is decoded and processed once, each distinct text tokenized once, and each distinct
-        chat prompt of the stream rendered once (`encode`).
-        The tokenizer is never used by both threads at once: the worker is joined before a batch
-        is decoded. A batch whose inputs fail (e.g. an image that does not decode) is yielded as
-        its BadInput, and the stream goes on. Same answers as `generate` batch by batch.
+        chat prompt rendered once per process (`encode`). A batch whose inputs fail (e.g. an image
+        that does not decode) is yielded as its BadInput, and the stream goes on. Same answers as
+        `generate` batch by batch.
         """
-        from concurrent.futures import Future, ThreadPoolExecutor, wait
+        from medvqa.models.prefetch import Prefetcher
 
         stream = iter(batches)
-        rendered: dict[str, str] = {}  # the stream's prompt texts (one thread at a time prepares)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvqa-prepare") as pool:
+        rendered: dict[str, str] = {}  # the stream's prompt texts (the worker keeps its own copy)
 
-            def here(batch: Sequence[GenerationRequest]) -> Future[Any]:
-                done: Future[Any] = Future()
-                try:
-                    done.set_result(self.prepare(batch, rendered=rendered))
-                except BadInput as exc:
-                    done.set_exception(exc)
-                return done
+        def prepare(batch: Sequence[GenerationRequest]) -> Any:
+            return self._prepare_on_cpu(batch, rendered=rendered)
 
-            def submit(*, now: bool) -> tuple[Sequence[GenerationRequest], Future[Any]] | None:
+        with Prefetcher(prepare) as prefetch:
+
+            def submit(*, now: bool) -> tuple[Sequence[GenerationRequest], Any] | None:
                 batch = next(stream, None)
                 if batch is None:
                     return None
-                return batch, here(batch) if now else pool.submit(self.prepare, batch, rendered=rendered)
+                return batch, prefetch.here(batch) if now else prefetch.submit(batch)
 
             current = submit(now=True)
             while current is not None:
                 batch, future = current
                 try:
-                    inputs = future.result()
+                    inputs = self._to_model(prefetch.result(batch, future))
                 except BadInput as exc:
                     current = submit(now=True)
                     yield exc
                     continue
-                gen_kwargs = self._gen_kwargs(batch, settings)  # uses the tokenizer: before the worker starts
                 upcoming = submit(now=False)
-                new_tokens = self._generate_tokens(inputs, gen_kwargs)
-                if upcoming is not None:
-                    wait([upcoming[1]])
+                new_tokens = self._generate_tokens(inputs, self._gen_kwargs(batch, settings))
                 yield self._decode(new_tokens)
                 current = upcoming

@@ -1,11 +1,14 @@
 """Stage 2, step 5: trl `DPOTrainer` on `pairs.jsonl`; the reference is the stage-1 model, loaded explicitly.
 
-The reference forward runs on every step of every epoch (`precompute_ref_log_probs=False`): about a
-quarter of a `phantom` DPO step on the tiny model. trl's precompute cannot take it over: trl 1.16 refuses it
-for vision datasets at `DPOTrainer.__init__` (huggingface/trl#5867), its vision collators do not
-carry the precomputed columns, and `evaluate` precomputes only text datasets. Getting round that
-would mean patching trl's private methods, so we wait for trl (`tests/test_stllava_dpo.py` fails
-when trl starts to accept it).
+The reference is frozen, so its log-probs of each row are computed once, before training
+(`precompute_reference`), not on every step of every epoch: on the tiny model the reference forward
+is about a quarter of a DPO step, and the demo runs 8 epochs. trl's own `precompute_ref_log_probs`
+cannot do it: trl 1.16 refuses it for vision datasets at `DPOTrainer.__init__`
+(huggingface/trl#5867) and its vision collators do not carry the columns. So the rows encoded once
+(`batching.EncodedPreferenceCollator`) carry them, computed with trl's own
+`compute_ref_log_probs`, and the trainer's loss reads them as it reads precomputed ones. With trl's
+per-batch collators (`preprocess = "per_batch"`, a processor with extra tensors) the reference runs
+on every step, as before. `tests/test_stllava_dpo.py` pins both and the equality of the losses.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def dpo_trainer(
         **trl_kwargs(budget, work_dir, seed),
         beta=cfg.beta,
         loss_type=list(DPO_LOSSES[cfg.dpo_loss]),
-        precompute_ref_log_probs=False,  # refused by trl for vision datasets (module docstring)
+        precompute_ref_log_probs=False,  # refused by trl for vision datasets: precompute_reference
         per_device_eval_batch_size=cfg.dpo_batch_size,
     )
     trainer = DPOTrainer(
@@ -91,7 +94,37 @@ def dpo_trainer(
         peft_config=lora_config(cfg) if cfg.use_lora else None,
         callbacks=[progress_callback(log_path, "dpo")],
     )
+    precompute_reference(trainer, collator, cfg.dpo_batch_size)
     return trainer, dataset, processor
+
+
+def precompute_reference(trainer: Any, collator: Any, batch_size: int) -> bool:
+    """The reference's (chosen, rejected) log-probs of every row, once, carried by `collator` (the
+    encoded-rows collator) for the trainer's loss; False (nothing done) for trl's own collators.
+    Rows of another collator (pairs to `evaluate` on) need the same call before they are scored:
+    the reference is frozen, so this is valid before and after training."""
+    from medvqa.trainers.batching import EncodedPreferenceCollator
+
+    if not isinstance(collator, EncodedPreferenceCollator):
+        return False
+    reference = trainer.ref_model or trainer.model  # LoRA: the policy with its adapter disabled
+    was_training = reference.training
+    reference.eval()
+    device = trainer.accelerator.device
+    values: list[tuple[float, float]] = []
+    rows = len(collator.encoded.examples)
+    try:
+        for start in range(0, rows, batch_size):
+            batch = collator([{"row": i} for i in range(start, min(start + batch_size, rows))])
+            chosen, rejected = trainer.compute_ref_log_probs(
+                reference, {k: v.to(device) for k, v in batch.items()}
+            )
+            values += list(zip(chosen.float().cpu().tolist(), rejected.float().cpu().tolist()))
+    finally:
+        reference.train(was_training)
+    collator.reference = values
+    trainer.precompute_ref_logps = True  # the loss reads the batch's ref_*_logps (trl's own switch)
+    return True
 
 
 def train_dpo(

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
 from medvqa.sweeps.config import RunSettings
+from medvqa.sweeps.executors.preload import Zygote
 from medvqa.sweeps.plan import Job
+
+log = logging.getLogger("medvqa.sweep")
 
 
 def gpu_visible() -> bool:
@@ -57,14 +63,62 @@ class _Process:
         self.proc.terminate()
 
 
+class _Forked:
+    """A job forked from the zygote (`preload`): its exit code and CPU time come from the zygote."""
+
+    def __init__(self, zygote: Zygote, pid: int):
+        self.zygote, self.pid = zygote, pid
+        self.cpu_s: float | None = None
+
+    def poll(self) -> int | None:
+        ended = self.zygote.exit_of(self.pid)
+        if ended is None:
+            return None
+        code, self.cpu_s = ended
+        return code
+
+    def describe(self) -> str:
+        return f"pid {self.pid}"
+
+    def cancel(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+
+
+CLI = [sys.executable, "-m", "medvqa.cli"]
+
+
 class LocalExecutor:
     def __init__(self, run: RunSettings, *, n_jobs: int, cores: int):
         self.capacity, self.threads = parallelism(run, cores=cores)
+        self.preload = run.preload and not gpu_visible()
+        self.zygote: Zygote | None = None
+        self.zygote_env: dict[str, str] | None = None
 
-    def start(self, job: Job, command: list[str], env: Mapping[str, str], log_path: Path | None) -> _Process:
-        log_fh = None
+    def _zygote_for(self, env: Mapping[str, str]) -> Zygote | None:
+        """The zygote for jobs with this environment (started on first use); None where it cannot run."""
+        if self.zygote is not None and self.zygote_env == dict(env) and not self.zygote.dead:
+            return self.zygote
+        if self.zygote is not None:  # another environment (never within one sweep) or a dead zygote
+            self.zygote.close()
+            self.zygote = None
+        try:
+            self.zygote, self.zygote_env = Zygote(env), dict(env)
+        except RuntimeError as exc:
+            log.warning("jobs start as fresh processes: %s", exc)
+            self.preload = False
+        return self.zygote
+
+    def start(self, job: Job, command: list[str], env: Mapping[str, str], log_path: Path | None) -> Any:
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.preload and command[: len(CLI)] == CLI:  # a plain `medvqa` command, no launcher
+            zygote = self._zygote_for(env)
+            if zygote is not None:
+                with contextlib.suppress(RuntimeError):  # it died since: a fresh process below
+                    return _Forked(zygote, zygote.start(command[len(CLI) :], log_path))
+        log_fh = None
+        if log_path is not None:
             log_fh = open(log_path, "ab")  # noqa: SIM115 - closed when the job ends
         proc = subprocess.Popen(
             command,
@@ -82,7 +136,9 @@ class LocalExecutor:
         return None  # a local job dies with the sweep that started it
 
     def close(self) -> None:
-        pass
+        if self.zygote is not None:
+            self.zygote.close()
+            self.zygote = None
 
 
 def die_with_parent() -> None:
