@@ -257,6 +257,18 @@ def test_generate_many_prepares_the_next_batch_in_a_worker_process(
     assert prepared_by()[batches[2][0].id] == parent  # the dead worker's batch, prepared here
 
 
+def test_generate_many_without_fork_prepares_every_batch_in_line(tiny, requests_, monkeypatch) -> None:
+    """Where fork is unavailable or unsafe (Windows, macOS) no worker is started: same answers."""
+    from medvqa.models import prefetch
+
+    settings = GenerationSettings(max_new_tokens=6)
+    batches = [requests_[i : i + 8] for i in range(0, len(requests_), 8)]
+    expected = [tiny.generate(b, settings) for b in batches]
+    monkeypatch.setattr(prefetch, "can_fork", lambda: False)
+    monkeypatch.setattr(prefetch, "ProcessPoolExecutor", None)  # would fail if a pool were made
+    assert list(tiny.generate_many(batches, settings)) == expected
+
+
 def test_each_distinct_image_and_prompt_is_prepared_once_with_the_same_inputs(tiny, requests_) -> None:
     """A batch repeating images and questions gives the same tensors as the processor on every one."""
     import torch

@@ -10,7 +10,8 @@ DESCRIPTION = """\
 Run the grid trainer × fraction × seed from a TOML config, evaluate every checkpoint on every
 [[eval]] benchmark, and write the report (results.csv, data_efficiency.md/.csv/.png).
 
-Each job is an ordinary `medvqa train` / `medvqa eval` subprocess (set [run] launcher to e.g.
+Each job is an ordinary `medvqa train` / `medvqa eval` process, forked from one that imported
+torch, transformers and trl once ([run] preload; set [run] launcher to e.g.
 'accelerate launch --num_processes 8 -m medvqa' on a multi-GPU node). Finished jobs are
 skipped on a rerun; a killed sweep (even kill -9) resumes where it stopped. Layout:
   <out>/<trainer>/f<fraction>/s<seed>/checkpoint/   <out>/.../eval/<benchmark>/   <out>/report/

@@ -8,15 +8,16 @@ used: the weights are never touched), prepares a batch to CPU tensors, and sends
 plain arrays through a pipe (no shared-memory segments: a container's small /dev/shm is not an
 issue). This process moves them to the model's device.
 
-Where `fork` is unavailable (macOS and Windows start processes by spawning, which would re-import
-torch and reload the processor), or once the child has died, batches are prepared in this process
-one by one: the same inputs, only without the overlap.
+Where `fork` is unavailable or unsafe (Windows; macOS, whose system libraries break in a forked
+child; spawning instead would re-import torch and reload the processor), or once the child has
+died, batches are prepared in this process one by one: the same inputs, without the overlap.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -62,7 +63,8 @@ def from_arrays(arrays: dict[str, Any]) -> Any:
 
 
 def can_fork() -> bool:
-    return "fork" in multiprocessing.get_all_start_methods()
+    """Linux only: macOS offers fork but its system libraries are not safe in a forked child."""
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
 
 
 class Prefetcher:

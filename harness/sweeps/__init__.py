@@ -8,12 +8,13 @@ config.py     the sweep TOML: one dataclass per table, each validating its own v
 plan.py       the jobs and their keys; every job's full settings checked before any runs
 made.py       what a [[prepare]] step made: its path and the digest its readers' keys hold
 state.py      done/started markers and the lock under <out>/.sweep/
-executors/    where jobs run: local subprocesses, or SLURM jobs through submitit
+executors/    where jobs run: local processes (forked from a preloaded zygote), or SLURM jobs (submitit)
 run.py        the scheduler (dependencies, priorities, resume) and the report at the end
 ```
 
-A sweep is a list of jobs, each an ordinary `medvqa` command run as a subprocess (so a multi-GPU
-user sets a launcher such as `accelerate launch --num_processes 8 -m medvqa`):
+A sweep is a list of jobs, each an ordinary `medvqa` command in its own process (forked from a
+zygote that imported torch, transformers and trl once, `executors/preload.py`; a multi-GPU user sets
+a launcher such as `accelerate launch --num_processes 8 -m medvqa`, which runs as a subprocess):
 
 ```
 prepare   medvqa data phantom / model init-tiny ...        (optional set-up steps of the config)

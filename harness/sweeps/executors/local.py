@@ -91,7 +91,8 @@ CLI = [sys.executable, "-m", "medvqa.cli"]
 class LocalExecutor:
     def __init__(self, run: RunSettings, *, n_jobs: int, cores: int):
         self.capacity, self.threads = parallelism(run, cores=cores)
-        self.preload = run.preload and not gpu_visible()
+        # Linux: fork-safe system libraries, and PR_SET_PDEATHSIG to take the jobs down with the sweep
+        self.preload = run.preload and sys.platform.startswith("linux") and not gpu_visible()
         self.zygote: Zygote | None = None
         self.zygote_env: dict[str, str] | None = None
 
