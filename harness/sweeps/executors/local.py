@@ -86,6 +86,9 @@ class _Forked:
 
 
 CLI = [sys.executable, "-m", "medvqa.cli"]
+# The commands that import torch/transformers (what the zygote preloads); the rest start fresh and
+# fast, and a sweep of only those never starts a zygote.
+MODEL_COMMANDS = frozenset({"train", "eval", "model", "stllava"})
 
 
 class LocalExecutor:
@@ -113,11 +116,12 @@ class LocalExecutor:
     def start(self, job: Job, command: list[str], env: Mapping[str, str], log_path: Path | None) -> Any:
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
-        if self.preload and command[: len(CLI)] == CLI:  # a plain `medvqa` command, no launcher
+        args = command[len(CLI) :]
+        if self.preload and command[: len(CLI)] == CLI and args[:1] and args[0] in MODEL_COMMANDS:
             zygote = self._zygote_for(env)
             if zygote is not None:
                 with contextlib.suppress(RuntimeError):  # it died since: a fresh process below
-                    return _Forked(zygote, zygote.start(command[len(CLI) :], log_path))
+                    return _Forked(zygote, zygote.start(args, log_path))
         log_fh = None
         if log_path is not None:
             log_fh = open(log_path, "ab")  # noqa: SIM115 - closed when the job ends

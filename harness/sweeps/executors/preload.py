@@ -7,7 +7,8 @@ a child per job: the child starts with the libraries in memory (copy-on-write), 
 file and runs `medvqa.cli.main` on the job's arguments, exactly as `python -m medvqa.cli` would,
 and exits with its code. The zygote reaps its children and reports each exit code and CPU time.
 
-Used by the local executor on Linux for jobs without a launcher when no GPU is visible (`[run] preload`):
+Used by the local executor on Linux for model jobs (`train`, `eval`, `model`, `stllava`: the ones
+that import torch) without a launcher when no GPU is visible (`[run] preload`):
 a process that has touched CUDA cannot fork children that use it, and a GPU job's start-up is
 small next to its work. Every job gets the same environment (the sweep's thread settings and
 `[run] env`), which the zygote is started with, so library settings read at import time
