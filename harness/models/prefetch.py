@@ -99,7 +99,7 @@ class Prefetcher:
             return self.here(batch)
         try:
             arrays = self.pool.submit(_prepare_in_worker, batch)
-        except (BrokenProcessPool, RuntimeError, OSError) as exc:
+        except (RuntimeError, OSError) as exc:  # BrokenProcessPool is a RuntimeError
             return self._without_worker(batch, exc)
         out: Future[Any] = Future()
 

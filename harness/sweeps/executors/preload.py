@@ -214,7 +214,7 @@ class Zygote:
         request = {"args": list(args), "log": str(log_path) if log_path else None, "cwd": os.getcwd()}
         with self._cond:
             before = len(self._pids)
-            os.write(self._req_w, (json.dumps(request) + "\n").encode())
+            _send(self._req_w, request)
             if not self._cond.wait_for(lambda: len(self._pids) > before or self.dead, timeout=60):
                 raise RuntimeError("the job zygote did not answer")
             if len(self._pids) == before:
