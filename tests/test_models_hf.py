@@ -180,6 +180,35 @@ def test_sampling_is_seeded(tiny, requests_) -> None:
     assert tiny.generate(requests_[:4], dataclasses.replace(s, do_sample=False)) != first
 
 
+def test_repeated_requests_share_one_prefill_and_draw_the_same_samples(tiny, requests_, monkeypatch) -> None:
+    """n seeded samples of one question (stage 2's answers): each distinct image + prompt prefills
+    once and its cache is copied to its repeats; every sample is the one its request draws alone.
+    Inputs that are not one row per request (flattened patches) prefill every row."""
+    import dataclasses
+
+    import torch
+
+    reqs = [dataclasses.replace(r, id=f"{r.id}-{k}", seed=100 * i + k) for i, r in enumerate(requests_[:6])
+            for k in range(5)]  # fmt: skip
+    s = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=1.5, top_p=1.0)
+    alone = [tiny.generate([r], s)[0] for r in reqs]  # a batch of one repeats nothing: no sharing
+    prefills = []
+    real = HFModel._shared_prefill
+
+    def spy(self, inputs, same_as):
+        cache = real(self, inputs, same_as)
+        prefills.append((len(same_as), len(set(same_as)), cache is not None))
+        return cache
+
+    monkeypatch.setattr(HFModel, "_shared_prefill", spy)
+    assert tiny.generate(reqs, s) == alone
+    assert prefills == [(30, 6, True)]
+    assert len(set(alone)) > 6  # one question's samples differ: the shared prefill shares no draw
+    ids = torch.ones(4, 5, dtype=torch.long)
+    flat = {"input_ids": ids, "attention_mask": ids, "pixel_values": torch.zeros(7, 3)}
+    assert real(tiny, flat, [0, 0, 2, 2]) is None
+
+
 def test_policy_stop_strings_never_break_generation(tiny, requests_) -> None:
     """Stop strings are an optimisation: a tokenizer StopStringCriteria cannot handle just skips it."""
     import dataclasses
@@ -225,13 +254,13 @@ def test_generate_many_prepares_the_next_batch_in_a_worker_process(
 
     overlapped: list[bool] = []
 
-    def traced_generate(inputs, kwargs):
+    def traced_generate(inputs, kwargs, same_as=None):
         if not overlapped:  # batch 1: the worker prepares batch 2 meanwhile (else this waits in vain)
             deadline = time.monotonic() + 20
             while batches[1][0].id not in prepared_by() and time.monotonic() < deadline:
                 time.sleep(0.01)
             overlapped.append(batches[1][0].id in prepared_by())
-        return generate_tokens(inputs, kwargs)
+        return generate_tokens(inputs, kwargs, same_as)
 
     parent = os.getpid()
     monkeypatch.setattr(tiny, "_prepare_on_cpu", traced_prepare)

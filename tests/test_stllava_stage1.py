@@ -184,3 +184,59 @@ def test_sq_schedule_separate_answers_with_sft_weights_and_asks_with_the_mixed_o
     shutil.rmtree(stage_dir)
     train_stage1(request(cfg, tmp_path / "separate"), cfg, stage_dir)
     assert (stage_dir / weights).read_bytes() == first
+
+    # `answering_model`: that SFT checkpoint is copied in (checked to be this run's), not retrained
+    adopt = dataclasses.replace(cfg, answering_model=str(tmp_path / "sft"))
+    adopt_dir = tmp_path / "adopt" / "stages" / "stage1"
+    meta = train_stage1(request(adopt, tmp_path / "adopt"), adopt, adopt_dir)
+    assert (adopt_dir / weights).read_bytes() == first
+    assert (asker_dir(adopt_dir) / weights).read_bytes() == (asker / weights).read_bytes()
+    assert meta["answering_model"] == str(tmp_path / "sft") and meta["n_self_questioning"] > 0
+    assert not (adopt_dir / "_trl").exists() and read_checkpoint(adopt_dir) == meta
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        ({"learning_rate": 2e-3}, "learning_rate = 0.001, this run's is 0.002"),
+        ({"vision_lr_scale": 0.5}, "vision_lr_scale"),
+        ({"max_steps": 4}, "step budget on the 20 labeled rows is 3 steps, this run's 4"),
+        ({"seed": 1}, "its seed is 0, this run's 1"),
+        ({"fraction": 0.9}, "its manifest_hash"),
+        ({"answering_model": "missing"}, "not a finished checkpoint folder"),
+    ],
+)
+def test_answering_model_is_refused_unless_it_is_what_stage1_would_train(
+    tiny_model_dir, train_samples, tmp_path, change, why
+):
+    """A checkpoint that is not this run's answering model (other settings, seed, labeled samples, or no
+    finished checkpoint) is refused with what differs; the same step budget written another way is not."""
+    from medvqa.errors import BadInput
+    from medvqa.fractions import fraction_request
+    from medvqa.trainers.checkpoints import checkpoint_meta, write_checkpoint
+    from medvqa.trainers.sft import SFTTrainConfig
+    from medvqa.trainers.stllava_med import STLLaVAMedConfig
+    from medvqa.trainers.stllava_med.stage1 import check_answering_model
+
+    def request(config, fraction=0.5, seed=0):
+        return fraction_request(train_samples[:40], fraction, seed, base_model=f"hf:{tiny_model_dir}",
+                                out_dir=tmp_path / "out", config=config)  # fmt: skip
+
+    sft_cfg = SFTTrainConfig(learning_rate=1e-3, warmup_ratio=0.0, max_steps=100, max_epochs=1.2,
+                             per_device_train_batch_size=8, vision_lr_scale=0.25)  # fmt: skip
+    sft_dir = tmp_path / "sft"  # 1.2 epochs of 20 rows at batch 8 = 3 steps
+    sft_dir.mkdir()
+    write_checkpoint(sft_dir, checkpoint_meta(trainer="sft", request=request(sft_cfg), config=sft_cfg,
+                                              n_labeled=20, loss="nll (completion only)"))  # fmt: skip
+    cfg = STLLaVAMedConfig(use_lora=False, learning_rate=1e-3, warmup_ratio=0.0, max_steps=3,
+                           per_device_train_batch_size=8, vision_lr_scale=0.25, sq_schedule="separate",
+                           answering_model=str(sft_dir))  # fmt: skip
+    assert check_answering_model(request(cfg), cfg)["trainer"] == "sft"
+    fields = {k: v for k, v in change.items() if k not in ("seed", "fraction")}
+    if "answering_model" in fields:
+        fields["answering_model"] = str(tmp_path / fields["answering_model"])
+    bad = dataclasses.replace(cfg, **fields)
+    req = request(bad, change.get("fraction", 0.5), change.get("seed", 0))
+    with pytest.raises(BadInput, match="answering_model") as err:
+        check_answering_model(req, bad)
+    assert why in str(err.value) and err.value.field == "answering_model"

@@ -101,7 +101,7 @@ def test_every_field_but_the_after_answers_ones_is_in_the_key(tiny_model_dir, tr
     cfg = _cfg()
     base = _key(_request(train_samples, tiny_model_dir, tmp_path, cfg), cfg)
     for name, f in fields.items():
-        if name in ("expert", "expert_options"):  # checked together below (options follow the expert)
+        if name in ("expert", "expert_options", "answering_model"):  # below (they need other fields)
             continue
         other = dataclasses.replace(cfg, **{name: _other_value(f, getattr(cfg, name))})
         key = _key(_request(train_samples, tiny_model_dir, tmp_path, other), other)
@@ -133,11 +133,16 @@ def test_seed_fraction_base_model_data_and_ranks_are_in_the_key(tiny_model_dir, 
     shutil.copytree(tiny_model_dir, copy)
     moved = _request(train_samples, copy, tmp_path, cfg)
     before = _key(moved, cfg)
+    separate = _cfg(sq_schedule="separate")
+    adopted = dataclasses.replace(separate, answering_model=str(copy))  # an SFT checkpoint's folder
+    assert _key(request, adopted) != _key(request, separate)
+    adopted_before = _key(request, adopted)
     weights = next(copy.glob("*.safetensors"))
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert _key(moved, cfg) != before
+    assert _key(request, adopted) != adopted_before  # a retrained answering model misses too
 
 
 def test_only_the_main_rank_locks_and_a_held_entry_times_out(tiny_model_dir, train_samples, tmp_path):

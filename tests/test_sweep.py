@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -362,6 +363,36 @@ def test_a_prepare_step_needed_by_one_trainer_runs_beside_the_sweep(tmp_path):
         ),
     ):
         with pytest.raises(BadInput, match=message):
+            load_config(_write(tmp_path, MINIMAL + bad), out=tmp_path / "r")
+
+
+def test_a_line_can_start_from_another_lines_checkpoint(tmp_path):
+    """`{checkpoint:LABEL}` (in `model`, the config or args): that earlier line's checkpoint of the same
+    fraction and seed. The job depends on it (its key follows that job's, it is as urgent as the most
+    urgent job reading it); a later, unknown or too-narrow line is one clear error."""
+    lines = (
+        '\n[[trainers]]\nname = "sft"\nlabel = "more"\nfractions = [0.5]\npriority = 3\n'
+        'model = "hf:{checkpoint:sft}"\nargs = ["--max-length", "0"]\n'
+        '[trainers.config]\nmax_steps = 3\nlora_target_modules = "{checkpoint:sft}"\n'
+    )
+    cfg, run_dir = load_config(_write(tmp_path, MINIMAL + lines), out=tmp_path / "r")
+    sweep = Sweep(cfg, run_dir)
+    jobs = {j.id: j for j in sweep.jobs(with_manifests=False)}
+    more, sft = jobs["train/more/f0.5/s1"], jobs["train/sft/f0.5/s1"]
+    assert more.deps[-1] == sft.id and more.args[more.args.index("--model") + 1] == f"hf:{sft.output}"
+    settings = Path(more.args[more.args.index("--config") + 1])
+    assert str(sft.output) in sweep.planner.files[settings]
+    assert sft.priority == 3 and jobs["train/sft/f1.0/s1"].priority == 0
+    steps = MINIMAL.replace("max_steps = 5", "max_steps = 6")
+    cfg2, run2 = load_config(_write(tmp_path, steps + lines), out=tmp_path / "r")
+    keys2 = {j.id: j.key for j in Sweep(cfg2, run2).jobs(with_manifests=False)}
+    assert keys2[more.id] != more.key  # the checkpoint it starts from was retrained
+    for bad, message in (
+        (lines.replace("{checkpoint:sft}", "{checkpoint:nope}"), "'{checkpoint:nope}' names no earlier"),
+        (lines.replace("fractions = [0.5]", "fractions = [0.25]"), "no job at fraction 0.25 seed 0"),
+        (lines.replace("{checkpoint:sft}", "{checkpoint:more}"), "'{checkpoint:more}' names no earlier"),
+    ):
+        with pytest.raises(BadInput, match=re.escape(message)):
             load_config(_write(tmp_path, MINIMAL + bad), out=tmp_path / "r")
 
 

@@ -150,7 +150,8 @@ def resolve_trainer_config(
         path = Path(config_file)
         table = read_toml(path, what="config file")
         table = table.get("trainer", table)
-        dataclass_from_mapping(cfg_cls, table, where=str(path))  # validates keys and types
+        # keys and types, over the values so far: a check across fields sees the preset's, not the defaults
+        dataclass_from_mapping(cfg_cls, {**values, **table}, where=str(path))
         values.update(table)
     known = {f.name for f in dataclasses.fields(cfg_cls)}
     for key, value in (settings or {}).items():

@@ -211,6 +211,22 @@ def load_image(image: str | bytes, *, record: object = None) -> Any:
         raise BadInput(f"image does not decode ({exc})", path=where, record=record, field="image") from None
 
 
+def _repeated_rows(requests: Sequence[GenerationRequest]) -> list[int] | None:
+    """For each request, the first one with the same image and prompt (then the same model inputs);
+    None when no two are the same (or a prompt is not plain JSON)."""
+    first: dict[Hashable, int] = {}
+    rows = []
+    for i, r in enumerate(requests):
+        try:
+            prompt = (
+                r.prompt.text if r.prompt.text is not None else json.dumps(r.prompt.messages, sort_keys=True)
+            )
+        except (TypeError, ValueError):
+            return None
+        rows.append(first.setdefault((r.image, prompt), i))
+    return rows if len(first) < len(rows) else None
+
+
 def _decode_images(requests: Sequence[GenerationRequest]) -> list[Any]:
     """The batch's images, each distinct image decoded once (benchmarks ask several questions about
     one image; Phantom's test split 5, VQA-RAD's 11): a repeated image is the same PIL object."""
@@ -633,13 +649,63 @@ class HFModel:
             gen_kwargs["stopping_criteria"] = self._stop_criteria(stops)
         return gen_kwargs
 
-    def _generate_tokens(self, inputs: Any, gen_kwargs: dict[str, Any]) -> Any:
-        """The new tokens only (the model's own work: no tokenizer, no image code)."""
+    def _generate_tokens(
+        self, inputs: Any, gen_kwargs: dict[str, Any], same_as: Sequence[int] | None = None
+    ) -> Any:
+        """The new tokens only (the model's own work: no tokenizer, no image code).
+
+        `same_as[i]`: the first row with row i's image and prompt (`_repeated_rows`). Rows that
+        repeat one (n sampled answers to one question) share one prefill: the prompt minus its
+        last token runs once per distinct row and its cache is copied to the repeats, then the
+        whole batch generates from there (the same tokens: seeded sampling draws each row from
+        its own generator). Where the inputs are not one row per request (e.g. Qwen2-VL's
+        flattened patches) or the model returns no reorderable cache, every row prefills.
+        """
         import torch
 
+        cache = self._shared_prefill(inputs, same_as) if same_as is not None else None
         with torch.inference_mode():
-            out = self.model.generate(**inputs, **gen_kwargs)
+            if cache is None:
+                out = self.model.generate(**inputs, **gen_kwargs)
+            else:  # the image is in the cache: the rest of the prompt is text
+                text = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+                out = self.model.generate(**text, **{self._cache_kwarg(): cache}, **gen_kwargs)
         return out[:, inputs["input_ids"].shape[1] :]
+
+    def _cache_kwarg(self) -> str:
+        """`cache` (transformers >= 5.2x) or `past_key_values` (earlier 5.x): the name `generate` takes."""
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    def _shared_prefill(self, inputs: Any, same_as: Sequence[int]) -> Any:
+        """The batch's cache after all but the last prompt token, each distinct row computed once;
+        None where sharing does not apply (see `_generate_tokens`)."""
+        import torch
+
+        n = inputs["input_ids"].shape[0]
+        distinct = sorted(set(same_as))
+        if (
+            len(distinct) == n
+            or inputs["input_ids"].shape[1] < 2
+            or getattr(self.model.config, "is_encoder_decoder", False)
+            or any(torch.is_tensor(v) and (v.ndim == 0 or v.shape[0] != n) for v in inputs.values())
+        ):
+            return None
+        rows = torch.tensor(distinct, device=inputs["input_ids"].device)
+        prefix = {k: v[rows] if torch.is_tensor(v) else v for k, v in inputs.items()}
+        for key in ("input_ids", "attention_mask"):
+            prefix[key] = prefix[key][:, :-1]
+        with torch.inference_mode():  # generate's own first step (positions, image features), one token
+            out = self.model.generate(**prefix, max_new_tokens=1, do_sample=False, return_dict_in_generate=True,
+                                      pad_token_id=self.tokenizer.pad_token_id, temperature=None, top_p=None,
+                                      top_k=None)  # fmt: skip
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is None or not hasattr(cache, "reorder_cache"):
+            return None
+        index = {row: k for k, row in enumerate(distinct)}
+        cache.reorder_cache(torch.tensor([index[r] for r in same_as], device=rows.device))
+        return cache
 
     def _decode(self, new_tokens: Any) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -648,7 +714,8 @@ class HFModel:
         if not requests:
             return []
         inputs = self.prepare(requests)
-        return self._decode(self._generate_tokens(inputs, self._gen_kwargs(requests, settings)))
+        gen_kwargs = self._gen_kwargs(requests, settings)
+        return self._decode(self._generate_tokens(inputs, gen_kwargs, _repeated_rows(requests)))
 
     def generate_many(
         self, batches: Iterable[Sequence[GenerationRequest]], settings: GenerationSettings
@@ -690,6 +757,7 @@ class HFModel:
                     yield exc
                     continue
                 upcoming = submit(now=False)
-                new_tokens = self._generate_tokens(inputs, self._gen_kwargs(batch, settings))
+                gen_kwargs = self._gen_kwargs(batch, settings)
+                new_tokens = self._generate_tokens(inputs, gen_kwargs, _repeated_rows(batch))
                 yield self._decode(new_tokens)
                 current = upcoming

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -199,6 +199,13 @@ class TrainerSpec:
         metadata={"help": "the trainer's config fields over the preset (its dataclass, checked)"},
     )
     args: list[str] = field(default_factory=list, metadata={"help": "extra raw `medvqa train` flags"})
+    model: str = field(
+        default="",
+        metadata={
+            "help": "the model it trains from (default: the sweep's base model, after [base]); e.g. "
+            "'hf:{checkpoint:sft}' continues the 'sft' line's checkpoint of the same fraction and seed"
+        },
+    )
 
     def __post_init__(self) -> None:
         self.label = check_folder_name(self.label or self.name, "trainer label", top_level=True)
@@ -358,6 +365,54 @@ def _subst(value: Any, mapping: Mapping[str, str]) -> Any:
     return value
 
 
+# `{checkpoint:LABEL}` in a trainer's model, args or config: the checkpoint folder of an earlier line's
+# job at the same fraction and seed (the job then waits for that one and its key follows it)
+CHECKPOINT_REF = re.compile(r"\{checkpoint:([^{}]*)\}")
+
+
+def checkpoint_refs(value: Any) -> list[str]:
+    """The line labels a config value names in `{checkpoint:LABEL}`, in order of first mention."""
+    if isinstance(value, str):
+        return list(dict.fromkeys(CHECKPOINT_REF.findall(value)))
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return list(dict.fromkeys(label for v in items for label in checkpoint_refs(v)))
+
+
+def resolve_checkpoint_refs(value: Any, path_of: Callable[[str], str]) -> Any:
+    """`value` with each `{checkpoint:LABEL}` replaced by `path_of(LABEL)`."""
+    if isinstance(value, str):
+        return CHECKPOINT_REF.sub(lambda m: path_of(m.group(1)), value)
+    if isinstance(value, list):
+        return [resolve_checkpoint_refs(v, path_of) for v in value]
+    if isinstance(value, dict):
+        return {k: resolve_checkpoint_refs(v, path_of) for k, v in value.items()}
+    return value
+
+
+def _check_checkpoint_refs(trainers: Sequence[TrainerSpec], fractions: Sequence[float],
+                           seeds: Sequence[int], where: str) -> None:  # fmt: skip
+    """Each `{checkpoint:LABEL}` names an earlier line (so the jobs form no cycle) that trains every
+    fraction and seed of the line that names it."""
+    for i, t in enumerate(trainers):
+        earlier = {u.label: u for u in trainers[:i]}
+        for label in checkpoint_refs([t.model, t.args, t.config]):
+            if label not in earlier:
+                raise BadInput(
+                    f"{where} [[trainers]] {t.label!r}: '{{checkpoint:{label}}}' names no earlier [[trainers]] "
+                    f"label; earlier: {sorted(earlier)}"
+                )
+            u = earlier[label]
+            mine = {(f, s) for f in t.fractions or fractions for s in t.seeds or seeds}
+            theirs = {(f, s) for f in u.fractions or fractions for s in u.seeds or seeds}
+            missing = sorted(mine - theirs)
+            if missing:
+                f, s = missing[0]
+                raise BadInput(
+                    f"{where} [[trainers]] {t.label!r}: '{{checkpoint:{label}}}' has no job at fraction {f!r} "
+                    f"seed {s}: line {label!r} does not train it"
+                )
+
+
 def _abs_path(p: str) -> str:
     """A local path made absolute; an `hf://` data root as it is (the commands resolve it)."""
     if not p or p.startswith("hf://"):
@@ -427,6 +482,9 @@ def load_config(path: str | Path, *, out: str | Path | None = None) -> tuple[Swe
         seeds = [check_seed(s, "'seeds': seed") for s in seeds]
     except BadInput as exc:
         raise BadInput(f"{where}: {exc}") from None
+    _check_checkpoint_refs(trainers, fractions, seeds, where)
+    for t in trainers:  # a checkpoint reference becomes an absolute path when planned
+        t.model = t.model if checkpoint_refs(t.model) else _abs_spec(t.model)
     base = _build(BaseStep, _table(raw["base"], "base", where), f"{where} [base]") if "base" in raw else None
     prepare = [
         _build(PrepareStep, t, f"{where} [[prepare]] #{i + 1}")
@@ -527,7 +585,7 @@ def check_trainer_settings(
         raise BadInput(
             f"{where}: trainer {trainer!r} has no preset {preset!r}; known: {', '.join(sorted(presets)) or '(none)'}"
         )
-    _build(cfg_cls, settings, where)  # keys and types
+    _build(cfg_cls, {**presets.get(preset, {}), **settings}, where)  # keys and types, over the preset
     try:
         values = dataclasses.asdict(dataclasses.replace(cfg_cls(), **dict(presets.get(preset, {}))))
         values.update(settings)

@@ -18,7 +18,14 @@ from typing import Any
 
 from medvqa.errors import BadInput
 from medvqa.layout import fraction_dirname, seed_dirname
-from medvqa.sweeps.config import EvalSpec, SweepConfig, check_trainer_settings, settings_toml
+from medvqa.sweeps.config import (
+    EvalSpec,
+    SweepConfig,
+    check_trainer_settings,
+    checkpoint_refs,
+    resolve_checkpoint_refs,
+    settings_toml,
+)
 from medvqa.sweeps.made import made_digest, made_path
 from medvqa.types import stable_hash
 
@@ -254,18 +261,27 @@ class Planner:
         for t in cfg.trainers:
             for f in t.fractions or cfg.fractions:
                 for s in t.seeds or cfg.seeds:
-                    rel = f"{t.label}/{fraction_dirname(f)}/{seed_dirname(s)}"
+                    rel = _line_dir(t.label, f, s)
                     job_dir = run / rel
                     ckpt = job_dir / "checkpoint"
                     tid = f"train/{rel}"
-                    args = self._train_args(tid, t.name, base_model, f, s, ckpt, t.preset, t.config, t.args)
+                    # `{checkpoint:LABEL}`: that line's job at this fraction and seed, a dependency
+                    refs = [
+                        f"train/{_line_dir(label, f, s)}"
+                        for label in checkpoint_refs([t.model, t.args, t.config])
+                    ]
+                    model, settings, extra = resolve_checkpoint_refs(
+                        [t.model or base_model, t.config, t.args],
+                        lambda label, f=f, s=s: str(run / _line_dir(label, f, s) / "checkpoint"),
+                    )
+                    args = self._train_args(tid, t.name, model, f, s, ckpt, t.preset, settings, extra)
                     mh = self.manifest(f, s)[0] if with_manifests else ""
                     jobs.append(
                         Job(
                             tid,
                             "train",
                             args,
-                            [*base_deps, *late.get(t.label, [])],
+                            [*base_deps, *late.get(t.label, []), *refs],
                             f"train {t.label} @ {float(f)!r} seed {s}",
                             ckpt,
                             cfg.run.launcher,
@@ -303,6 +319,9 @@ class Planner:
                     )
                 )
         self._by_id = {j.id: j for j in jobs}
+        for j in reversed(jobs):  # a job is as urgent as the most urgent one that reads it
+            for d in j.deps:
+                self._by_id[d].priority = max(self._by_id[d].priority, j.priority)
         for j in jobs:  # keys in dependency order (deps, and a step's needs, always come first)
             self.rekey(j)
         return jobs
@@ -368,6 +387,11 @@ class Planner:
                     raise BadInput(f"{where}: {exc}") from None
                 except (TypeError, ValueError) as exc:
                     raise BadInput(f"{where}: {exc}") from None
+
+
+def _line_dir(label: str, fraction: float, seed: int) -> str:
+    """A trainer line's job folder, relative to the run folder: LABEL/f0.09/s0."""
+    return f"{label}/{fraction_dirname(fraction)}/{seed_dirname(seed)}"
 
 
 def _parse(parser: argparse.ArgumentParser, args: list[str], where: str) -> argparse.Namespace:

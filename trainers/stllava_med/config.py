@@ -70,6 +70,15 @@ class STLLaVAMedConfig(TrainConfig):
             "ask rows with the vision tower and projector frozen"
         },
     )
+    answering_model: str = field(
+        default="",
+        metadata={
+            "help": "with sq_schedule='separate': a finished `sft` checkpoint folder of the same labeled "
+            "fraction, seed, base model and training settings (e.g. a sweep's `{checkpoint:sft}`), used as "
+            "the answering model instead of training the same weights again; checked against this run "
+            "before it is copied into stage 1. Empty = train it"
+        },
+    )
     sq_steps: int = field(
         default=200,
         metadata={"help": "steps of the ask phase with sq_schedule='after' (on top of max_steps)"},
@@ -227,6 +236,12 @@ class STLLaVAMedConfig(TrainConfig):
         for name, ok, rule in checks:
             if not ok:
                 raise BadInput(f"{type(self).__name__}: {name!r} must be {rule}, got {getattr(self, name)!r}")
+        if self.answering_model and (self.sq_schedule != "separate" or self.use_lora):
+            raise BadInput(
+                f"{type(self).__name__}: 'answering_model' needs sq_schedule = 'separate' and use_lora = false "
+                f"(got {self.sq_schedule!r}, use_lora = {self.use_lora}): only then is stage 1's answering "
+                "model a full SFT model of the labeled QA alone"
+            )
         from medvqa.config import dataclass_from_mapping
         from medvqa.registry import experts
 

@@ -147,6 +147,8 @@ def train_stage1(
         return done
     if cfg.sq_schedule == "separate":
         _train_asker(request, cfg, asker_dir(stage_dir), log_path or stage_dir / "train_log.jsonl")
+        if cfg.answering_model:
+            return _adopt_answering_model(request, cfg, stage_dir)
     seed_everything(request.seed)
     qa_dir = stage_dir.parent / "stage1-qa"  # "after": phase 1 kept, so a kill in phase 2 resumes there
     phase1_done = cfg.sq_schedule == "after" and read_checkpoint(qa_dir) is not None
@@ -236,6 +238,98 @@ def _train_asker(request: TrainRequest, cfg: STLLaVAMedConfig, out: Path, log_pa
     model = _fit(model, processor, rows, cfg, work_dir, log_path, request.seed, "stage1-asker")
     meta = {"trainer": "stllava-med/stage1-asker", "n_rows": len(rows), "n_self_questioning": n_ask}
     _keep_phase(model, processor, out, work_dir, meta)
+
+
+# TrainConfig fields that decide no weight (logging, saving) or only the step count, which is compared
+# as the budget each config gives on the labeled rows (and without LoRA, the LoRA settings)
+_NOT_COMPARED = frozenset(
+    {"max_steps", "max_epochs", "num_train_epochs", "logging_steps", "save_steps", "report_to"}
+)
+
+
+def answering_model_mismatch(meta: dict[str, Any], request: TrainRequest, cfg: STLLaVAMedConfig) -> str:
+    """Why a finished checkpoint is not the answering model this run would train ("" if it is): an
+    `sft` run on the same labeled samples, seed and base model with the same training settings."""
+    from medvqa.trainers.config import TrainConfig
+    from medvqa.trainers.trl_run import step_budget
+
+    if meta.get("trainer") != "sft":
+        return f"it was trained by {meta.get('trainer')!r}, not 'sft'"
+    for key, ours in (("seed", request.seed), ("manifest_hash", request.manifest_hash),
+                      ("base_model", request.base_model)):  # fmt: skip
+        if meta.get(key) != ours:
+            return f"its {key} is {meta.get(key)!r}, this run's {ours!r}"
+    theirs = meta.get("config") or {}
+    ignored = _NOT_COMPARED | (
+        set() if cfg.use_lora else {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"}
+    )
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in ignored and theirs.get(f.name) != getattr(cfg, f.name):
+            return f"it was trained with {f.name} = {theirs.get(f.name)!r}, this run's is {getattr(cfg, f.name)!r}"
+    n = len(request.train_samples)
+    budget = {k: theirs.get(k) for k in ("max_steps", "max_epochs", "num_train_epochs")}
+    if None in budget.values():
+        return "its checkpoint.json records no step budget"
+    steps = step_budget(dataclasses.replace(cfg, **budget), n), step_budget(cfg, n)
+    if steps[0] != steps[1] or (steps[0] == -1 and budget["num_train_epochs"] != cfg.num_train_epochs):
+        return f"its step budget on the {n} labeled rows is {steps[0]} steps, this run's {steps[1]}"
+    return ""
+
+
+def check_answering_model(request: TrainRequest, cfg: STLLaVAMedConfig) -> dict[str, Any]:
+    """The `answering_model` checkpoint's `checkpoint.json`, once it is checked to be the model this
+    run's stage 1 would train (BadInput naming what differs otherwise)."""
+    from medvqa.errors import BadInput
+    from medvqa.trainers.checkpoints import CHECKPOINT_FILE, read_checkpoint
+
+    source = Path(cfg.answering_model).expanduser()
+    theirs = read_checkpoint(source) if source.is_dir() else None
+    if theirs is None:
+        raise BadInput(f"not a finished checkpoint folder (no {CHECKPOINT_FILE})", path=source,
+                       field="answering_model")  # fmt: skip
+    why = answering_model_mismatch(theirs, request, cfg)
+    if why:
+        raise BadInput(f"not the model this run's stage 1 would train: {why}", path=source,
+                       field="answering_model")  # fmt: skip
+    return theirs
+
+
+def _adopt_answering_model(request: TrainRequest, cfg: STLLaVAMedConfig, stage_dir: Path) -> dict[str, Any]:
+    """`answering_model`: stage 1's answering model copied from a finished SFT checkpoint that is the
+    model this run would train (checked), instead of training the same weights again."""
+    import shutil
+
+    from medvqa.trainers.checkpoints import (
+        CHECKPOINT_FILE,
+        checkpoint_meta,
+        read_checkpoint,
+        write_checkpoint,
+    )
+
+    theirs = check_answering_model(request, cfg)
+    source = Path(cfg.answering_model).expanduser()
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.iterdir()):  # the model's files; its own marker and log stay behind
+        if path.is_file() and path.name not in (CHECKPOINT_FILE, "train_log.jsonl"):
+            shutil.copyfile(path, stage_dir / path.name)
+    asker = read_checkpoint(asker_dir(stage_dir)) or {}
+    meta = checkpoint_meta(
+        trainer="stllava-med/stage1",
+        request=request,
+        config=cfg,
+        n_labeled=len(request.train_samples),
+        loss=theirs.get("loss", "nll (completion only)"),
+        n_self_questioning=asker.get("n_self_questioning", 0),
+        n_rows=len(request.train_samples),
+        sq_format=cfg.sq_format,
+        sq_schedule=cfg.sq_schedule,
+        prompt_policy=theirs.get("prompt_policy", ""),
+        asker=str(asker_dir(stage_dir)),
+        answering_model=str(source),
+    )
+    write_checkpoint(stage_dir, meta)  # last: the copy is finished
+    log.info("stage 1: answering model copied from %s", source)
+    return meta
 
 
 def _fit(

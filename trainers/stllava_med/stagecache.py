@@ -3,7 +3,7 @@
 Two STLLaVA-Med runs that differ only in what acts after the answers (the judge, the pairs, DPO)
 train the same stage 1 and sample the same questions and answers, seed for seed. With
 `stage_cache` set these live in `<stage_cache>/<key>/`, the key a hash of everything they depend
-on (`key_inputs`): the base model's spec and files, the labeled samples and their images, the
+on (`key_inputs`): the base model's spec and files (and those of an `answering_model`), the labeled samples and their images, the
 unlabeled pool and its images, seed, fraction, library versions, where it runs (ranks, threads,
 device), and every config field except those in `AFTER_ANSWERS`. It is an exclusion list so that
 a field added later is part of the key: a miss, never a wrong reuse.
@@ -132,6 +132,12 @@ def key_inputs(
         "seed": request.seed,
         "fraction": request.fraction,
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in AFTER_ANSWERS},
+        # an SFT checkpoint copied in as the answering model: its files, so a retrained one misses
+        **(
+            {"answering_model": base_model_identity(f"hf:{cfg.answering_model}")}
+            if cfg.answering_model
+            else {}
+        ),
         "versions": library_versions(),
         "compute": compute_identity(dist),
     }

@@ -16,7 +16,7 @@ from medvqa.trainers.stllava_med.dpo import train_dpo
 from medvqa.trainers.stllava_med.judging import build_expert, judge_answers
 from medvqa.trainers.stllava_med.pairs import make_pairs
 from medvqa.trainers.stllava_med.questions import generate_questions, unlabeled_pool
-from medvqa.trainers.stllava_med.stage1 import question_model, train_stage1
+from medvqa.trainers.stllava_med.stage1 import check_answering_model, question_model, train_stage1
 from medvqa.trainers.stllava_med.stagecache import open_entry
 from medvqa.trainers.stllava_med.stagefiles import read_rows
 from medvqa.types import Checkpoint, TrainRequest
@@ -87,6 +87,8 @@ class STLLaVAMedTrainer(TrainerPlugin):
                 "stllava-med needs unlabeled images for stage 2 (none were given; with --fraction 1.0 every "
                 "training image is labeled)"
             )
+        if cfg.answering_model:  # before the stage cache reads its files: a wrong one is named first
+            check_answering_model(request, cfg)
         dist = Dist.current(cfg.dist_timeout_s)
         out = Path(request.out_dir)
         stages = out / "stages"
