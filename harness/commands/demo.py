@@ -8,7 +8,7 @@ from pathlib import Path
 ORDER = 1
 
 PRESETS = {
-    "default": "phantom.toml",  # three seeds of every line: 17 min on an idle 2-core CPU
+    "default": "phantom.toml",  # three seeds of every line: ~27 min on an idle 2-core CPU
     "smoke": "phantom-smoke.toml",  # ≤ 60 s: the same path on a toy grid, one seed
 }
 
@@ -51,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default="default",
-        help="default (3 seeds of every line; about 17 min on 2 idle CPU cores) or smoke (about half a minute) (default: default)",
+        help="default (3 seeds of every line; about 27 min on 2 idle CPU cores) or smoke (about half a minute) (default: default)",
     )
     p.add_argument("--out", default=None, help="run folder (default: runs/demo, or runs/demo-smoke)")
     p.add_argument("--jobs", type=int, default=None, help="jobs side by side (default: the preset's)")
