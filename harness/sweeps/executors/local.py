@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from medvqa.sweeps.config import RunSettings
+from medvqa.sweeps.executors.lifetime import die_with_parent
 from medvqa.sweeps.executors.preload import Zygote
 from medvqa.sweeps.plan import Job
 
@@ -144,14 +145,3 @@ class LocalExecutor:
         if self.zygote is not None:
             self.zygote.close()
             self.zygote = None
-
-
-def die_with_parent() -> None:
-    """In the child: get SIGKILL when the sweep process dies (Linux), so a killed sweep leaves no orphans."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass

@@ -36,6 +36,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from medvqa.sweeps.executors.lifetime import die_with_parent
+
 # What a train or eval job imports before its first step; a module that is not installed is skipped.
 PRELOAD = (
     "medvqa.cli",
@@ -71,7 +73,6 @@ def _preload() -> None:
 def _run_child(request: Mapping[str, Any]) -> int:
     """In the forked child: the job's log as stdout and stderr, then `medvqa.cli.main`."""
     from medvqa.cli import main
-    from medvqa.sweeps.executors.local import die_with_parent
 
     die_with_parent()
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -112,8 +113,6 @@ def _send(fd: int, message: Mapping[str, Any]) -> None:
 
 def serve(requests_fd: int, replies_fd: int) -> None:
     """The zygote's loop: fork a child per request line, report each child's end; stop at EOF."""
-    from medvqa.sweeps.executors.local import die_with_parent
-
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the sweep's (and the jobs') to handle
     _preload()
@@ -160,8 +159,6 @@ class Zygote:
     """The sweep's handle on its zygote: `start` a job, then `exit_of` its pid until it has ended."""
 
     def __init__(self, env: Mapping[str, str]) -> None:
-        from medvqa.sweeps.executors.local import die_with_parent
-
         self._req_r, self._req_w = os.pipe()
         self._rep_r, self._rep_w = os.pipe()
         self.proc = subprocess.Popen(

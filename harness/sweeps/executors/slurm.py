@@ -25,7 +25,7 @@ from typing import Any
 
 import submitit
 from medvqa.sweeps.config import RunSettings, SlurmSettings
-from medvqa.sweeps.executors.local import die_with_parent
+from medvqa.sweeps.executors.lifetime import die_with_parent
 from medvqa.sweeps.plan import Job
 
 _ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING"}
