@@ -136,7 +136,7 @@ def train_stage1(
     request: TrainRequest, cfg: STLLaVAMedConfig, stage_dir: Path, *, log_path: Path | None = None
 ) -> dict[str, Any]:
     """Stage 1 → a full model in `stage_dir` (skipped if already finished there)."""
-    from medvqa.trainers.checkpoints import checkpoint_meta, read_checkpoint
+    from medvqa.trainers.checkpoints import read_checkpoint
     from medvqa.trainers.models import load_model_and_processor
     from medvqa.trainers.rows import RowBuilder
     from medvqa.trainers.trl_run import is_vision_param, seed_everything
@@ -180,22 +180,42 @@ def train_stage1(
         )
     else:
         model = _fit(model, processor, rows, cfg, trl_root / "stage1", log_path, request.seed, "stage1")
-    meta = checkpoint_meta(
-        trainer="stllava-med/stage1",
-        request=request,
-        config=cfg,
-        n_labeled=len(request.train_samples),
-        loss="nll (completion only)",
-        n_self_questioning=n_ask,
-        n_rows=len(rows),
-        sq_format=cfg.sq_format,
-        sq_schedule=cfg.sq_schedule,
-        prompt_policy=builder.policy.name,
-        **({"asker": str(asker_dir(stage_dir))} if cfg.sq_schedule == "separate" else {}),
+    meta = _stage1_meta(
+        request, cfg, stage_dir, n_ask=n_ask, n_rows=len(rows), prompt_policy=builder.policy.name
     )
     last_phase = trl_root / ("stage1-ask" if cfg.sq_schedule == "after" else "stage1")
     _keep_phase(model, processor, stage_dir, last_phase, meta)
     return meta
+
+
+def _stage1_meta(
+    request: TrainRequest,
+    cfg: STLLaVAMedConfig,
+    stage_dir: Path,
+    *,
+    n_ask: int,
+    n_rows: int,
+    prompt_policy: str,
+    loss: str = "nll (completion only)",
+    **extra: Any,
+) -> dict[str, Any]:
+    """Stage 1's `checkpoint.json`, trained or (`answering_model`) copied in."""
+    from medvqa.trainers.checkpoints import checkpoint_meta
+
+    return checkpoint_meta(
+        trainer="stllava-med/stage1",
+        request=request,
+        config=cfg,
+        n_labeled=len(request.train_samples),
+        loss=loss,
+        n_self_questioning=n_ask,
+        n_rows=n_rows,
+        sq_format=cfg.sq_format,
+        sq_schedule=cfg.sq_schedule,
+        prompt_policy=prompt_policy,
+        **({"asker": str(asker_dir(stage_dir))} if cfg.sq_schedule == "separate" else {}),
+        **extra,
+    )
 
 
 def _count_asks(rows: list[dict]) -> int:
@@ -301,7 +321,6 @@ def _adopt_answering_model(request: TrainRequest, cfg: STLLaVAMedConfig, stage_d
 
     from medvqa.trainers.checkpoints import (
         CHECKPOINT_FILE,
-        checkpoint_meta,
         read_checkpoint,
         write_checkpoint,
     )
@@ -313,20 +332,9 @@ def _adopt_answering_model(request: TrainRequest, cfg: STLLaVAMedConfig, stage_d
         if path.is_file() and path.name not in (CHECKPOINT_FILE, "train_log.jsonl"):
             shutil.copyfile(path, stage_dir / path.name)
     asker = read_checkpoint(asker_dir(stage_dir)) or {}
-    meta = checkpoint_meta(
-        trainer="stllava-med/stage1",
-        request=request,
-        config=cfg,
-        n_labeled=len(request.train_samples),
-        loss=theirs.get("loss", "nll (completion only)"),
-        n_self_questioning=asker.get("n_self_questioning", 0),
-        n_rows=len(request.train_samples),
-        sq_format=cfg.sq_format,
-        sq_schedule=cfg.sq_schedule,
-        prompt_policy=theirs.get("prompt_policy", ""),
-        asker=str(asker_dir(stage_dir)),
-        answering_model=str(source),
-    )
+    meta = _stage1_meta(request, cfg, stage_dir, n_ask=asker.get("n_self_questioning", 0),
+                        n_rows=len(request.train_samples), prompt_policy=theirs.get("prompt_policy", ""),
+                        loss=theirs.get("loss", "nll (completion only)"), answering_model=str(source))  # fmt: skip
     write_checkpoint(stage_dir, meta)  # last: the copy is finished
     log.info("stage 1: answering model copied from %s", source)
     return meta

@@ -3,10 +3,11 @@
 Two STLLaVA-Med runs that differ only in what acts after the answers (the judge, the pairs, DPO)
 train the same stage 1 and sample the same questions and answers, seed for seed. With
 `stage_cache` set these live in `<stage_cache>/<key>/`, the key a hash of everything they depend
-on (`key_inputs`): the base model's spec and files (and those of an `answering_model`), the labeled samples and their images, the
-unlabeled pool and its images, seed, fraction, library versions, where it runs (ranks, threads,
-device), and every config field except those in `AFTER_ANSWERS`. It is an exclusion list so that
-a field added later is part of the key: a miss, never a wrong reuse.
+on (`key_inputs`): the base model's spec and files (and those of an `answering_model`), the
+labeled samples and their images, the unlabeled pool and its images, seed, fraction, library
+versions, where it runs (ranks, threads, device), and every config field except those in
+`AFTER_ANSWERS`. It is an exclusion list so that a field added later is part of the key: a miss,
+never a wrong reuse.
 
 One process computes an entry: its main rank holds the entry's lock while every rank computes
 (stage 1 is skipped once its `checkpoint.json` exists and the stage files resume, inside the entry
