@@ -22,6 +22,7 @@ DPO_STEPS = 20
 BATCH = 32
 ROUNDS = 3
 MIN_RATIO = 0.8
+MIN_PACKING_GAIN = 1.3  # measured 1.5-1.7x here (tiny model, batch 32)
 _RESULTS: dict[str, float] = {}
 
 
@@ -226,29 +227,36 @@ def test_dpo_raw_loop(benchmark, tiny_model_dir, pair_records):
     _record("dpo_raw", benchmark, DPO_STEPS)
 
 
-def test_dpo_harness(benchmark, tiny_model_dir, pair_records, tmp_path):
+@pytest.mark.parametrize(("name", "pack"), [("dpo_harness", True), ("dpo_trl_rows_harness", False)])
+def test_dpo_harness(benchmark, tiny_model_dir, pair_records, tmp_path, name, pack):
+    """The harness's DPO: each pair one packed row (`pair_packing`, the default), and trl's own
+    two rows per pair (`dpo_pack_pairs=False`), the batch the raw loop runs."""
     from medvqa.trainers.stllava_med.dpo import dpo_trainer
     from medvqa.trainers.trl_run import run_trainer
 
     runs = iter(range(ROUNDS + 1))
+    cfg = dataclasses.replace(_dpo_cfg(), dpo_pack_pairs=pack)
 
     def setup():
-        work = tmp_path / f"dpo{next(runs)}"
+        work = tmp_path / f"{name}{next(runs)}"
         trainer, _, _ = dpo_trainer(
-            Path(tiny_model_dir), pair_records, _dpo_cfg(), seed=0, work_dir=work, log_path=work / "log.jsonl"
+            Path(tiny_model_dir), pair_records, cfg, seed=0, work_dir=work, log_path=work / "log.jsonl"
         )
         return (trainer, work), {}
 
     benchmark.pedantic(run_trainer, setup=setup, rounds=ROUNDS, iterations=1)
-    _record("dpo_harness", benchmark, DPO_STEPS)
+    _record(name, benchmark, DPO_STEPS)
 
 
 # --- the ratios -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "dpo_trl_rows"])
 def test_harness_reaches_the_raw_loop(benchmark, kind):
-    raw, harness = _RESULTS.get(f"{kind}_raw"), _RESULTS.get(f"{kind}_harness")
+    """`dpo`: the harness's packed pairs against the raw loop's two rows per pair (above 1: the
+    packing's gain); `dpo_trl_rows`: like for like, trl's rows on both sides."""
+    raw = _RESULTS.get(f"{kind.removesuffix('_trl_rows')}_raw")
+    harness = _RESULTS.get(f"{kind}_harness")
     if raw is None or harness is None:
         pytest.skip("needs both benchmarks above in this run (with benchmarking enabled)")
     ratio = harness / raw
@@ -256,3 +264,15 @@ def test_harness_reaches_the_raw_loop(benchmark, kind):
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # keeps this test in --benchmark-only runs
     print(f"\n{kind}: harness {harness:.1f} steps/s, raw loop {raw:.1f} steps/s, ratio {ratio:.2f}")
     assert ratio >= MIN_RATIO, (kind, harness, raw)
+
+
+def test_packed_pairs_beat_trls_rows(benchmark):
+    """DPO steps/s with each pair one packed row vs trl's two rows per pair, same harness, same run."""
+    packed, rows = _RESULTS.get("dpo_harness"), _RESULTS.get("dpo_trl_rows_harness")
+    if packed is None or rows is None:
+        pytest.skip("needs both DPO harness benchmarks above in this run (with benchmarking enabled)")
+    ratio = packed / rows
+    benchmark.extra_info.update(packed_steps_per_s=packed, trl_rows_steps_per_s=rows, ratio=ratio)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    print(f"\ndpo packed pairs {packed:.1f} steps/s, trl's rows {rows:.1f} steps/s, ratio {ratio:.2f}")
+    assert ratio >= MIN_PACKING_GAIN, (packed, rows)

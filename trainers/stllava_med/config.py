@@ -180,6 +180,14 @@ class STLLaVAMedConfig(TrainConfig):
             "pairs (a seeded sample; one forward each, so all of them cost ~10% of a 3-epoch run); 0 = all"
         },
     )
+    dpo_pack_pairs: bool = field(
+        default=True,
+        metadata={
+            "help": "run each DPO pair as one row: the shared prompt and image once, then both answers, "
+            "masked so neither sees the other (the same losses to float rounding; 0.57x the forward + "
+            "backward of trl's two rows on the tiny model). Off = trl's own batch"
+        },
+    )
     dpo_lr_scheduler_type: str = field(default="cosine", metadata={"help": "DPO scheduler"})
     dpo_warmup_ratio: float = field(default=0.03, metadata={"help": "DPO warmup fraction"})
     # shared stages

@@ -9,6 +9,8 @@ cannot do it: trl 1.16 refuses it for vision datasets at `DPOTrainer.__init__`
 `compute_ref_log_probs`, and the trainer's loss reads them as it reads precomputed ones. With trl's
 per-batch collators (`preprocess = "per_batch"`, a processor with extra tensors) the reference runs
 on every step, as before. `tests/test_stllava_dpo.py` pins both and the equality of the losses.
+
+Each pair runs as one packed row (`pair_packing`, `dpo_pack_pairs`): its prompt and image once.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def dpo_trainer(
     loaded from stage 1, rows encoded once unless `cfg.preprocess` says otherwise."""
     from medvqa.trainers.batching import preference_data
     from medvqa.trainers.models import load_model_and_processor, lora_config
+    from medvqa.trainers.pair_packing import pair_packing_dpo_trainer_class
     from medvqa.trainers.rows import RowBuilder, guess_answer_type
     from medvqa.trainers.trl_run import progress_callback, seed_everything, step_budget, trl_kwargs
     from trl import DPOConfig, DPOTrainer
@@ -84,7 +87,8 @@ def dpo_trainer(
         precompute_ref_log_probs=False,  # refused by trl for vision datasets: precompute_reference
         per_device_eval_batch_size=cfg.dpo_batch_size,
     )
-    trainer = DPOTrainer(
+    trainer_class = pair_packing_dpo_trainer_class() if cfg.dpo_pack_pairs else DPOTrainer
+    trainer = trainer_class(
         model=policy,
         ref_model=ref_model,
         args=args,

@@ -59,6 +59,7 @@ AFTER_ANSWERS = frozenset(
         "dpo_max_epochs",
         "dpo_batch_size",
         "dpo_report_pairs",
+        "dpo_pack_pairs",
         "dpo_lr_scheduler_type",
         "dpo_warmup_ratio",
         "dist_timeout_s",
