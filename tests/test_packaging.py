@@ -14,6 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = [
     "medvqa/configs/phantom.toml",
+    "medvqa/configs/phantom-full.toml",
     "medvqa/configs/phantom-smoke.toml",
     "medvqa/configs/real-gpu.toml",
     "medvqa/configs/slurm-zero3.toml",

@@ -180,7 +180,7 @@ def test_demo_lines_share_a_cache_in_a_reserved_folder_and_keys_stay_portable(tm
 
     plans = []
     for where in ("a", "b"):
-        cfg, run_dir = load_config(REPO / "configs" / "phantom.toml", out=tmp_path / where / "run")
+        cfg, run_dir = load_config(REPO / "configs" / "phantom-full.toml", out=tmp_path / where / "run")
         lines = {t.label: t for t in cfg.trainers if t.name == "stllava-med"}
         assert set(lines) == {"stllava-med", "stllava-med-model-judge"}
         assert {t.config["stage_cache"] for t in lines.values()} == {str(run_dir / "stage-cache")}

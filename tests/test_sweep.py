@@ -51,7 +51,13 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_shipped_configs_validate(tmp_path):
     shipped = sorted(p.name for p in (REPO / "configs").glob("*.toml"))
-    assert {"phantom.toml", "phantom-smoke.toml", "real-gpu.toml", "slurm-zero3.toml"} <= set(shipped)
+    assert {
+        "phantom.toml",
+        "phantom-full.toml",
+        "phantom-smoke.toml",
+        "real-gpu.toml",
+        "slurm-zero3.toml",
+    } <= set(shipped)
     for name in shipped:
         cfg, run_dir = load_config(REPO / "configs" / name, out=tmp_path / name)
         assert run_dir == (tmp_path / name).resolve()
@@ -59,6 +65,26 @@ def test_shipped_configs_validate(tmp_path):
         jobs = sweep.jobs(with_manifests=False)  # also checks every trainer's settings
         sweep.planner.check_jobs(jobs)  # and every job's flags through the real parser
         assert any(j.kind == "train" for j in jobs) and any(j.kind == "eval" for j in jobs)
+
+
+def test_the_full_demo_is_the_default_demo_and_two_more_lines(tmp_path):
+    """`phantom-full.toml` includes `phantom.toml`: every default job is planned in the full grid
+    with the same key (a full run's rows are the default's bytes), and the full grid adds the model
+    judge and the compute control."""
+    plans = {}
+    for name in ("phantom.toml", "phantom-full.toml"):
+        cfg, run_dir = load_config(REPO / "configs" / name, out=tmp_path / "run")
+        plans[name] = (cfg, {j.id: j.key for j in Sweep(cfg, run_dir).jobs(with_manifests=False)})
+    (default, default_keys), (full, full_keys) = plans["phantom.toml"], plans["phantom-full.toml"]
+    assert [t.label for t in default.trainers] == ["sft", "stllava-med"]
+    assert [t.label for t in full.trainers] == [
+        "sft",
+        "stllava-med",
+        "stllava-med-model-judge",
+        "sft-compute-control",
+    ]
+    assert {i: full_keys[i] for i in default_keys} == default_keys
+    assert default.seeds == full.seeds == [0, 1, 2]
 
 
 def test_plan_layout_and_keys(tmp_path):

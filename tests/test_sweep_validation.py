@@ -130,3 +130,40 @@ def test_good_configs_still_load(tmp_path):
     assert cfg.run.env == {"HF_HOME": "/tmp/hf"} and cfg.evals[0].name == "phantom"
     sweep = Sweep(cfg, run_dir)
     sweep.planner.check_jobs(sweep.jobs(with_manifests=False))
+
+
+def test_a_config_can_include_another_and_add_lines_to_it(tmp_path):
+    """`include`: the included config's lines first, then the including one's; its other keys
+    override and its tables merge key by key; the included lines plan the same training jobs
+    (same keys: the same bytes); evals differ only by what was overridden (batch size)."""
+    base = _write(tmp_path, MINIMAL + "[generation]\nmax_new_tokens = 5\nbatch_size = 4\n")
+    full = tmp_path / "sub" / "full.toml"
+    full.parent.mkdir()
+    full.write_text(
+        'include = "../sweep.toml"\nname = "mini-full"\nseeds = [0, 1, 2]\n'
+        "[generation]\nbatch_size = 8\n"
+        '[[trainers]]\nname = "sft"\nlabel = "longer"\nfractions = [0.5]\n[trainers.config]\nmax_steps = 9\n'
+    )
+    small, small_dir = load_config(base, out=tmp_path / "run")
+    big, big_dir = load_config(full, out=tmp_path / "run")
+    assert big.name == "mini-full" and big.seeds == [0, 1, 2] and big.generation.batch_size == 8
+    assert big.generation.max_new_tokens == 5  # [generation] merged, not replaced
+    assert [t.label for t in big.trainers] == ["sft", "longer"]
+    assert [e.name for e in big.evals] == [e.name for e in small.evals]
+    keys = {j.id: j.key for j in Sweep(small, small_dir).jobs(with_manifests=False) if j.kind == "train"}
+    big_keys = {j.id: j.key for j in Sweep(big, big_dir).jobs(with_manifests=False) if j.kind == "train"}
+    assert keys and all(big_keys[i] == k for i, k in keys.items())
+    assert any(i.startswith("train/longer/") for i in big_keys)
+
+
+@pytest.mark.parametrize(
+    ("include", "message"),
+    [
+        ('"sweep.toml"', "includes itself"),
+        ('"missing.toml"', "sweep config not found"),
+        ("3", "'include' must be"),
+    ],
+)
+def test_bad_includes_are_refused(tmp_path, capsys, include, message):
+    rc, err = _dry_run(tmp_path, f"include = {include}\n" + MINIMAL, capsys)
+    assert rc == 2 and message in err and "Traceback" not in err, err

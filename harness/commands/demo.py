@@ -8,9 +8,11 @@ from pathlib import Path
 ORDER = 1
 
 PRESETS = {
-    "default": "phantom.toml",  # three seeds of every line: ~27 min on an idle 2-core CPU
+    "default": "phantom.toml",  # three seeds of SFT at 9/25/100% and STLLaVA-Med at 9%
+    "full": "phantom-full.toml",  # the default + a model judge and a compute control (README table)
     "smoke": "phantom-smoke.toml",  # ≤ 60 s: the same path on a toy grid, one seed
 }
+RUN_FOLDERS = {"default": "runs/demo", "full": "runs/demo-full", "smoke": "runs/demo-smoke"}
 
 DESCRIPTION = """\
 Build Phantom (a synthetic radiology-like VQA benchmark) and a tiny LLaVA-architecture model if
@@ -20,6 +22,9 @@ phantom expert, DPO), three seeds each, two jobs side by side at one thread each
 checkpoint, and print the data-efficiency table (± = the spread over seeds) and where the time
 went. Rerunning skips what is done; a killed demo resumes. The same sweep runs on real data and GPUs:
 `medvqa sweep configs/real-gpu.toml`.
+
+--preset full adds STLLaVA-Med@9% judged by a model (trained on its own Phantom build) and a
+compute control (SFT@9% continued for as many steps as DPO takes): the README's table.
 """
 
 
@@ -51,9 +56,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default="default",
-        help="default (3 seeds of every line; about 27 min on 2 idle CPU cores) or smoke (about half a minute) (default: default)",
+        help="default (3 seeds of SFT at 9/25/100%% and STLLaVA-Med at 9%%: about TIME_DEFAULT on 2 idle CPU "
+        "cores), full (+ a model judge and a compute control: about TIME_FULL) or smoke (about half a "
+        "minute) (default: default)",
     )
-    p.add_argument("--out", default=None, help="run folder (default: runs/demo, or runs/demo-smoke)")
+    p.add_argument(
+        "--out", default=None, help="run folder (default: runs/demo, runs/demo-full or runs/demo-smoke)"
+    )
     p.add_argument("--jobs", type=int, default=None, help="jobs side by side (default: the preset's)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per job (default: the preset's)")
     p.add_argument("--verbose", action="store_true", help="stream every job's output")
@@ -67,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from medvqa.sweeps import run_sweep
 
     config = preset_config(args.preset)
-    out = args.out or ("runs/demo" if args.preset == "default" else "runs/demo-smoke")
+    out = args.out or RUN_FOLDERS[args.preset]
     overrides = run_overrides(args)
     print(f"medvqa demo ({args.preset}): config {config}, run folder {out}", flush=True)
     t0 = time.perf_counter()

@@ -311,6 +311,7 @@ class SweepConfig:
 
 
 _TOP_KEYS = {
+    "include",
     "name",
     "base_model",
     "train",
@@ -431,11 +432,57 @@ def _abs_spec(spec: str) -> str:
     return f"hf:{path}{sep}{opts}"
 
 
+# Arrays of tables an including config adds to (after the included file's); any other key it sets
+# replaces the included value, and tables ([run], [base.config], ...) merge key by key.
+_APPENDED = ("prepare", "trainers", "eval", "reference")
+_MAX_INCLUDES = 8
+
+
+def read_sweep_toml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A sweep TOML with its `include` (a config it extends, relative to it) merged in, recursively.
+
+    As lm-evaluation-harness's task `include`: the included file is the base; this file's
+    `[[trainers]]`, `[[prepare]]`, `[[eval]]` and `[[reference]]` come after the base's, its
+    other keys override (tables merged key by key). A cycle or a chain deeper than 8 is refused.
+    """
+    raw = read_toml(path, what="sweep config")
+    if "include" not in raw:
+        return raw
+    parent = raw.pop("include")
+    if not isinstance(parent, str) or not parent:
+        raise BadInput(
+            f"'include' must be the path of a sweep config (relative to this one), got {parent!r}", path=path
+        )
+    chain = (*_chain, path.resolve())
+    base_path = (path.parent / parent).resolve()
+    if base_path in chain:
+        raise BadInput(
+            f"'include' = {parent!r} includes itself: {' -> '.join(str(p) for p in (*chain, base_path))}",
+            path=path,
+        )
+    if len(chain) >= _MAX_INCLUDES:
+        raise BadInput(f"'include' chain deeper than {_MAX_INCLUDES} files", path=path)
+    return _merged(read_sweep_toml(base_path, chain), raw)
+
+
+def _merged(base: Mapping[str, Any], over: Mapping[str, Any], top: bool = True) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        below = base.get(key)
+        if top and key in _APPENDED and isinstance(below, list) and isinstance(value, list):
+            out[key] = [*below, *value]
+        elif isinstance(below, dict) and isinstance(value, dict):
+            out[key] = _merged(below, value, top=False)
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(path: str | Path, *, out: str | Path | None = None) -> tuple[SweepConfig, Path]:
     """Parse and validate a sweep TOML; returns the config and the run folder (`--out` or runs/<name>)."""
     path = Path(path)
     where = str(path)
-    raw = read_toml(path, what="sweep config")
+    raw = read_sweep_toml(path)
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
         raise BadInput(f"{where}: unknown top-level key(s) {unknown}; known: {sorted(_TOP_KEYS)}")
