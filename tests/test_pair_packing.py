@@ -2,49 +2,25 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
-from pathlib import Path
 
 import pytest
 
-N_PAIRS, BATCH = 24, 8
+from tests.test_stllava_dpo import BATCH, _trainer, pair_rows  # noqa: F401 (pair_rows: a fixture)
 
 
 @pytest.fixture(scope="module")
-def pair_rows(phantom_root):
-    """Pairs of the right answer against 1 to 3 wrong ones (answers of different lengths), then 8
-    replay rows."""
-    from medvqa.benchmarks.phantom import Phantom
-
-    samples = Phantom().load("train", Path(phantom_root))[: N_PAIRS + BATCH]
-    answers = sorted({s.answer for s in samples})
+def varied_pairs(pair_rows):  # noqa: F811
+    """test_stllava_dpo's pairs (and replay rows), each rejected answer 1 to 3 wrong words: chosen
+    and rejected answers of different lengths in one batch."""
+    answers = sorted({r["chosen"] for r in pair_rows})
     rng = random.Random(0)
-    rows = []
-    for i, s in enumerate(samples):
-        replay = i >= N_PAIRS
-        wrong = [a for a in answers if a != s.answer]
-        rejected = s.answer if replay else " ".join(rng.sample(wrong, 1 + i % 3))
-        row = {"id": s.id, "image": str(s.image), "prompt": s.question, "answer_type": s.answer_type}
-        rows.append({**row, "chosen": s.answer, "rejected": rejected, **({"replay": True} if replay else {})})
-    return rows
-
-
-def _cfg(**changes):
-    from medvqa.trainers.stllava_med import STLLaVAMedTrainer
-
-    base = {"dpo_batch_size": BATCH, "logging_steps": 1, "dpo_num_train_epochs": 1.0}
-    return dataclasses.replace(STLLaVAMedTrainer.make_config("phantom"), **{**base, **changes})
-
-
-def _trainer(tiny_model_dir, rows, tmp_path, name: str, **changes):
-    from medvqa.trainers.stllava_med.dpo import dpo_trainer
-
-    work = tmp_path / name
-    trainer, _, _ = dpo_trainer(
-        Path(tiny_model_dir), rows, _cfg(**changes), seed=0, work_dir=work, log_path=work / "log.jsonl"
-    )
-    return trainer
+    return [
+        r
+        if r.get("replay")
+        else {**r, "rejected": " ".join(rng.sample([a for a in answers if a != r["chosen"]], 1 + i % 3))}
+        for i, r in enumerate(pair_rows)
+    ]
 
 
 def _trl_loss(trainer, model, batch):
@@ -87,14 +63,16 @@ def _a_moved_batch(trainer, rows: int):
 @pytest.mark.parametrize(
     ("attn", "loss"), [("sdpa", "sigmoid+sft"), ("eager", "sigmoid"), ("sdpa", "sigmoid")]
 )
-def test_a_packed_pair_gives_trls_loss_metrics_and_gradients(tiny_model_dir, pair_rows, tmp_path, attn, loss):
+def test_a_packed_pair_gives_trls_loss_metrics_and_gradients(
+    tiny_model_dir, varied_pairs, tmp_path, attn, loss
+):
     """One batch of 8 pairs (answers of different lengths), through trl's own `_compute_loss`: packed
     and as trl's 16 rows, the same loss, the same logged metrics and the same gradients, to float
     rounding (relative to the gradient's norm: a key bias, whose true gradient is 0, is all noise)."""
     import torch
 
     trainer = _trainer(
-        tiny_model_dir, pair_rows, tmp_path, f"{attn}-{loss}", attn_implementation=attn, dpo_loss=loss
+        tiny_model_dir, varied_pairs, tmp_path, f"{attn}-{loss}", attn_implementation=attn, dpo_loss=loss
     )
     assert trainer.model.config.get_text_config()._attn_implementation == attn
     batch = _a_moved_batch(trainer, BATCH)
@@ -113,12 +91,12 @@ def test_a_packed_pair_gives_trls_loss_metrics_and_gradients(tiny_model_dir, pai
     assert worst <= 1e-5 * norm
 
 
-def test_packing_runs_one_row_per_pair_and_the_image_once(tiny_model_dir, pair_rows, tmp_path):
+def test_packing_runs_one_row_per_pair_and_the_image_once(tiny_model_dir, varied_pairs, tmp_path):
     """The policy sees B rows (not 2B) and B images, each row shorter than prompt + both answers."""
     import torch
     from medvqa.trainers.pair_packing import pack_pairs
 
-    trainer = _trainer(tiny_model_dir, pair_rows, tmp_path, "shape")
+    trainer = _trainer(tiny_model_dir, varied_pairs, tmp_path, "shape")
     batch = trainer.data_collator([{"row": i} for i in range(BATCH)])
     seen = []
     trainer.model.register_forward_hook(
@@ -133,13 +111,15 @@ def test_packing_runs_one_row_per_pair_and_the_image_once(tiny_model_dir, pair_r
     assert seen[1][1] < 2 * seen[0][1]
 
 
-def test_batches_that_are_not_shared_prompt_pairs_run_as_trl_runs_them(tiny_model_dir, pair_rows, tmp_path):
+def test_batches_that_are_not_shared_prompt_pairs_run_as_trl_runs_them(
+    tiny_model_dir, varied_pairs, tmp_path
+):
     """Another prompt or another image in a pair's rejected row, or an odd row count: no packing,
     and the loss is trl's own."""
     import torch
     from medvqa.trainers.pair_packing import PairPackedForward, pack_pairs
 
-    trainer = _trainer(tiny_model_dir, pair_rows, tmp_path, "fallback")
+    trainer = _trainer(tiny_model_dir, varied_pairs, tmp_path, "fallback")
     batch = trainer.data_collator([{"row": i} for i in range(BATCH)])
     keys = ("input_ids", "attention_mask", "pixel_values", "completion_mask")
     settings = {"mask_dtype": torch.bool, "fill_id": 0}
@@ -180,22 +160,20 @@ def test_kernels_without_custom_masks_are_not_packed(tiny_model_dir):
     assert _packing_settings(model) is None
 
 
-def test_training_packed_follows_trls_rows(tiny_model_dir, pair_rows, tmp_path):
-    """Two epochs of DPO (8 steps) packed and as trl's rows: the same per-step losses and the same
+def test_training_packed_follows_trls_rows(tiny_model_dir, varied_pairs, tmp_path):
+    """Two epochs of DPO (6 steps) packed and as trl's rows: the same per-step losses and the same
     reference log-probs, to float rounding; the reference is precomputed packed as well."""
     from medvqa.io import read_jsonl
     from medvqa.trainers.trl_run import run_trainer
 
     losses, references = {}, {}
     for name, pack in (("packed", True), ("rows", False)):
-        trainer = _trainer(
-            tiny_model_dir, pair_rows, tmp_path, name, dpo_pack_pairs=pack, dpo_num_train_epochs=2.0
-        )
+        trainer = _trainer(tiny_model_dir, varied_pairs, tmp_path, name, dpo_pack_pairs=pack)
         assert (type(trainer).__name__ == "PairPackingDPOTrainer") is pack
         references[name] = trainer.data_collator.reference
         run_trainer(trainer, tmp_path / name)
         losses[name] = [r["loss"] for r in read_jsonl(tmp_path / name / "log.jsonl") if "loss" in r]
-    assert len(losses["packed"]) == 2 * len(pair_rows) // BATCH == 8
+    assert len(losses["packed"]) == 2 * len(varied_pairs) // BATCH == 6
     assert losses["packed"] == pytest.approx(losses["rows"], rel=1e-4, abs=1e-5)
     flat = [v for pair in references["packed"] for v in pair]
     assert flat == pytest.approx([v for pair in references["rows"] for v in pair], rel=1e-5)

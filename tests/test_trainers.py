@@ -141,15 +141,15 @@ def test_training_rows_are_the_eval_prompt_and_loss_covers_only_the_answer(tiny_
 @pytest.fixture(scope="module")
 def stllava_run(tmp_path_factory, tiny_model_dir, train_samples):
     """A small but real STLLaVA-Med run; records the reference model DPOTrainer was given."""
-    import trl
-    from medvqa.trainers.stllava_med import STLLaVAMedTrainer
+    from medvqa.trainers.stllava_med import STLLaVAMedTrainer, dpo
 
     seen: dict[str, object] = {}
+    build = dpo.dpo_trainer
 
-    class SpyDPOTrainer(trl.DPOTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            seen["trainer"] = self
+    def spy_dpo_trainer(*args, **kwargs):
+        trainer, dataset, processor = build(*args, **kwargs)
+        seen["trainer"] = trainer
+        return trainer, dataset, processor
 
     out = tmp_path_factory.mktemp("stllava") / "checkpoint"
     cfg = dataclasses.replace(
@@ -177,7 +177,7 @@ def stllava_run(tmp_path_factory, tiny_model_dir, train_samples):
         config=cfg,
     )
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trl, "DPOTrainer", SpyDPOTrainer)
+        mp.setattr(dpo, "dpo_trainer", spy_dpo_trainer)
         checkpoint = STLLaVAMedTrainer().train(request)
     return checkpoint, seen["trainer"], request
 

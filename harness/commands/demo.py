@@ -56,8 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default="default",
-        help="default (3 seeds of SFT at 9/25/100%% and STLLaVA-Med at 9%%: about TIME_DEFAULT on 2 idle CPU "
-        "cores), full (+ a model judge and a compute control: about TIME_FULL) or smoke (about half a "
+        help="default (3 seeds of SFT at 9/25/100%% and STLLaVA-Med at 9%%: about 10 min on 2 idle CPU "
+        "cores), full (+ a model judge and a compute control: about 14 min) or smoke (about half a "
         "minute) (default: default)",
     )
     p.add_argument(
