@@ -227,6 +227,12 @@ def _repeated_rows(requests: Sequence[GenerationRequest]) -> list[int] | None:
     return rows if len(first) < len(rows) else None
 
 
+def _sampled_repeats(requests: Sequence[GenerationRequest], settings: GenerationSettings) -> list[int] | None:
+    """`_repeated_rows` where n samples of one question are drawn (stage 2); None for greedy
+    decoding, where a benchmark asks each question once and the search would cost ~1% of eval."""
+    return _repeated_rows(requests) if settings.do_sample else None
+
+
 def _decode_images(requests: Sequence[GenerationRequest]) -> list[Any]:
     """The batch's images, each distinct image decoded once (benchmarks ask several questions about
     one image; Phantom's test split 5, VQA-RAD's 11): a repeated image is the same PIL object."""
@@ -715,7 +721,7 @@ class HFModel:
             return []
         inputs = self.prepare(requests)
         gen_kwargs = self._gen_kwargs(requests, settings)
-        return self._decode(self._generate_tokens(inputs, gen_kwargs, _repeated_rows(requests)))
+        return self._decode(self._generate_tokens(inputs, gen_kwargs, _sampled_repeats(requests, settings)))
 
     def generate_many(
         self, batches: Iterable[Sequence[GenerationRequest]], settings: GenerationSettings
@@ -758,6 +764,6 @@ class HFModel:
                     continue
                 upcoming = submit(now=False)
                 gen_kwargs = self._gen_kwargs(batch, settings)
-                new_tokens = self._generate_tokens(inputs, gen_kwargs, _repeated_rows(batch))
+                new_tokens = self._generate_tokens(inputs, gen_kwargs, _sampled_repeats(batch, settings))
                 yield self._decode(new_tokens)
                 current = upcoming
