@@ -89,6 +89,7 @@ def plot_data_efficiency(table: Table, out: str | Path, *, dpi: int = 130) -> Pa
         for j, metric in enumerate(metrics):
             ax = axes[i][j]
             xs_all: list[float] = []
+            labeled: set[tuple[float, str]] = set()  # one fraction label per point of the x axis
             for lab in sweep_labels:
                 pts: list[tuple[float, float, tuple[float, float], Line]] = []
                 for ln in table.lines:
@@ -118,8 +119,12 @@ def plot_data_efficiency(table: Table, out: str | Path, *, dpi: int = 130) -> Pa
                 )
                 handles.setdefault(lab, h)
                 for x, y, _, ln in pts:
+                    text = f"{ln.fraction:.0%}" if ln.fraction is not None else ""
+                    if (x, text) in labeled:  # another line's point at the same data and fraction
+                        continue
+                    labeled.add((x, text))
                     ax.annotate(
-                        f"{ln.fraction:.0%}" if ln.fraction is not None else "",
+                        text,
                         (x, y),
                         textcoords="offset points",
                         xytext=(6, -12),

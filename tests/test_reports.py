@@ -731,3 +731,25 @@ def test_the_legend_has_as_many_columns_as_fit_the_figure():
     assert _legend_columns(["sft", "stllava-med", "base"], 10.4) == 3
     assert _legend_columns(["a", "b", "c", "d", "e"], 10.4) == 4
     assert _legend_columns(demo, 2.0) == 1
+
+
+def test_two_lines_at_the_same_data_share_one_fraction_label(tmp_path, monkeypatch):
+    """A line at the same data as another (the demo's compute control beside SFT@9%) does not
+    print its "9%" over the other's: one fraction label per point of an axis."""
+    import shutil
+
+    from matplotlib.axes import Axes
+
+    run = fabricate(tmp_path / "r", seeds=(0,), benches=("phantom",), references=False)
+    shutil.copytree(run / "sft" / fraction_dirname(0.09), run / "sft-control" / fraction_dirname(0.09))
+    seen: list[tuple[int, str, tuple]] = []
+    real = Axes.annotate
+
+    def spy(self, text, xy, *args, **kwargs):
+        seen.append((id(self), text, tuple(xy)))
+        return real(self, text, xy, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "annotate", spy)
+    assert main(["report", str(run), "--format", "png", "--quiet"]) == 0
+    per_axis = [(axis, text, xy[0]) for axis, text, xy in seen]
+    assert seen and len(per_axis) == len(set(per_axis))  # before: each axis had its "9%" twice there
