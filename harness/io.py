@@ -65,8 +65,13 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json_text(obj, indent=2, sort_keys=False) + "\n")
 
 
+def json_lines(rows: Iterable[Any]) -> str:
+    """Rows as JSON lines (`json_text`, one per line, each ending in a newline)."""
+    return "".join(json_text(r) + "\n" for r in rows)
+
+
 def atomic_write_jsonl(path: str | os.PathLike[str], rows: Iterable[Any]) -> None:
-    atomic_write_text(path, "".join(json_text(r) + "\n" for r in rows))
+    atomic_write_text(path, json_lines(rows))
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -191,8 +196,11 @@ class JsonlAppender:
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def write(self, rows: Iterable[Any]) -> None:
-        for row in rows:
-            self._fh.write(json_text(row) + "\n")
+        self.write_lines(json_lines(rows))
+
+    def write_lines(self, text: str) -> None:
+        """Append JSON lines already serialised (`json_lines`): one batch."""
+        self._fh.write(text)
         self._fh.flush()
         if time.monotonic() - self._synced >= self.sync_interval:
             os.fsync(self._fh.fileno())

@@ -393,6 +393,41 @@ def test_sigkill_mid_run_then_resume(fake_openai, fake_key, phantom_root, tmp_pa
     assert preds.read_text() == "".join(ref_rows)
 
 
+def test_sigkill_of_an_hf_eval_leaves_no_worker_holding_the_output(
+    tiny_model_dir, phantom_root, tmp_path
+) -> None:
+    """`kill -9` of an `hf:` eval mid-run: its batch-preparing worker process dies with it (it used
+    to live on, waiting for a batch, holding the output's lock: the resumed eval was refused as a
+    second writer), and the rerun resumes to the same bytes as a run never killed."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "medvqa.cli", "eval", "--model", f"hf:{tiny_model_dir}", "--benchmark"]
+    cmd += ["phantom", "--root", str(phantom_root), "--no-progress", "--n-boot", "10", "--batch-size", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = tmp_path / "ref"
+    done = subprocess.run([*cmd, "--out", str(ref)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    n = len(read_jsonl(ref / "predictions.jsonl"))
+
+    out = tmp_path / "killed"
+    preds = out / "predictions.jsonl"
+    proc = subprocess.Popen([*cmd, "--out", str(out)], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (preds.is_file() and preds.read_bytes().count(b"\n") >= 8):
+        assert proc.poll() is None and time.monotonic() < deadline, "eval ended before it was killed"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    kept = preds.read_bytes().count(b"\n")
+    assert 8 <= kept < n
+
+    res = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"resuming: {kept} of {n}" in res.stderr
+    assert preds.read_bytes() == (ref / "predictions.jsonl").read_bytes()
+
+
 def test_benchmark_options_reach_the_loader_and_the_run_key(tiny, tmp_path) -> None:
     from tests.real_fixtures import make_slake
 
@@ -616,21 +651,21 @@ def test_full_disk_mid_run_is_one_line_and_resumes(
 
     ref_out, ref = reference_run
     out = tmp_path / "full"
-    real_write = medvqa.io.JsonlAppender.write
+    real_write = medvqa.io.JsonlAppender.write_lines
     calls = {"n": 0}
 
-    def write(self, rows):
+    def write(self, text):
         calls["n"] += 1
         if calls["n"] == 3:  # the disk fills up at the third batch
             raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
-        return real_write(self, rows)
+        return real_write(self, text)
 
-    monkeypatch.setattr(medvqa.io.JsonlAppender, "write", write)
+    monkeypatch.setattr(medvqa.io.JsonlAppender, "write_lines", write)
     with pytest.raises(BadInput, match="No space left on device") as exc:
         evaluate(_cfg(tiny.spec, phantom_root, out), model=tiny, log=lambda m: None)
     assert "\n" not in str(exc.value) and "--out" in str(exc.value)
     assert len(read_jsonl(out / "predictions.jsonl")) == 16  # two whole batches, intact
-    monkeypatch.setattr(medvqa.io.JsonlAppender, "write", real_write)
+    monkeypatch.setattr(medvqa.io.JsonlAppender, "write_lines", real_write)
     scores = evaluate(_cfg(tiny.spec, phantom_root, out), model=tiny, log=lambda m: None)
     assert scores["scorers"] == ref["scorers"]
     assert (out / "predictions.jsonl").read_text() == (ref_out / "predictions.jsonl").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from medvqa.errors import BadInput
@@ -296,6 +297,87 @@ def test_generate_many_without_fork_prepares_every_batch_in_line(tiny, requests_
     monkeypatch.setattr(prefetch, "can_fork", lambda: False)
     monkeypatch.setattr(prefetch, "ProcessPoolExecutor", None)  # would fail if a pool were made
     assert list(tiny.generate_many(batches, settings)) == expected
+
+
+def test_generate_many_finishes_each_batch_in_the_worker_in_order(
+    tiny, requests_, tmp_path, monkeypatch
+) -> None:
+    """With `finish`, batch i's answers are decoded and finished in the worker while batch i+1
+    generates, and the stream yields finish(i, answers) in batch order, a bad batch's BadInput in
+    its place; a finish lost with a dead worker is done here. Without fork: the same results."""
+    import os
+
+    from medvqa.models import prefetch
+
+    settings = GenerationSettings(max_new_tokens=6)
+    batches = [requests_[i : i + 8] for i in range(0, len(requests_), 8)]
+    assert len(batches) >= 3
+    expected = [tiny.generate(b, settings) for b in batches]
+    parent = os.getpid()
+
+    def finish(index, answers):
+        return index, os.getpid(), answers
+
+    out = list(tiny.generate_many(batches, settings, finish))
+    assert [(i, a) for i, _, a in out] == list(enumerate(expected))
+    assert parent not in {pid for _, pid, _ in out}  # all decoded and finished in the worker
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    broken = [*batches[1][:3], GenerationRequest(str(bad), batches[1][3].prompt, "bad"), *batches[1][4:]]
+    out = list(tiny.generate_many([batches[0], broken, batches[2]], settings, finish))
+    assert [o[0] for o in (out[0], out[2])] == [0, 2] and isinstance(out[1], BadInput)
+    assert [out[0][2], out[2][2]] == [expected[0], expected[2]]
+
+    def dies_on_batch_1(index, answers):
+        if index == 1 and os.getpid() != parent:
+            os._exit(3)  # the worker dies while finishing
+        return finish(index, answers)
+
+    out = list(tiny.generate_many(batches, settings, dies_on_batch_1))
+    assert [(i, a) for i, _, a in out] == list(enumerate(expected))
+    assert out[1][1] == parent  # redone here
+
+    monkeypatch.setattr(prefetch, "can_fork", lambda: False)
+    out = list(tiny.generate_many(batches, settings, finish))
+    assert out == [(i, parent, a) for i, a in enumerate(expected)]
+
+
+def test_the_worker_dies_with_a_process_that_exits_without_closing_it(tmp_path) -> None:
+    """A forked sweep job leaves by `os._exit`, a killed eval by no exit code at all: the kernel
+    kills the worker when its parent ends (prctl PDEATHSIG), so none is left behind (holding the
+    parent's stdout here: `subprocess.run` would wait for it until its timeout)."""
+    import subprocess
+    import sys
+    import time
+
+    from medvqa.models.prefetch import can_fork
+
+    if not can_fork():
+        pytest.skip("no forked worker on this platform")
+    script = (
+        "import os, sys\n"
+        "from medvqa.models.prefetch import Prefetcher\n"
+        "p = Prefetcher(lambda batch: {'n': len(batch)})\n"
+        "assert p.result(p.prepare([1, 2])) == {'n': 2}\n"
+        "print(*p.pool._processes, flush=True)\n"
+        "os._exit(0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    (worker,) = map(int, done.stdout.split())
+
+    def alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        return state not in ("Z", "X")  # a zombie waiting for a reaper has ended
+
+    deadline = time.monotonic() + 20
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(worker)
 
 
 def test_each_distinct_image_and_prompt_is_prepared_once_with_the_same_inputs(tiny, requests_) -> None:

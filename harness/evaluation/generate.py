@@ -18,7 +18,7 @@ from medvqa.distributed import Dist
 from medvqa.errors import BadInput
 from medvqa.evaluation.plan import EvalPlan
 from medvqa.evaluation.runfiles import PREDICTIONS, read_predictions
-from medvqa.io import JsonlAppender, atomic_write_jsonl
+from medvqa.io import JsonlAppender, atomic_write_jsonl, json_lines
 from medvqa.types import GenerationRequest, GenerationSettings, VQASample
 
 # Rows reach the OS after every batch (a kill -9 loses nothing flushed); fsync at most this often.
@@ -66,19 +66,32 @@ def generate_predictions(
         fingerprint = model.fingerprint
         policy = plan.generation_policy
         batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
-        requests = ([_request(policy, s) for s in batch] for batch in batches)
-        stream = _answer_stream(model, requests, plan.settings)
-        with JsonlAppender(target, sync_interval=SYNC_INTERVAL_S) as appender, closing(stream):
-            for batch, answered in zip(batches, stream):
-                answers, bad = _settle_batch(model, answered, batch, policy, plan.settings, skip_bad)
+        prompts: dict[tuple[str, str], str] = {}  # the answer rows' prompt texts (few distinct ones)
+
+        def rows_text(index: int, answers: Sequence[str | None]) -> str:
+            """Batch `index`'s answer rows as JSON lines; a None answer (a skipped image) has none.
+            Built where the model's tokens are decoded (`_answer_stream`): in a worker process."""
+            rows = []
+            for sample, answer in zip(batches[index], answers):
+                if answer is None:
+                    continue
                 # the convention's own answer extraction (e.g. LLaVA-Med v1.0 cuts at "###")
-                answers = [None if a is None else policy.postprocess(a) for a in answers]
-                result.skipped += bad
-                appender.write(
-                    _row(s, a, policy, plan.spec, key, fingerprint)
-                    for s, a in zip(batch, answers)
-                    if a is not None
-                )
+                answer = policy.postprocess(answer)
+                shown = (sample.question, sample.prompt_answer_type)
+                if shown not in prompts:
+                    prompts[shown] = policy.render_text(*shown)
+                rows.append(_row(sample, answer, prompts[shown], policy, plan.spec, key, fingerprint))
+            return json_lines(rows)
+
+        requests = ([_request(policy, s) for s in batch] for batch in batches)
+        stream = _answer_stream(model, requests, plan.settings, rows_text)
+        with JsonlAppender(target, sync_interval=SYNC_INTERVAL_S) as appender, closing(stream):
+            for index, (batch, answered) in enumerate(zip(batches, stream)):
+                if isinstance(answered, BadInput):
+                    answers, bad = _settle_batch(model, answered, batch, policy, plan.settings, skip_bad)
+                    result.skipped += bad
+                    answered = rows_text(index, answers)
+                appender.write_lines(answered)
                 bar.update(len(batch) * dist.world)
         bar.close()
     if dist.world > 1:  # rank 0 lists every rank's skipped images
@@ -101,19 +114,25 @@ def _request(policy: Any, sample: VQASample) -> GenerationRequest:
 
 
 def _answer_stream(
-    model: Any, batches: Iterable[list[GenerationRequest]], settings: GenerationSettings
-) -> Iterator[list[str] | BadInput]:
-    """Answers (or the BadInput of a batch that failed) per batch: the adapter's `generate_many`
-    where it has one (it prepares the next batch while generating), else `generate` batch by batch."""
+    model: Any,
+    batches: Iterable[list[GenerationRequest]],
+    settings: GenerationSettings,
+    finish: Callable[[int, list[str]], str],
+) -> Iterator[str | BadInput]:
+    """`finish(i, answers)` (or the BadInput of a batch that failed) per batch: the adapter's
+    `generate_many` where it has one (it prepares the next batch while generating, and finishes
+    the last one in the same worker), else `generate` batch by batch."""
     many = getattr(model, "generate_many", None)
     if many is not None:
-        yield from many(batches, settings)
+        yield from many(batches, settings, finish)
         return
-    for batch in batches:
+    for index, batch in enumerate(batches):
         try:
-            yield list(model.generate(batch, settings))
+            answers = list(model.generate(batch, settings))
         except BadInput as exc:
             yield exc
+            continue
+        yield finish(index, answers)
 
 
 def _settle_batch(
@@ -143,14 +162,16 @@ def _settle_batch(
     return answers, bad
 
 
-def _row(sample: VQASample, text: str, policy: Any, spec: str, key: str, fingerprint: str) -> dict[str, Any]:
+def _row(
+    sample: VQASample, text: str, prompt: str, policy: Any, spec: str, key: str, fingerprint: str
+) -> dict[str, Any]:
     from medvqa.answer_files import answer_row
 
     return answer_row(
         sample,
         text,
         model_id=spec,
-        prompt=policy.render_text(sample.question, sample.prompt_answer_type),
+        prompt=prompt,
         metadata={"benchmark": sample.benchmark, "split": sample.split, "prompt_policy": policy.name},
         key=key,
         fingerprint=fingerprint,

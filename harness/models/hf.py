@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -724,8 +725,11 @@ class HFModel:
         return self._decode(self._generate_tokens(inputs, gen_kwargs, _sampled_repeats(requests, settings)))
 
     def generate_many(
-        self, batches: Iterable[Sequence[GenerationRequest]], settings: GenerationSettings
-    ) -> Iterator[list[str] | BadInput]:
+        self,
+        batches: Iterable[Sequence[GenerationRequest]],
+        settings: GenerationSettings,
+        finish: Callable[[int, list[str]], Any] | None = None,
+    ) -> Iterator[Any]:
         """`generate` over a stream of batches, preparing batch i+1 while the model answers batch i.
 
         Image decoding, prompt rendering and tokenization of the next batch run in a forked worker
@@ -736,34 +740,54 @@ class HFModel:
         chat prompt rendered once per process (`encode`). A batch whose inputs fail (e.g. an image
         that does not decode) is yielded as its BadInput, and the stream goes on. Same answers as
         `generate` batch by batch.
+
+        `finish(i, answers)`: what to yield for the stream's batch i instead of its answers. It runs
+        in the worker too, with the decoding, while the model answers batch i+1 (an eval builds its
+        answer rows there), so batch i's result comes once batch i+1 has generated. It runs in a
+        fork: it sees what it closes over as it was when the stream started, and what it changes
+        stays there.
         """
         from medvqa.models.prefetch import Prefetcher
 
-        stream = iter(batches)
+        stream = enumerate(batches)
         rendered: dict[str, str] = {}  # the stream's prompt texts (the worker keeps its own copy)
 
         def prepare(batch: Sequence[GenerationRequest]) -> Any:
             return self._prepare_on_cpu(batch, rendered=rendered)
 
-        with Prefetcher(prepare) as prefetch:
+        def decode_and_finish(index: int, new_tokens: Any) -> Any:
+            assert finish is not None
+            return finish(index, self._decode(new_tokens))
 
-            def submit(*, now: bool) -> tuple[Sequence[GenerationRequest], Any] | None:
-                batch = next(stream, None)
+        with Prefetcher(prepare, decode_and_finish if finish else None) as prefetch:
+
+            def submit(*, now: bool) -> tuple[int, Sequence[GenerationRequest], Any] | None:
+                index, batch = next(stream, (-1, None))
                 if batch is None:
                     return None
-                return batch, prefetch.here(batch) if now else prefetch.submit(batch)
+                return index, batch, prefetch.here(batch) if now else prefetch.prepare(batch)
 
+            finishing: deque[Any] = deque()  # finish jobs of generated batches, in order
             current = submit(now=True)
             while current is not None:
-                batch, future = current
+                index, batch, job = current
                 try:
-                    inputs = self._to_model(prefetch.result(batch, future))
+                    inputs = self._to_model(prefetch.result(job))
                 except BadInput as exc:
                     current = submit(now=True)
+                    while finishing:
+                        yield prefetch.result(finishing.popleft())
                     yield exc
                     continue
                 upcoming = submit(now=False)
                 gen_kwargs = self._gen_kwargs(batch, settings)
                 new_tokens = self._generate_tokens(inputs, gen_kwargs, _sampled_repeats(batch, settings))
-                yield self._decode(new_tokens)
+                if finish is None:
+                    yield self._decode(new_tokens)
+                else:
+                    finishing.append(prefetch.finish(index, new_tokens))
+                    while len(finishing) > 1:
+                        yield prefetch.result(finishing.popleft())
                 current = upcoming
+            while finishing:
+                yield prefetch.result(finishing.popleft())
