@@ -380,6 +380,47 @@ def test_the_worker_dies_with_a_process_that_exits_without_closing_it(tmp_path) 
     assert not alive(worker)
 
 
+def test_the_vision_tower_encodes_each_distinct_image_once_with_the_same_outputs(tiny, requests_) -> None:
+    """Generation encodes a batch's repeated images once (`_each_image_once`): the tower's layers
+    see the distinct rows only, and every output (hidden states included) is the same tensors as
+    encoding every row; the answers are those of generating with every row encoded."""
+    import torch
+    from medvqa.models.hf import _each_image_once
+
+    tower = tiny._per_image_vision_tower()
+    assert tower is not None
+    distinct = list({r.image: r for r in requests_}.values())[:3]
+    assert len(distinct) == 3
+    repeated = [distinct[i % 3] for i in range(8)]  # 3 images, 8 rows
+    pixels = tiny.prepare(repeated)["pixel_values"]
+    seen: list[int] = []
+    probe = tower.embeddings.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    try:
+        with torch.inference_mode():
+            every = tower(pixels, output_hidden_states=True)
+            with _each_image_once(tower):
+                once = tower(pixels, output_hidden_states=True)
+                as_tuple = tower(pixels, output_hidden_states=True, return_dict=False)
+    finally:
+        probe.remove()
+    assert seen == [8, 3, 3]
+    assert torch.equal(once.last_hidden_state, every.last_hidden_state)
+    assert torch.equal(once.pooler_output, every.pooler_output)
+    assert len(once.hidden_states) == len(every.hidden_states)
+    assert all(torch.equal(a, b) for a, b in zip(once.hidden_states, every.hidden_states))
+    assert torch.equal(as_tuple[0], every.last_hidden_state)
+    assert all(torch.equal(a, b) for a, b in zip(as_tuple[2], every.hidden_states))
+    assert not tower._forward_hooks and not tower._forward_pre_hooks  # removed on leaving
+
+    settings = GenerationSettings(max_new_tokens=6)
+    answers = tiny.generate(repeated, settings)
+    tiny.__dict__["_vision_tower"] = None  # every row encoded
+    try:
+        assert tiny.generate(repeated, settings) == answers
+    finally:
+        del tiny.__dict__["_vision_tower"]
+
+
 def test_each_distinct_image_and_prompt_is_prepared_once_with_the_same_inputs(tiny, requests_) -> None:
     """A batch repeating images and questions gives the same tensors as the processor on every one."""
     import torch

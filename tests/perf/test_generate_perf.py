@@ -6,10 +6,10 @@
    text as batch size 1; asserted >= 5x the samples/s, with identical outputs.
 2. `medvqa eval`'s generation step vs raw `model.generate` on the same pre-encoded batches, at the
    demo's eval size (a Phantom test split of 1,200 questions, batch 64, 8 new tokens; interleaved
-   rounds): the wall-time (throughput) ratio asserted >= 0.9x (issue 15), the generating thread's
-   CPU-time ratio printed beside it. The next batch is prepared in a forked worker process
-   (`models.prefetch`): in a thread it competed with the tiny model's Python-bound generate loop for
-   the GIL (0.85-0.90x).
+   rounds, the median of paired ratios): the wall-time (throughput) ratio asserted >= 0.9x (issue
+   15), the generating thread's CPU-time ratio printed beside it. The next batch is prepared, and
+   the last one decoded into answer rows, in a forked worker process (`models.prefetch`): in a
+   thread it competed with the tiny model's Python-bound generate loop for the GIL (0.85-0.90x).
 """
 
 from __future__ import annotations
@@ -175,7 +175,8 @@ class _BatchByBatch:
         return self.inner.generate(requests, settings)
 
 
-ROUNDS = 9  # one round moves by up to 25% with a shared machine's load: the minimum of 9 is steadier
+ROUNDS = 9  # one round moves by up to 25% with a shared machine's load
+EVAL_ROUNDS = 15  # the eval-vs-raw ratio: the median of 15 paired rounds (see the test)
 
 
 def _timed(fn, *args):
@@ -188,13 +189,18 @@ def _timed(fn, *args):
 
 
 def test_eval_generation_vs_raw_model_generate(benchmark, model, eval_plan, tmp_path):
-    """Rounds interleaved (raw, eval, eval without prefetch), minimum per side: robust to neighbours."""
+    """Rounds interleaved (raw, eval, eval without prefetch); the ratio asserted is the median over
+    rounds of raw's time / eval's time in the same round. A pair shares the machine's state, and the
+    median is robust to a neighbour's burst in either direction; the minimum per side, printed
+    beside it, takes each side's luckiest round (0.81-0.96x in three runs of one commit here)."""
+    import statistics
+
     encoded = _raw_inputs(model, eval_plan)
     sides = ("raw", "eval", "eval_no_prefetch")
     wall: dict[str, list[float]] = {k: [] for k in sides}
     cpu: dict[str, list[float]] = {k: [] for k in sides}
     outputs: dict[str, list] = {}
-    for r in range(ROUNDS + 1):  # round 0 warms up
+    for r in range(EVAL_ROUNDS + 1):  # round 0 warms up
         runs = {
             "raw": (_raw_generate, model, encoded),
             "eval": (_eval_generate, model, eval_plan, tmp_path / f"eval{r}"),
@@ -214,27 +220,31 @@ def test_eval_generation_vs_raw_model_generate(benchmark, model, eval_plan, tmp_
     answers = {k: [row["text"] for row in read_jsonl(outputs[k])] for k in ("eval", "eval_no_prefetch")}
     assert answers["eval"] == texts == answers["eval_no_prefetch"], "the eval path changed the answers"
     assert outputs["eval"].read_bytes() == outputs["eval_no_prefetch"].read_bytes()
-    best_wall = {k: min(v) for k, v in wall.items()}
-    best_cpu = {k: min(v) for k, v in cpu.items()}
-    ratio_cpu = {k: best_cpu["raw"] / best_cpu[k] for k in sides}
-    ratio_wall = {k: best_wall["raw"] / best_wall[k] for k in sides}
+
+    def paired(side: str, times: dict[str, list[float]]) -> float:
+        return statistics.median(raw / t for raw, t in zip(times["raw"], times[side]))
+
+    ratio = {k: paired(k, wall) for k in sides}
+    ratio_cpu = {k: paired(k, cpu) for k in sides}
+    best = {k: min(v) for k, v in wall.items()}
+    ratio_best = {k: best["raw"] / best[k] for k in sides}
+    benchmark.extra_info.update({f"{k}_wall_s_best": v for k, v in best.items()})
     benchmark.extra_info.update(
-        {f"{k}_wall_s": v for k, v in best_wall.items()} | {f"{k}_cpu_s": v for k, v in best_cpu.items()}
+        eval_vs_raw=ratio["eval"], eval_vs_raw_cpu=ratio_cpu["eval"], eval_vs_raw_best=ratio_best["eval"]
     )
-    benchmark.extra_info.update(eval_vs_raw_cpu=ratio_cpu["eval"], eval_vs_raw_wall=ratio_wall["eval"])
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # keeps this test in --benchmark-only runs
+    median = {k: statistics.median(v) for k, v in wall.items()}
     print(
-        f"\n{N_THROUGHPUT} questions, batch {THROUGHPUT_BATCH}, {EVAL_SETTINGS['max_new_tokens']} new tokens, best of "
-        f"{ROUNDS}; raw model.generate {best_wall['raw']:.2f} s wall / {best_cpu['raw']:.2f} s CPU "
-        f"({N_THROUGHPUT / best_cpu['raw']:.0f} q/s)\n"
-        f"  eval generation step:  {best_wall['eval']:.2f} s wall ({ratio_wall['eval']:.2f}x raw), "
-        f"{best_cpu['eval']:.2f} s generation-thread CPU ({ratio_cpu['eval']:.2f}x raw)\n"
-        f"  without prefetch:      {best_wall['eval_no_prefetch']:.2f} s wall "
-        f"({ratio_wall['eval_no_prefetch']:.2f}x raw), {best_cpu['eval_no_prefetch']:.2f} s CPU "
-        f"({ratio_cpu['eval_no_prefetch']:.2f}x raw)"
+        f"\n{N_THROUGHPUT} questions, batch {THROUGHPUT_BATCH}, {EVAL_SETTINGS['max_new_tokens']} new tokens, "
+        f"{EVAL_ROUNDS} interleaved rounds; raw model.generate median {median['raw']:.2f} s, best "
+        f"{best['raw']:.2f} s ({N_THROUGHPUT / median['raw']:.0f} q/s)\n"
+        f"  eval generation step: {ratio['eval']:.2f}x raw (median of paired rounds; best of each "
+        f"side {ratio_best['eval']:.2f}x), generating thread's CPU {ratio_cpu['eval']:.2f}x\n"
+        f"  without prefetch:     {ratio['eval_no_prefetch']:.2f}x raw (best of each side "
+        f"{ratio_best['eval_no_prefetch']:.2f}x), CPU {ratio_cpu['eval_no_prefetch']:.2f}x"
     )
-    assert ratio_wall["eval"] >= MIN_EVAL_VS_RAW, (
-        f"eval generation at {ratio_wall['eval']:.2f}x raw model.generate's wall-clock throughput "
+    assert ratio["eval"] >= MIN_EVAL_VS_RAW, (
+        f"eval generation at {ratio['eval']:.2f}x raw model.generate's wall-clock throughput "
         f"({ratio_cpu['eval']:.2f}x on the generating thread's CPU time)"
     )
 
