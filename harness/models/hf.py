@@ -266,7 +266,10 @@ def _each_image_once(tower: Any) -> Iterator[None]:
         pixels = args[0] if args else kwargs.get("pixel_values")
         if not torch.is_tensor(pixels) or pixels.ndim < 2 or len(pixels) < 2:
             return None
-        distinct, rows = torch.unique(pixels.flatten(1), dim=0, return_inverse=True)
+        try:
+            distinct, rows = torch.unique(pixels.flatten(1), dim=0, return_inverse=True)
+        except (RuntimeError, NotImplementedError):  # a dtype or device without unique rows
+            return None
         if len(distinct) == len(pixels):
             return None
         inverse.append((rows, len(distinct)))
