@@ -848,6 +848,12 @@ class HFModel:
                 return index, batch, prefetch.here(batch) if now else prefetch.prepare(batch)
 
             finishing: deque[Any] = deque()  # finish jobs of generated batches, in order
+
+            def finished(keep: int) -> Iterator[Any]:
+                """The results of the finish jobs in hand but the last `keep`, in order."""
+                while len(finishing) > keep:
+                    yield prefetch.result(finishing.popleft())
+
             current = submit(now=True)
             while current is not None:
                 index, batch, job = current
@@ -855,8 +861,7 @@ class HFModel:
                     inputs = self._to_model(prefetch.result(job))
                 except BadInput as exc:
                     current = submit(now=True)
-                    while finishing:
-                        yield prefetch.result(finishing.popleft())
+                    yield from finished(0)
                     yield exc
                     continue
                 upcoming = submit(now=False)
@@ -866,8 +871,6 @@ class HFModel:
                     yield self._decode(new_tokens)
                 else:
                     finishing.append(prefetch.finish(index, new_tokens))
-                    while len(finishing) > 1:
-                        yield prefetch.result(finishing.popleft())
+                    yield from finished(1)
                 current = upcoming
-            while finishing:
-                yield prefetch.result(finishing.popleft())
+            yield from finished(0)

@@ -187,7 +187,9 @@ class Prefetcher:
 
     def _stop_worker(self, exc: BaseException) -> None:
         if self.pool is not None:
-            log.warning("the batch-preparing worker process stopped (%s); preparing batches here", exc)
+            log.warning(
+                "the batch-preparing worker process stopped (%s); preparing and finishing batches here", exc
+            )
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = None
 
